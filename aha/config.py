@@ -1,0 +1,148 @@
+"""One flat, typed config for training: defaults defined once here, then a preset (`algo`),
+then a YAML file, then `key=value` overrides, in that order. The resolved config is saved in
+the run folder as `config.yaml`.
+
+    aha train --config my.yaml lr=1e-5 group_size=16
+"""
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from aha.errors import AhaError
+
+
+@dataclass
+class Config:
+    # what to train
+    model: str = ""                  # a transformers model dir; "" = the built-in base model
+    task: str = "addition"
+    digits: int = 3                  # addition: digits per operand
+    out: str = "runs/train"
+    seed: int = 0
+    # the RL loop
+    steps: int = 150
+    prompts_per_step: int = 8
+    group_size: int = 8              # G samples per prompt
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    # the algorithm (see aha/algos.py); `algo` names a preset in aha/presets.py
+    algo: str = "grpo"
+    advantage: str = "grpo"
+    ratio_level: str = "token"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    aggregation: str = "seq_mean"
+    kl: str = "k3"
+    beta: float = 0.0
+    mu: int = 1                      # inner updates per rollout
+    # rewards: total = Σ weight × component
+    accuracy_weight: float = 1.0
+    format_weight: float = 0.1
+    # evaluation (R1 protocol: k samples at T 0.6, top-p 0.95)
+    eval_problems: int = 200
+    eval_k: int = 4
+    eval_temperature: float = 0.6
+    eval_top_p: float = 0.95
+    eval_every: int = 50             # held-out eval during training; 0 = only before/after
+    # records
+    dump_rollouts_every: int = 10
+    health_window: int = 10          # steps a symptom must last before the run warns
+
+    def validate(self) -> "Config":
+        from aha.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS
+        for name, registry in [("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS),
+                               ("kl", KL_ESTIMATORS), ("ratio_level", RATIO_LEVELS)]:
+            if getattr(self, name) not in registry:
+                raise AhaError(f"config: {name}={getattr(self, name)!r} is not one of {', '.join(registry)}")
+        positive = ["steps", "prompts_per_step", "max_new_tokens", "mu", "eval_problems", "eval_k"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise AhaError(f"config: {name}={getattr(self, name)} must be at least 1")
+        if self.group_size < 2:
+            raise AhaError(f"config: group_size={self.group_size} must be at least 2 (advantages compare samples within a group)")
+        if not (0 < self.top_p <= 1) or self.temperature < 0 or self.lr <= 0:
+            raise AhaError("config: need 0 < top_p <= 1, temperature >= 0 and lr > 0")
+        return self
+
+
+def _coerce(key: str, raw, kind):
+    """Parse a YAML/CLI value into the field's type, or a one-line error naming key and type."""
+    if isinstance(raw, str):
+        try:
+            raw = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            pass
+    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
+        raw = float(raw)
+    if kind is str and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        raw = str(raw)
+    if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
+        raise AhaError(f"config: {key} expects {kind.__name__}, got {raw!r}")
+    return raw
+
+
+# Names users bring from TRL and other tools, for a better "did you mean".
+ALIASES = {"learning_rate": "lr", "num_generations": "group_size", "max_completion_length": "max_new_tokens",
+           "epsilon": "clip_low", "epsilon_high": "clip_high", "num_iterations": "mu", "loss_type": "algo",
+           "max_steps": "steps", "output_dir": "out", "model_name_or_path": "model"}
+
+
+def apply_overrides(cfg: Config, overrides: dict, source: str) -> Config:
+    types = typing.get_type_hints(Config)
+    names = [f.name for f in fields(Config)]
+    for key, raw in overrides.items():
+        if key not in types:
+            near = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else "; see `aha train --help`"
+            raise AhaError(f"{source}: unknown config key {key!r}{hint}")
+        setattr(cfg, key, _coerce(key, raw, types[key]))
+    return cfg
+
+
+def parse_kv(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise AhaError(f"override {pair!r} is not key=value (e.g. lr=1e-5)")
+        key, value = pair.split("=", 1)
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def load_config(path: str | None = None, overrides: dict | None = None, base: dict | None = None) -> Config:
+    """Defaults → preset of the chosen `algo` → YAML file → overrides; then validated."""
+    from aha.presets import PRESETS
+    overrides = dict(overrides or {})
+    file_values = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise AhaError(f"config file {p} does not exist")
+        try:
+            file_values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise AhaError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(file_values, dict):
+            raise AhaError(f"config file {p} must be a mapping of key: value")
+    cfg = apply_overrides(Config(), dict(base or {}), "defaults")
+    algo = overrides.get("algo", file_values.get("algo", cfg.algo))
+    if algo not in PRESETS:
+        raise AhaError(f"unknown algo {algo!r}: choose one of {', '.join(PRESETS)}")
+    apply_overrides(cfg, PRESETS[algo], f"preset {algo}")
+    apply_overrides(cfg, file_values, str(path))
+    apply_overrides(cfg, overrides, "command line")
+    return cfg.validate()
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

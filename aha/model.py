@@ -1,0 +1,75 @@
+"""Models: the built-in tiny configs, loading any local transformers causal-LM dir, device/dtype.
+
+Two built-in architectures, both plain transformers classes saved with `save_pretrained`:
+- `qwen2`: Llama/Qwen2-style dense decoder (GQA, RoPE, SwiGLU) — the default (see README for
+  the measured comparison);
+- `deepseek_v3`: `DeepseekV3ForCausalLM` with multi-head latent attention (MLA) and a
+  mixture-of-experts MLP, the architecture of DeepSeek-R1, scaled down.
+"""
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, Qwen2Config
+
+from aha.errors import AhaError
+
+ARCHS = ("qwen2", "deepseek_v3")
+
+
+def tiny_config(arch: str, vocab_size: int, pad_id: int, eos_id: int, hidden: int = 256, layers: int = 4):
+    common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                  num_attention_heads=4, max_position_embeddings=512, pad_token_id=pad_id,
+                  eos_token_id=eos_id, bos_token_id=eos_id, tie_word_embeddings=True)
+    if arch == "qwen2":
+        return Qwen2Config(num_key_value_heads=2, intermediate_size=3 * hidden, **common)
+    if arch == "deepseek_v3":
+        # MLA: queries and keys/values through low-rank latents; MoE: 4 routed experts (top-2)
+        # plus one shared expert, after one dense layer, as DeepSeek-V3 does after its first three.
+        return DeepseekV3Config(
+            num_key_value_heads=4, intermediate_size=3 * hidden, moe_intermediate_size=hidden,
+            n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
+            first_k_dense_replace=1, q_lora_rank=hidden // 2, kv_lora_rank=hidden // 4,
+            qk_nope_head_dim=hidden // 8, qk_rope_head_dim=hidden // 8, v_head_dim=hidden // 4,
+            head_dim=hidden // 8, rope_interleave=True, routed_scaling_factor=1.0, **common)
+    raise AhaError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
+
+
+def build_model(arch: str, tokenizer, seed: int, **sizes):
+    config = tiny_config(arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, **sizes)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def load_model(path: str | Path, device: str = "cpu"):
+    """(model, tokenizer) from a local transformers dir; a clear AhaError when it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AhaError(f"model dir {path} does not exist: pass a transformers model directory (config.json + weights + tokenizer)")
+    if not (path / "config.json").is_file():
+        raise AhaError(f"model dir {path} has no config.json: is it a transformers model directory?")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises many types here
+        raise AhaError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0][:200]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+    except Exception as exc:
+        raise AhaError(f"cannot load the model in {path}: {str(exc).splitlines()[0][:200]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) > model.config.vocab_size:
+        raise AhaError(f"tokenizer in {path} has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: they do not belong together")
+    return model, tokenizer
+
+
+def detect_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

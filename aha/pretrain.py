@@ -1,0 +1,118 @@
+"""`aha pretrain`: train the tiny base model on a synthetic corpus made by the task generator.
+
+The corpus (see `AdditionTask.corpus_document`) mixes worked reasoning inside `<think>…</think>`
+(a fraction `think_frac` of documents) with direct answers. Problems come from the task's
+training stream, so no held-out evaluation problem is ever in the corpus. Plain next-token
+prediction on whole documents (prompt included), AdamW, cosine decay; deterministic on CPU for
+a given seed and thread count.
+
+    aha pretrain --out models/base --steps 1500 --arch qwen2
+"""
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aha.model import build_model, count_parameters
+from aha.progress import progress_bar
+from aha.tasks import get_task
+from aha.tokenizer import build_char_tokenizer
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "models/base"
+    arch: str = "qwen2"
+    hidden: int = 256
+    layers: int = 4
+    digits: int = 3
+    think_frac: float = 0.25
+    steps: int = 1500
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup: int = 50
+    seed: int = 0
+    max_seconds: float = 0.0          # 0 = no time cap (a cap makes the result depend on speed)
+
+
+def corpus_batches(task, tokenizer, think_frac: float, batch_size: int, seed: int, pool: int = 8):
+    """Endless (input_ids, loss_mask) batches of right-padded documents, each ending in EOS.
+
+    The loss mask covers the response only: the question's digits are random, and predicting
+    them would add noise, not knowledge. Documents are drawn `pool` batches at a time and
+    sorted by length, so worked and direct answers mostly fill separate batches and little
+    compute goes to padding.
+    """
+    problems, rng = task.train_problems(seed), random.Random(seed + 1)
+    while True:
+        docs = []
+        for _ in range(batch_size * pool):
+            problem = next(problems)
+            prompt_len = len(tokenizer(task.prompt(problem))["input_ids"])
+            ids = tokenizer(task.corpus_document(problem, think=rng.random() < think_frac))["input_ids"]
+            docs.append((ids + [tokenizer.eos_token_id], prompt_len))
+        docs.sort(key=lambda d: len(d[0]))
+        batches = [docs[i:i + batch_size] for i in range(0, len(docs), batch_size)]
+        rng.shuffle(batches)
+        for batch in batches:
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.full((batch_size, width), tokenizer.pad_token_id, dtype=torch.long)
+            loss_mask = torch.zeros((batch_size, width), dtype=torch.long)
+            for i, (ids, prompt_len) in enumerate(batch):
+                input_ids[i, :len(ids)] = torch.tensor(ids)
+                loss_mask[i, prompt_len:len(ids)] = 1
+            yield input_ids, loss_mask
+
+
+def lm_loss(model, input_ids, loss_mask) -> torch.Tensor:
+    """Next-token cross-entropy on the positions of `loss_mask` (right padding needs no attention mask)."""
+    logits = model(input_ids=input_ids).logits[:, :-1]   # (B, L-1, V)
+    targets = input_ids[:, 1:].masked_fill(loss_mask[:, 1:] == 0, -100)
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def pretrain(cfg: PretrainConfig, console=None) -> dict:
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_char_tokenizer()
+    task = get_task("addition", digits=cfg.digits)
+    model = build_model(cfg.arch, tokenizer, cfg.seed, hidden=cfg.hidden, layers=cfg.layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
+    schedule = lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    batches = corpus_batches(task, tokenizer, cfg.think_frac, cfg.batch_size, cfg.seed)
+    start, tokens, losses = time.time(), 0, []
+    model.train()
+    with progress_bar(console) as bar:
+        job = bar.add_task("pretrain", total=cfg.steps)
+        for step in range(cfg.steps):
+            input_ids, mask = next(batches)
+            loss = lm_loss(model, input_ids, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            tokens += int((input_ids != tokenizer.pad_token_id).sum())
+            losses.append(loss.item())
+            bar.update(job, advance=1, description=f"pretrain loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            if cfg.max_seconds and time.time() - start > cfg.max_seconds:
+                break
+    elapsed = time.time() - start
+    model.eval()
+    val_input, val_mask = next(corpus_batches(task, tokenizer, cfg.think_frac, 256, cfg.seed + 10_000))
+    with torch.no_grad():
+        val_loss = float(lm_loss(model, val_input, val_mask))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    stats = {"arch": cfg.arch, "parameters": count_parameters(model), "steps": step + 1,
+             "seconds": round(elapsed, 1), "tokens_per_second": round(tokens / elapsed),
+             "train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "val_loss": round(val_loss, 4),
+             "think_frac": cfg.think_frac, "digits": cfg.digits, "seed": cfg.seed}
+    (out / "pretrain.json").write_text(__import__("json").dumps(stats, indent=2))
+    return stats

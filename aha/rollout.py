@@ -1,0 +1,145 @@
+"""The rollout engine: batched sampling with a KV cache, for RL, evaluation and chat.
+
+- Each prompt is prefilled once; its cache is then repeated for the G samples of its group.
+- Finished rows (EOS or a stop token such as `</answer>`) leave the batch and the cache.
+- Temperature, top-p, top-k. Sampling is an exponential race, argmax(p / E) with E ~ Exp(1),
+  on noise drawn for every row of the full batch at every step from one seeded generator: a
+  row's tokens depend on (seed, row, step) only, never on which other rows are still running.
+  So the cached engine and a naive full-recompute loop give the same tokens (tests/test_rollout.py).
+- temperature 0 is greedy.
+The log-probabilities of the sampled tokens under the policy at the sampling temperature (before
+top-p/top-k) are kept: they are the "old" log-probs of the GRPO ratio.
+"""
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class Rollout:
+    """N = prompts × group_size completions, grouped contiguously (row i is prompt i // G)."""
+    prompt_ids: Tensor        # (N, Lp) left-padded with pad_id
+    prompt_mask: Tensor       # (N, Lp) 1 on real prompt tokens
+    completion_ids: Tensor    # (N, T) right-padded with pad_id; includes the stop token
+    completion_mask: Tensor   # (N, T) 1 on generated tokens
+    logprobs: Tensor          # (N, T) sampling log-probs (0 on padding)
+    truncated: Tensor         # (N,) bool: hit max_new_tokens without a stop token
+    group_size: int = 1
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def lengths(self) -> Tensor:
+        return self.completion_mask.sum(dim=1)
+
+
+def cache_kwarg(model) -> str:
+    """transformers 5.x names the KV-cache argument `cache`; older releases `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """Set logits outside the top-k / top-p nucleus to −inf. logits: (A, V), already temperature-scaled."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the token that crosses p
+        drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: Tensor, noise: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
+    """(tokens (A,), logprobs (A,)) from last-position logits (A, V) and Exp(1) noise (A, V)."""
+    logits = logits.float()
+    if params.temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    scaled = logits / params.temperature
+    filtered = filter_logits(scaled, params.top_k, params.top_p)
+    tokens = (torch.softmax(filtered, dim=-1) / noise).argmax(dim=-1)
+    logprobs = torch.log_softmax(scaled, dim=-1).gather(1, tokens[:, None]).squeeze(1)
+    return tokens, logprobs
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], group_size: int, params: SamplingParams,
+             pad_id: int, seed: int) -> Rollout:
+    """Sample `group_size` completions for each prompt (token-id lists)."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    n = len(prompts) * group_size
+    gen = torch.Generator(device=device).manual_seed(seed)
+    vocab = model.config.vocab_size
+
+    cache = DynamicCache()
+    cache_kw = cache_kwarg(model)
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+    if group_size > 1:
+        cache.batch_repeat_interleave(group_size)
+    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)   # (N, V)
+    attn = prompt_mask.repeat_interleave(group_size, dim=0)            # (N, Lp + t)
+    next_pos = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
+
+    tokens = torch.full((n, params.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((n, params.max_new_tokens), device=device)
+    lengths = torch.zeros(n, dtype=torch.long, device=device)
+    stopped = torch.zeros(n, dtype=torch.bool, device=device)
+    stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
+    active = torch.arange(n, device=device)                             # rows still running
+    for step in range(params.max_new_tokens):
+        noise = torch.empty((n, vocab), device=device).exponential_(generator=gen)[active]
+        tok, lp = sample_next(logits[:, :vocab], noise, params)
+        tokens[active, step], logprobs[active, step] = tok, lp
+        lengths[active] += 1
+        done = torch.isin(tok, stop_ids)
+        stopped[active[done]] = True
+        if step == params.max_new_tokens - 1:
+            break
+        keep = (~done).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            break
+        if keep.numel() < active.numel():
+            cache.batch_select_indices(keep)
+            active, tok, attn, next_pos = active[keep], tok[keep], attn[keep], next_pos[keep]
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
+        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
+                    use_cache=True, **{cache_kw: cache})
+        logits, next_pos = out.logits[:, -1], next_pos + 1
+
+    width = int(lengths.max())
+    mask = torch.arange(width, device=device)[None, :] < lengths[:, None]
+    return Rollout(
+        prompt_ids=prompt_ids.repeat_interleave(group_size, dim=0),
+        prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),
+        completion_ids=tokens[:, :width], completion_mask=mask.long(),
+        logprobs=logprobs[:, :width] * mask, truncated=~stopped, group_size=group_size,
+    )

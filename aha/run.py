@@ -1,0 +1,43 @@
+"""`aha run`: the whole demonstration in one command.
+
+base model (shipped, or pretrained once and cached) → held-out eval before → GRPO training →
+held-out eval after → `report.json`, `report.md`, `curves.png` in `--out`.
+"""
+
+import time
+
+from aha.base import ensure_base_model
+from aha.config import Config
+from aha.evaluate import EvalSpec, evaluate
+from aha.model import detect_device, load_model
+from aha.report import write_report
+from aha.tasks import get_task
+from aha.train import prepare_out_dir, train
+
+
+def run(cfg: Config, force: bool = False, console=None) -> dict:
+    start = time.time()
+    task = get_task(cfg.task, digits=cfg.digits)
+    model, tokenizer = load_model(cfg.model or ensure_base_model(console), detect_device())
+    out = prepare_out_dir(cfg.out, force)
+    spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed)
+    before = evaluate(model, tokenizer, task, spec, console=console, label="eval before RL")
+    result = train(cfg, console=console, out=out, model=model, tokenizer=tokenizer)
+    after = evaluate(model, tokenizer, task, spec, console=console, label="eval after RL")
+    history = result["history"]
+    evals = [{"step": 0, **before}] + result["evals"] + [{"step": cfg.steps, **after}]
+    first, last = history[: max(1, len(history) // 10)], history[-max(1, len(history) // 10):]
+    report = {
+        "before_pass1": before["pass@1"], "after_pass1": after["pass@1"],
+        "gain": after["pass@1"] - before["pass@1"],
+        "before_think_rate": before["think_rate"], "after_think_rate": after["think_rate"],
+        "before_response_tokens": before["mean_response_tokens"], "after_response_tokens": after["mean_response_tokens"],
+        "mean_response_tokens_first": sum(r["response_tokens"] for r in first) / len(first),
+        "mean_response_tokens_last": sum(r["response_tokens"] for r in last) / len(last),
+        "steps": cfg.steps, "seed": cfg.seed, "task": cfg.task, "eval_problems": before["problems"], "eval_k": before["k"],
+        "eval_curve": [{"step": e["step"], "pass@1": e["pass@1"]} for e in evals],
+        "time_generate": sum(r["time_generate"] for r in history), "time_update": sum(r["time_update"] for r in history),
+        "wall_seconds": time.time() - start,
+    }
+    write_report(out, report, before, after, history, evals)
+    return report

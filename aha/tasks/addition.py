@@ -1,0 +1,98 @@
+"""The built-in task: add two n-digit numbers (default 3 digits), checked exactly.
+
+The answer can be produced two ways, and the pretraining corpus (see `corpus_document`) shows both:
+- worked: `<think>` a digit-by-digit sum from the right, carries written out `</think>`, answer;
+- direct: an answer at once, written the way a hurried writer does, with the carries dropped
+  (`4821+3977` → `7798`), so it is right only when no column carries (~7% of 4-digit sums).
+So answering without reasoning stays wrong however long the base model trains, reasoning is
+right, and the base model reasons only as often as its corpus did. RL has to discover that
+reasoning pays: accuracy and response length rise together, as in R1-Zero.
+
+Held-out split: an unordered pair {a, b} is held out when a fixed hash of it is 0 mod 10. The
+evaluation set comes only from held-out pairs; the training stream and the pretraining corpus
+never contain one (checked in tests/test_task.py).
+"""
+
+import random
+from typing import Iterator
+
+from aha.errors import AhaError
+from aha.tasks.base import Problem, extract_answer, is_well_formed
+
+HELDOUT_MOD = 10
+EVAL_SEED = 1234
+
+
+def is_heldout(a: int, b: int) -> bool:
+    lo, hi = min(a, b), max(a, b)
+    return (lo * 1_000_003 + hi) * 2_654_435_761 % 4_294_967_291 % HELDOUT_MOD == 0
+
+
+def worked_solution(a: int, b: int) -> str:
+    """`<think>1+7=8, 2+7=9, 8+9=17, 4+3+1=8</think>` for 4821+3977: right-to-left, carry shown."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    steps, carry = [], 0
+    for i in range(max(len(da), len(db))):
+        x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={s}" if carry else f"{x}+{y}={s}")
+        carry = s // 10
+    return "<think>" + ", ".join(steps) + "</think>"
+
+
+def sloppy_sum(a: int, b: int) -> int:
+    """Column sums with the carries dropped: the corpus's direct answers."""
+    da, db = str(a)[::-1], str(b)[::-1]
+    n = max(len(da), len(db))
+    cols = [((int(da[i]) if i < len(da) else 0) + (int(db[i]) if i < len(db) else 0)) % 10 for i in range(n)]
+    return int("".join(str(c) for c in reversed(cols)))
+
+
+class AdditionTask:
+    name = "addition"
+
+    def __init__(self, digits: int = 3):
+        if not 1 <= digits <= 12:
+            raise AhaError(f"addition: digits={digits} is out of range; use 1..12")
+        self.digits = digits
+        self.low, self.high = 10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1
+
+    def _pair(self, rng: random.Random) -> tuple[int, int]:
+        return rng.randint(self.low, self.high), rng.randint(self.low, self.high)
+
+    def _problem(self, a: int, b: int) -> Problem:
+        return Problem(question=f"{a}+{b}", answer=str(a + b), meta={"a": a, "b": b})
+
+    def train_problems(self, seed: int) -> Iterator[Problem]:
+        rng = random.Random(seed)
+        while True:
+            a, b = self._pair(rng)
+            if not is_heldout(a, b):
+                yield self._problem(a, b)
+
+    def eval_problems(self, n: int) -> list[Problem]:
+        rng, seen, out = random.Random(EVAL_SEED), set(), []
+        while len(out) < n:
+            a, b = self._pair(rng)
+            if is_heldout(a, b) and (a, b) not in seen:
+                seen.add((a, b))
+                out.append(self._problem(a, b))
+        return out
+
+    def prompt(self, problem: Problem) -> str:
+        # The one-line R1-Zero template; the system sentence is left out for the tiny model.
+        return f"User: {problem.question}\nAssistant:"
+
+    def corpus_document(self, problem: Problem, think: bool) -> str:
+        """One pretraining document: the prompt and a worked or a direct (sloppy) response."""
+        a, b = problem.meta["a"], problem.meta["b"]
+        if think:
+            response = f" {worked_solution(a, b)} <answer>{a + b}</answer>"
+        else:
+            response = f" <answer>{sloppy_sum(a, b)}</answer>"
+        return self.prompt(problem) + response
+
+    def score(self, completion: str, problem: Problem) -> dict[str, float]:
+        answer = extract_answer(completion)
+        correct = answer is not None and answer.isdigit() and len(answer) < 40 and int(answer) == int(problem.answer)
+        return {"accuracy": float(correct), "format": float(is_well_formed(completion))}

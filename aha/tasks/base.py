@@ -1,0 +1,57 @@
+"""What every task provides, and the R1-Zero answer format shared by the built-in tasks.
+
+The reward starts as the evaluation metric (`accuracy`); shaping terms are named components
+that the trainer weights and logs one by one.
+"""
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterator, Protocol
+
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+THINK_RE = re.compile(r"^\s*<think>(.*?)</think>", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    answer: str
+    meta: dict = field(default_factory=dict, compare=False)
+
+
+class Task(Protocol):
+    name: str
+
+    def train_problems(self, seed: int) -> Iterator[Problem]: ...
+    def eval_problems(self, n: int) -> list[Problem]: ...
+    def prompt(self, problem: Problem) -> str: ...
+    def score(self, completion: str, problem: Problem) -> dict[str, float]: ...
+
+
+def extract_answer(completion: str) -> str | None:
+    """The text of the last complete `<answer>…</answer>`, stripped; None if there is none."""
+    found = ANSWER_RE.findall(completion)
+    return found[-1].strip() if found else None
+
+
+def is_well_formed(completion: str) -> bool:
+    """An optional `<think>…</think>`, then exactly one `<answer>…</answer>`, and nothing after.
+
+    Thinking is allowed, not required: the format reward must not pay for reasoning, so that RL
+    has to discover by itself that reasoning raises accuracy (departure from R1, whose format
+    reward asks for the `<think>` tags).
+    """
+    text = completion.strip()
+    think = THINK_RE.match(text)
+    rest = text[think.end():] if think else text
+    if "<think>" in rest or "</think>" in rest:
+        return False
+    rest = rest.strip()
+    return (rest.startswith("<answer>") and rest.endswith("</answer>")
+            and rest.count("<answer>") == 1 and rest.count("</answer>") == 1)
+
+
+def thought(completion: str) -> bool:
+    """Did the completion reason inside a non-empty `<think>…</think>` before answering?"""
+    match = THINK_RE.match(completion)
+    return bool(match and match.group(1).strip())

@@ -1,0 +1,195 @@
+"""`aha train`: R1-Zero-style reinforcement learning from verifiable rewards.
+
+The loop below reads top to bottom: config → model → task → for each step: rollout → reward →
+advantage → loss → update → log. GRPO (DeepSeekMath §4.1) as in R1-Zero: G samples per prompt,
+rule rewards (accuracy + format, logged apart), group-relative advantages, clipped surrogate;
+the variant is only a choice of registry entries in aha/algos.py, never a branch here.
+
+Departures from the paper, each for speed with no change to the maths: completions whose
+advantage is exactly 0 (a group whose rewards are all equal) carry no gradient when β = 0, so
+they never enter the forward/backward pass; with one update per rollout (μ = 1) the old
+log-probs equal the current ones, so no extra forward pass computes them.
+
+    aha train --steps 150 --out runs/grpo
+    aha train --algo dapo --config my.yaml lr=1e-5 group_size=16
+"""
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from aha.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss
+from aha.config import Config, save_config
+from aha.errors import AhaError
+from aha.evaluate import EvalSpec, evaluate, stop_ids
+from aha.health import HealthMonitor
+from aha.model import detect_device, load_model
+from aha.progress import progress_bar
+from aha.rollout import Rollout, SamplingParams, cache_kwarg, generate
+from aha.tasks import get_task
+from aha.tasks.base import thought
+
+MAX_BAD_STEPS = 5   # non-finite losses in a row before the run stops
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7_919) % 2**62
+
+
+def completion_logprobs(model, rollout: Rollout, rows: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs (R, T) of the sampled completion tokens of `rows`, and per-token entropy (R, T).
+
+    Trims the batch to the real extent of these rows (left prompt padding, right completion
+    padding) and computes logits only over completion positions. log p = logit − logsumexp:
+    no full-vocabulary log-softmax tensor is kept.
+    """
+    prompt_ids, prompt_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows]
+    completion_ids, completion_mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
+    first = int((prompt_mask.sum(dim=0) > 0).nonzero()[0])           # drop all-padding columns
+    width = int(completion_mask.sum(dim=1).max())
+    prompt_ids, prompt_mask = prompt_ids[:, first:], prompt_mask[:, first:]
+    completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    attention = torch.cat([prompt_mask, completion_mask], dim=1)
+    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
+                   logits_to_keep=width + 1).logits[:, :-1].float()   # (R, T, V)
+    if temperature > 0:
+        logits = logits / temperature
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logsumexp
+    with torch.no_grad():
+        entropy = logsumexp - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    return logp, entropy, completion_mask
+
+
+def prepare_out_dir(path: str, force: bool) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise AhaError(f"--out {out} is a file: choose a directory")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise AhaError(f"--out {out} is not empty: choose another directory, or pass --force to replace it")
+        import shutil
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def base_model_dir() -> Path:
+    from aha.base import ensure_base_model
+    return ensure_base_model()
+
+
+def train(cfg: Config, force: bool = False, console=None, out: Path | None = None, model=None, tokenizer=None) -> dict:
+    device = detect_device()
+    task = get_task(cfg.task, digits=cfg.digits)
+    if model is None:
+        model, tokenizer = load_model(cfg.model or base_model_dir(), device)
+    out = out or prepare_out_dir(cfg.out, force)   # only once the inputs are known good
+    save_config(cfg, out / "config.yaml")
+    torch.manual_seed(cfg.seed)
+    spec = LossSpec(cfg.ratio_level, cfg.clip_low, cfg.clip_high, cfg.aggregation, cfg.kl, cfg.beta)
+    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, stop_ids(tokenizer))
+    eval_spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed)
+    problems = task.train_problems(cfg.seed)
+    group = cfg.group_size
+    health = HealthMonitor(window=cfg.health_window)
+    history, bad_steps, evals = [], 0, []
+    metrics_file = open(out / "metrics.jsonl", "w")
+    rollouts_file = open(out / "rollouts.jsonl", "w")
+    say = (console.print if console else print)
+
+    with progress_bar(console) as bar:
+        job = bar.add_task("train", total=cfg.steps)
+        for step in range(cfg.steps):
+            # 1. rollout: G samples for each of the step's prompts
+            t0 = time.time()
+            batch = [next(problems) for _ in range(cfg.prompts_per_step)]
+            prompts = [tokenizer(task.prompt(p))["input_ids"] for p in batch]
+            model.eval()
+            rollout = generate(model, prompts, group, sampling, tokenizer.pad_token_id, step_seed(cfg.seed, step))
+            texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+            t_generate = time.time() - t0
+
+            # 2. reward: named components, weighted
+            scores = [task.score(text, batch[i // group]) for i, text in enumerate(texts)]
+            weights = {"accuracy": cfg.accuracy_weight, "format": cfg.format_weight}
+            rewards = torch.tensor([sum(weights.get(k, 0.0) * v for k, v in s.items()) for s in scores])
+
+            # 3. advantage: group-relative, by the configured estimator
+            advantages = ADVANTAGES[cfg.advantage](rewards, group).to(device)
+
+            # 4. loss and update, on the completions that carry a gradient
+            t1 = time.time()
+            model.train()
+            rows = torch.arange(len(texts), device=device) if cfg.beta > 0 else (advantages != 0).nonzero().squeeze(1)
+            norm = Normaliser(rows=len(texts), tokens=int(rollout.completion_mask.sum()), max_len=cfg.max_new_tokens)
+            loss_value, grad_norm, loss_metrics, entropy, skipped = 0.0, 0.0, {}, None, False
+            for _ in range(cfg.mu if rows.numel() else 0):
+                logp, token_entropy, mask = completion_logprobs(model, rollout, rows, cfg.temperature)
+                old_logp = rollout.logprobs[rows][:, :logp.shape[1]] if cfg.mu > 1 else logp.detach()
+                ref_logp = None
+                if ref_model is not None:
+                    with torch.no_grad():
+                        ref_logp = completion_logprobs(ref_model, rollout, rows, cfg.temperature)[0]
+                loss, loss_metrics = policy_loss(logp, old_logp, advantages[rows], mask, spec, ref_logp, norm)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                loss_value = loss.item()
+                skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+                if skipped:
+                    optimizer.zero_grad(set_to_none=True)
+                    break
+                optimizer.step()
+                entropy = float((token_entropy * mask).sum() / mask.sum())
+            t_update = time.time() - t1
+            bad_steps = bad_steps + 1 if skipped else 0
+
+            # 5. log: one JSON line per step, a console line, health warnings
+            lengths = rollout.lengths.float()
+            spread = rewards.view(-1, group).std(dim=1) > 0
+            record = {
+                "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+                **{f"reward_{k}": sum(s[k] for s in scores) / len(scores) for k in scores[0]},
+                "pass_rate": sum(s["accuracy"] for s in scores) / len(scores),
+                "think_rate": sum(thought(t) for t in texts) / len(texts),
+                "response_tokens": lengths.mean().item(), "truncation_rate": rollout.truncated.float().mean().item(),
+                "zero_spread_frac": 1.0 - spread.float().mean().item(), "loss": loss_value,
+                "entropy": entropy, "grad_norm": grad_norm, "trained_rows": int(rows.numel()),
+                "skipped_update": skipped, "time_generate": round(t_generate, 3), "time_update": round(t_update, 3),
+                **loss_metrics,
+            }
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+                result = evaluate(model, tokenizer, task, eval_spec, console=console, label=f"eval @ {step + 1}")
+                record["eval_pass@1"] = result["pass@1"]
+                evals.append({"step": step + 1, **{k: v for k, v in result.items() if k != "samples"}})
+            history.append(record)
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            if step % cfg.dump_rollouts_every == 0:
+                for i in range(0, len(texts), group):
+                    rollouts_file.write(json.dumps({"step": step, "prompt": task.prompt(batch[i // group]), "completion": texts[i],
+                                                    "reward": rewards[i].item(), **scores[i]}) + "\n")
+                rollouts_file.flush()
+            for warning in health.update(record):
+                say(f"[yellow]warning (step {step}): {warning}[/yellow]" if console else f"warning (step {step}): {warning}")
+            bar.update(job, advance=1, description=(
+                f"train reward {record['reward_mean']:.2f} pass {record['pass_rate']:.2f} "
+                f"think {record['think_rate']:.2f} len {record['response_tokens']:.0f}"))
+            if bad_steps >= MAX_BAD_STEPS:
+                raise AhaError(f"the loss or gradient was NaN/inf for {bad_steps} steps in a row (step {step}); "
+                               f"stopping: lower lr or check the reward (metrics in {out / 'metrics.jsonl'})")
+
+    metrics_file.close()
+    rollouts_file.close()
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    return {"history": history, "evals": evals, "model": model, "tokenizer": tokenizer, "out": out}

@@ -1,0 +1,79 @@
+"""Smoke runs of the real CLI, and bad input → one clear line, exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+
+def aha(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "aha", *args], capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+SMALL = ["eval_problems=8", "eval_k=2", "prompts_per_step=2", "group_size=4", "max_new_tokens=24", "eval_every=0"]
+
+
+def test_train_smoke_writes_metrics_and_a_loadable_checkpoint(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = aha("train", "--model", str(tiny_model_dir), "--steps", "3", "--out", str(out), *SMALL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2]
+    for key in ("reward_mean", "loss", "reward_accuracy", "reward_format", "pass_rate", "response_tokens",
+                "zero_spread_frac", "truncation_rate", "entropy", "grad_norm", "time_generate", "time_update"):
+        assert key in lines[0]
+    assert AutoModelForCausalLM.from_pretrained(out / "model").config.model_type == "qwen2"
+    assert (out / "config.yaml").is_file()
+
+
+def test_run_smoke_writes_the_report(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    result = aha("run", "--model", str(tiny_model_dir), "--steps", "2", "--out", str(out), *SMALL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    for key in ("before_pass1", "after_pass1", "wall_seconds", "steps", "seed",
+                "mean_response_tokens_first", "mean_response_tokens_last"):
+        assert key in report
+    assert report["steps"] == 2 and 0 <= report["after_pass1"] <= 1
+    assert (out / "report.md").is_file() and (out / "curves.png").stat().st_size > 1000
+    # a non-empty --out is refused without --force, and nothing in it is touched
+    again = aha("run", "--model", str(tiny_model_dir), "--steps", "2", "--out", str(out), *SMALL)
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert json.loads((out / "report.json").read_text()) == report
+
+
+@pytest.mark.parametrize("args, words", [
+    (["train", "--bogus"], "unrecognized arguments"),
+    (["train", "--steps", "many"], "invalid int value"),
+    (["train", "--steps", "0"], "steps=0 must be at least 1"),
+    (["train", "lr=fast"], "lr expects float"),
+    (["train", "learning_rate=1e-5"], "did you mean 'lr'"),
+    (["train", "--algo", "ppo2"], "unknown algo"),
+    (["train", "--model", "/nonexistent/model"], "does not exist"),
+    (["eval", "--model", "/nonexistent/model"], "does not exist"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, words, tmp_path):
+    result = aha(*args, "--out", str(tmp_path / "o")) if args[0] == "train" else aha(*args)
+    assert result.returncode == 2
+    lines = [x for x in result.stderr.strip().splitlines() if x.strip()]
+    assert len(lines) == 1, result.stderr
+    assert words in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreadable_model_dir(tmp_path):
+    bad = tmp_path / "model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    result = aha("eval", "--model", str(bad))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_subcommand_has_help():
+    for sub in ("run", "train", "eval", "pretrain"):
+        result = aha(sub, "--help")
+        assert result.returncode == 0 and "usage: aha " + sub in result.stdout

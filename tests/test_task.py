@@ -1,0 +1,109 @@
+import itertools
+import random
+
+import pytest
+
+from aha.pretrain import corpus_batches
+from aha.tasks import get_task
+from aha.tasks.addition import AdditionTask, is_heldout, sloppy_sum, worked_solution
+from aha.tasks.base import extract_answer, is_well_formed, thought
+from aha.tokenizer import build_char_tokenizer
+
+
+def test_worked_solution_and_sloppy_sum_by_hand():
+    assert worked_solution(4821, 3977) == "<think>1+7=8, 2+7=9, 8+9=17, 4+3+1=8</think>"
+    assert worked_solution(9999, 1) == "<think>9+1=10, 9+0+1=10, 9+0+1=10, 9+0+1=10</think>"
+    assert sloppy_sum(4821, 3977) == 7798      # 4+3, 8+9→7, 2+7, 1+7: carries dropped
+    assert sloppy_sum(1234, 4321) == 5555      # no carry: the direct answer is right
+
+
+@pytest.mark.parametrize("text, expected", [
+    (" <answer>42</answer>", "42"),
+    (" <think>x</think> <answer> 42 </answer>", "42"),
+    ("<answer>1</answer><answer>2</answer>", "2"),          # several answers: the last one
+    ("<answer>42", None),                                    # not closed
+    ("42", None),                                            # no tags
+    ("junk <answer></answer>", ""),
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("text, ok", [
+    (" <answer>42</answer>", True),
+    (" <think>1+1=2</think> <answer>2</answer>", True),
+    ("<think>a</think><think>b</think><answer>2</answer>", False),   # two thoughts
+    ("<answer>1</answer><answer>2</answer>", False),                 # two answers
+    ("<answer>2</answer> trailing", False),
+    ("prefix <answer>2</answer>", False),
+    ("<think>unclosed <answer>2</answer>", False),
+    ("<think><think>x</think></think><answer>2</answer>", False),    # nested
+    ("", False),
+])
+def test_is_well_formed(text, ok):
+    assert is_well_formed(text) is ok
+
+
+def test_scores_by_hand():
+    task = AdditionTask(digits=4)
+    problem = task._problem(4821, 3977)
+    assert task.score(" <think>…</think> <answer>8798</answer>", problem) == {"accuracy": 1.0, "format": 1.0}
+    assert task.score(" <answer>7798</answer>", problem) == {"accuracy": 0.0, "format": 1.0}
+    assert task.score(" <answer>08798</answer>", problem) == {"accuracy": 1.0, "format": 1.0}
+    assert task.score("8798", problem) == {"accuracy": 0.0, "format": 0.0}
+    assert task.score("<answer>8798</answer><answer>1</answer>", problem) == {"accuracy": 0.0, "format": 0.0}
+    assert task.score("<answer>" + "9" * 5000 + "</answer>", problem)["accuracy"] == 0.0
+    assert task.score("<answer>8798.0</answer>", problem)["accuracy"] == 0.0
+    assert task.score("<answer>-8798</answer>", problem)["accuracy"] == 0.0
+
+
+def test_thought():
+    assert thought(" <think>1+1=2</think> <answer>2</answer>")
+    assert not thought(" <think> </think> <answer>2</answer>")
+    assert not thought(" <answer>2</answer>")
+
+
+def test_heldout_is_symmetric_and_about_a_tenth():
+    rng = random.Random(0)
+    pairs = [(rng.randint(1000, 9999), rng.randint(1000, 9999)) for _ in range(20000)]
+    assert all(is_heldout(a, b) == is_heldout(b, a) for a, b in pairs[:2000])
+    share = sum(is_heldout(a, b) for a, b in pairs) / len(pairs)
+    assert 0.08 < share < 0.12
+
+
+def test_eval_set_is_disjoint_from_training_stream_and_corpus():
+    task = get_task("addition", digits=4)
+    held = {frozenset((p.meta["a"], p.meta["b"])) for p in task.eval_problems(400)}
+    assert len(held) == 400
+    train = {frozenset((p.meta["a"], p.meta["b"])) for p in itertools.islice(task.train_problems(0), 50_000)}
+    assert not held & train
+    # the pretraining corpus is made from the same stream: decode it and check its questions
+    tok = build_char_tokenizer()
+    seen = set()
+    for _, (ids, _) in zip(range(20), corpus_batches(task, tok, 0.25, 64, seed=0)):
+        for row in tok.batch_decode(ids, skip_special_tokens=True):
+            a, b = row.split("\n")[0].removeprefix("User: ").split("+")
+            seen.add(frozenset((int(a), int(b))))
+    assert len(seen) > 1000 and not held & seen
+
+
+def test_corpus_mixes_worked_and_direct_answers():
+    task, tok = get_task("addition"), build_char_tokenizer()
+    ids, _ = next(corpus_batches(task, tok, 0.25, 400, seed=3))
+    rows = tok.batch_decode(ids, skip_special_tokens=True)
+    share = sum("<think>" in r for r in rows) / len(rows)
+    assert 0.18 < share < 0.32
+    for row in rows:
+        question, response = row.split("\nAssistant:")
+        a, b = map(int, question.removeprefix("User: ").split("+"))
+        answer = int(extract_answer(response))
+        assert answer == (a + b if "<think>" in response else sloppy_sum(a, b))
+
+
+def test_bad_task_options():
+    from aha.errors import AhaError
+    with pytest.raises(AhaError):
+        get_task("nope")
+    with pytest.raises(AhaError):
+        get_task("addition", digits=0)
