@@ -56,7 +56,8 @@ def build_parser() -> Parser:
                        description="k samples per held-out problem at temperature 0.6, top-p 0.95; pass@1 = mean correctness.")
     p.add_argument("--model", help="model dir (default: the built-in base model)")
     p.add_argument("--task", default="addition")
-    p.add_argument("--digits", type=int, default=3)
+    p.add_argument("--digits", type=int, default=3, help="addition: digits per operand")
+    p.add_argument("--data", help="data file for file-backed tasks (gsm8k, math, py:…)")
     p.add_argument("--problems", type=int, default=200)
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--temperature", type=float, default=0.6)
@@ -65,6 +66,11 @@ def build_parser() -> Parser:
     p.add_argument("--prefill", default="", help='force the response to start so, e.g. " <think>"')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the result to this JSON file")
+
+    from aha.chat import add_chat_parser
+    from aha.serve_cli import add_serve_parser
+    add_chat_parser(sub)
+    add_serve_parser(sub)
 
     p = sub.add_parser("pretrain", help="train the tiny base model on the synthetic corpus",
                        description="Next-token pretraining of the built-in tiny model on a corpus made by the task generator.")
@@ -103,7 +109,8 @@ def cmd_eval(args, console):
     from aha.model import detect_device, load_model
     from aha.tasks import get_task
     model, tokenizer = load_model(args.model or ensure_base_model(console), detect_device())
-    task = get_task(args.task, digits=args.digits)
+    task = get_task(args.task, **({"digits": args.digits} if args.task == "addition" else {}),
+                    **({"data": args.data} if args.data else {}))
     spec = EvalSpec(args.problems, args.k, args.temperature, args.top_p, args.max_new_tokens, args.seed)
     result = evaluate(model, tokenizer, task, spec, prefill=args.prefill, console=console)
     if args.json:
@@ -119,7 +126,17 @@ def cmd_pretrain(args, console):
     print(json.dumps(pretrain(cfg, console=console)))
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain}
+def cmd_chat(args, console):
+    from aha.chat import cmd_chat as chat
+    chat(args, console)
+
+
+def cmd_serve(args, console):
+    from aha.serve_cli import cmd_serve as serve
+    serve(args, console)
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "chat": cmd_chat, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

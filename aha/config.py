@@ -22,6 +22,9 @@ class Config:
     model: str = ""                  # a transformers model dir; "" = the built-in base model
     task: str = "addition"
     digits: int = 3                  # addition: digits per operand
+    data: str = ""                   # file-backed tasks: JSONL / Parquet / HF dataset dir
+    eval_data: str = ""              # optional separate held-out file
+    skip_bad_rows: bool = False      # skip and count rows without an answer instead of stopping
     out: str = "runs/train"
     seed: int = 0
     # the RL loop
@@ -57,6 +60,17 @@ class Config:
     # records
     dump_rollouts_every: int = 10
     health_window: int = 10          # steps a symptom must last before the run warns
+
+    def task_options(self) -> dict:
+        """The options `get_task` takes for this task: only those that apply to it."""
+        options = {"digits": self.digits} if self.task == "addition" else {}
+        if self.data:
+            options["data"] = self.data
+        if self.eval_data:
+            options["eval_data"] = self.eval_data
+        if self.skip_bad_rows:
+            options["skip_bad_rows"] = True
+        return options
 
     def validate(self) -> "Config":
         from aha.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS

@@ -250,16 +250,19 @@ class Engine:
 
     def _sample(self) -> torch.Tensor:
         """One token per row (B,), rows grouped by their (temperature, top_p)."""
-        noise = torch.stack([torch.empty(self.vocab_size, device=self.device).exponential_(generator=row.generator)
-                             if row.request.params.temperature > 0 else torch.ones(self.vocab_size, device=self.device)
-                             for row in self.rows])
         tokens = torch.zeros(len(self.rows), dtype=torch.long, device=self.device)
         groups: dict[tuple[float, float], list[int]] = {}
         for i, row in enumerate(self.rows):
             groups.setdefault((row.request.params.temperature, row.request.params.top_p), []).append(i)
         for (temperature, top_p), members in groups.items():
             index = torch.tensor(members, device=self.device)
-            tokens[index] = sample_next(self._logits[index], noise[index], SamplingParams(temperature=temperature, top_p=top_p))[0]
+            logits = self._logits[index]                               # (A, V)
+            if temperature > 0:                                        # Exp(1) noise from each row's generator
+                noise = torch.stack([torch.empty(self.vocab_size, device=self.device).exponential_(
+                    generator=self.rows[i].generator) for i in members])
+            else:
+                noise = logits                                         # greedy: sample_next ignores it
+            tokens[index] = sample_next(logits, noise, SamplingParams(temperature=temperature, top_p=top_p))[0]
         return tokens
 
     def _advance(self, row: Sequence, token: int) -> bool:

@@ -7,20 +7,28 @@ Two built-in architectures, both plain transformers classes saved with `save_pre
   mixture-of-experts MLP, the architecture of DeepSeek-R1, scaled down.
 """
 
+import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, Qwen2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, GPT2Config, PreTrainedTokenizerFast, Qwen2Config
 
 from aha.errors import AhaError
 
-ARCHS = ("qwen2", "deepseek_v3")
+ARCHS = ("gpt2", "qwen2", "deepseek_v3")
 
 
 def tiny_config(arch: str, vocab_size: int, pad_id: int, eos_id: int, hidden: int = 256, layers: int = 4):
     common = dict(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
                   num_attention_heads=4, max_position_embeddings=512, pad_token_id=pad_id,
                   eos_token_id=eos_id, bos_token_id=eos_id, tie_word_embeddings=True)
+    if arch == "gpt2":
+        # Learned absolute positions: in the built-in task every token of a document sits at a
+        # fixed position, so "the digit I need" is a fixed position — found at once.
+        return GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+                          n_inner=3 * hidden, activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0,
+                          attn_pdrop=0.0, pad_token_id=pad_id, eos_token_id=eos_id, bos_token_id=eos_id,
+                          tie_word_embeddings=True)
     if arch == "qwen2":
         return Qwen2Config(num_key_value_heads=2, intermediate_size=3 * hidden, **common)
     if arch == "deepseek_v3":
@@ -41,6 +49,16 @@ def build_model(arch: str, tokenizer, seed: int, **sizes):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
+def load_tokenizer(path: Path):
+    """The tokenizer saved in `path`. A tokenizer saved as a plain `tokenizers` object (aha's own)
+    is loaded as exactly that: `AutoTokenizer` would rebuild it from the model type (a byte-level
+    Qwen2 tokenizer for a qwen2 config), which changes its ids."""
+    config = path / "tokenizer_config.json"
+    saved = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    loader = PreTrainedTokenizerFast if saved in ("TokenizersBackend", "PreTrainedTokenizerFast") else AutoTokenizer
+    return loader.from_pretrained(path)
+
+
 def load_model(path: str | Path, device: str = "cpu"):
     """(model, tokenizer) from a local transformers dir; a clear AhaError when it is not one."""
     path = Path(path)
@@ -49,7 +67,7 @@ def load_model(path: str | Path, device: str = "cpu"):
     if not (path / "config.json").is_file():
         raise AhaError(f"model dir {path} has no config.json: is it a transformers model directory?")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
     except Exception as exc:  # transformers raises many types here
         raise AhaError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0][:200]}") from None
     try:

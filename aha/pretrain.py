@@ -26,20 +26,20 @@ from aha.tokenizer import build_char_tokenizer
 @dataclass
 class PretrainConfig:
     out: str = "models/base"
-    arch: str = "qwen2"
-    hidden: int = 256
+    arch: str = "gpt2"
+    hidden: int = 192
     layers: int = 4
     digits: int = 3
-    think_frac: float = 0.25
+    think_frac: float = 0.3
     steps: int = 1500
-    batch_size: int = 64
-    lr: float = 2e-3
+    batch_size: int = 32
+    lr: float = 3e-3
     warmup: int = 50
     seed: int = 0
     max_seconds: float = 0.0          # 0 = no time cap (a cap makes the result depend on speed)
 
 
-def corpus_batches(task, tokenizer, think_frac: float, batch_size: int, seed: int, pool: int = 8):
+def corpus_batches(task, tokenizer, think_frac: float, batch_size: int, seed: int, pool: int = 1):
     """Endless (input_ids, loss_mask) batches of right-padded documents, each ending in EOS.
 
     The loss mask covers the response only: the question's digits are random, and predicting
@@ -70,7 +70,7 @@ def corpus_batches(task, tokenizer, think_frac: float, batch_size: int, seed: in
 
 def lm_loss(model, input_ids, loss_mask) -> torch.Tensor:
     """Next-token cross-entropy on the positions of `loss_mask` (right padding needs no attention mask)."""
-    logits = model(input_ids=input_ids).logits[:, :-1]   # (B, L-1, V)
+    logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]   # (B, L-1, V)
     targets = input_ids[:, 1:].masked_fill(loss_mask[:, 1:] == 0, -100)
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
@@ -99,6 +99,8 @@ def pretrain(cfg: PretrainConfig, console=None) -> dict:
             tokens += int((input_ids != tokenizer.pad_token_id).sum())
             losses.append(loss.item())
             bar.update(job, advance=1, description=f"pretrain loss {sum(losses[-20:]) / len(losses[-20:]):.3f}")
+            if not bar.console.is_terminal and step % 100 == 0:
+                bar.console.print(f"pretrain step {step}/{cfg.steps} loss {losses[-1]:.3f} {time.time() - start:.0f} s")
             if cfg.max_seconds and time.time() - start > cfg.max_seconds:
                 break
     elapsed = time.time() - start

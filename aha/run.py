@@ -17,7 +17,7 @@ from aha.train import prepare_out_dir, train
 
 def run(cfg: Config, force: bool = False, console=None) -> dict:
     start = time.time()
-    task = get_task(cfg.task, digits=cfg.digits)
+    task = get_task(cfg.task, **cfg.task_options())
     model, tokenizer = load_model(cfg.model or ensure_base_model(console), detect_device())
     out = prepare_out_dir(cfg.out, force)
     spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed)

@@ -247,33 +247,3 @@ async def stream_events(handle, n: int, in_reasoning: bool, meta: dict, prompt_t
         yield sse("[DONE]")
     finally:
         handle.cancel()                    # the client disconnected, or we are done: free the rows
-
-
-def add_serve_parser(subparsers) -> None:
-    p = subparsers.add_parser("serve", help="OpenAI-compatible chat API (thinking in reasoning_content)",
-                              description="Serve a trained model with an OpenAI-compatible /v1/chat/completions API; "
-                                          "the thinking comes back in reasoning_content, like DeepSeek's API.")
-    p.add_argument("model", metavar="RUN_OR_MODEL_DIR", help="a run folder (with model/) or a transformers model dir")
-    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $AHA_API_KEY, else no key)")
-    p.add_argument("--max-batch", type=int, default=64, help="sequences decoded together")
-    p.add_argument("--max-tokens-cap", type=int, default=4096, help="largest max_tokens a request may ask for")
-    p.add_argument("--device", help="cpu, cuda or mps (default: detected)")
-
-
-def cmd_serve(args, console) -> None:
-    import os
-    try:
-        import uvicorn
-    except ImportError:
-        from aha.errors import AhaError
-        raise AhaError("aha serve needs fastapi and uvicorn: pip install 'aha[serve]'") from None
-    api_key = args.api_key or os.environ.get("AHA_API_KEY") or None
-    app = create_app(args.model, api_key=api_key, device=args.device, max_batch=args.max_batch,
-                     max_tokens_cap=args.max_tokens_cap)
-    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning: serving on {args.host} without an API key: anyone who can reach it can use it[/]")
-    console.print(f"serving {app.state.model_id!r} at http://{args.host}:{args.port}/v1 "
-                  f"(API key {'required' if api_key else 'off'}); Ctrl-C stops")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -57,7 +57,7 @@ def completion_logprobs(model, rollout: Rollout, rows: torch.Tensor, temperature
     attention = torch.cat([prompt_mask, completion_mask], dim=1)
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                   logits_to_keep=width + 1).logits[:, :-1].float()   # (R, T, V)
+                   logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()   # (R, T, V)
     if temperature > 0:
         logits = logits / temperature
     logsumexp = torch.logsumexp(logits, dim=-1)
@@ -87,7 +87,7 @@ def base_model_dir() -> Path:
 
 def train(cfg: Config, force: bool = False, console=None, out: Path | None = None, model=None, tokenizer=None) -> dict:
     device = detect_device()
-    task = get_task(cfg.task, digits=cfg.digits)
+    task = get_task(cfg.task, **cfg.task_options())
     if model is None:
         model, tokenizer = load_model(cfg.model or base_model_dir(), device)
     out = out or prepare_out_dir(cfg.out, force)   # only once the inputs are known good

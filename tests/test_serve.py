@@ -118,6 +118,14 @@ def loaded(run_dir):
     return load_model(run_dir / "model")
 
 
+def test_run_folder_loads_the_tokenizer_it_was_saved_with(loaded):
+    """Every served text depends on it: `AutoTokenizer` picks the model type's tokenizer class
+    (Qwen2Tokenizer, byte-level) over the saved char tokenizer, and spaces vanish."""
+    from aha.tokenizer import build_char_tokenizer
+    text = "User: hi\nAssistant: <think>a b</think>"
+    assert loaded[1](text)["input_ids"] == build_char_tokenizer()(text)["input_ids"]
+
+
 def reference(model, tokenizer, chat: str | list[dict], max_new_tokens: int = 64) -> str:
     """Greedy completion of `aha.rollout.generate` (the reference sampler) for a user message or chat."""
     ids, _ = encode_chat(tokenizer, [{"role": "user", "content": chat}] if isinstance(chat, str) else chat)
@@ -347,6 +355,18 @@ def test_malformed_requests_get_openai_errors(server, body, status, param):
     assert got_status == status
     assert set(payload["error"]) == {"message", "type", "param", "code"} and payload["error"]["message"]
     assert payload["error"]["param"] == param or (param is not None and payload["error"]["param"].startswith(param))
+
+
+def test_serve_parser_and_bad_model_dir(tmp_path):
+    from aha.errors import AhaError
+    from aha.serve_cli import add_serve_parser
+    from aha.server import create_app
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", str(tmp_path)])
+    assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)
+    with pytest.raises(AhaError, match="no config.json"):
+        create_app(tmp_path)
 
 
 def test_unknown_route_is_a_json_404(server):

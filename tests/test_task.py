@@ -11,10 +11,11 @@ from aha.tokenizer import build_char_tokenizer
 
 
 def test_worked_solution_and_sloppy_sum_by_hand():
-    assert worked_solution(4821, 3977) == "<think>1+7=8, 2+7=9, 8+9=17, 4+3+1=8</think>"
-    assert worked_solution(9999, 1) == "<think>9+1=10, 9+0+1=10, 9+0+1=10, 9+0+1=10</think>"
-    assert sloppy_sum(4821, 3977) == 7798      # 4+3, 8+9→7, 2+7, 1+7: carries dropped
-    assert sloppy_sum(1234, 4321) == 5555      # no carry: the direct answer is right
+    assert worked_solution(4821, 3977) == "<think>1+7+0=08, 2+7+0=09, 8+9+0=17, 4+3+1=08</think>"
+    assert worked_solution(9999, 1) == "<think>9+1+0=10, 9+0+1=10, 9+0+1=10, 9+0+1=10</think>"
+    assert sloppy_sum(4821, 3977) == "7798"    # 4+3, 8+9→7, 2+7, 1+7: carries dropped
+    assert sloppy_sum(1234, 4321) == "5555"    # no carry: the direct answer is right
+    assert sloppy_sum(512, 598) == "000"
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -90,7 +91,7 @@ def test_eval_set_is_disjoint_from_training_stream_and_corpus():
 
 def test_corpus_mixes_worked_and_direct_answers():
     task, tok = get_task("addition"), build_char_tokenizer()
-    ids, _ = next(corpus_batches(task, tok, 0.25, 400, seed=3))
+    ids, _ = next(corpus_batches(task, tok, 0.25, 400, seed=3, pool=1))
     rows = tok.batch_decode(ids, skip_special_tokens=True)
     share = sum("<think>" in r for r in rows) / len(rows)
     assert 0.18 < share < 0.32
@@ -98,7 +99,7 @@ def test_corpus_mixes_worked_and_direct_answers():
         question, response = row.split("\nAssistant:")
         a, b = map(int, question.removeprefix("User: ").split("+"))
         answer = int(extract_answer(response))
-        assert answer == (a + b if "<think>" in response else sloppy_sum(a, b))
+        assert answer == (a + b if "<think>" in response else int(sloppy_sum(a, b)))
 
 
 def test_bad_task_options():

@@ -1,15 +1,71 @@
 """Tasks: each owns its problems (a training stream and a held-out evaluation set), its prompt,
-its answer extraction and its reward components. `get_task(name)` picks one by name."""
+its answer extraction and its reward components. `get_task(name, **options)` picks one by name:
+
+    addition                 built in (digits=3)
+    countdown                TinyZero's countdown, generated (min_numbers=3, max_numbers=4)
+    gsm8k                    data=PATH: rows with `question` and `answer` ending `#### n`
+    math                     data=PATH: rows with `problem` and a `solution` holding `\\boxed{}`
+    rg:NAME                  a reasoning-gym dataset (eval_size=200, config={...})
+    jsonl:PATH               rows with `prompt` and `answer`
+    py:module:function       data=PATH, reward by your TRL-style function
+
+File-backed tasks also take eval_data=PATH or eval_fraction=0.1, and skip_bad_rows=False.
+"""
+
+import inspect
 
 from aha.errors import AhaError
 from aha.tasks.base import Problem, Task
 
+NAMES = "addition, countdown, gsm8k, math, rg:NAME, jsonl:PATH, py:module:function"
 
-def get_task(name: str, **options) -> Task:
+
+def _task_class(name: str):
+    """(class, the options that the name itself gives) for a task name."""
+    prefix, _, rest = name.partition(":")
     if name == "addition":
         from aha.tasks.addition import AdditionTask
-        return AdditionTask(**options)
-    raise AhaError(f"unknown task {name!r}: choose one of: addition")
+        return AdditionTask, {}
+    if name == "countdown":
+        from aha.tasks.countdown import CountdownTask
+        return CountdownTask, {}
+    if name == "gsm8k":
+        from aha.tasks.gsm8k import GSM8KTask
+        return GSM8KTask, {}
+    if name == "math":
+        from aha.tasks.math_task import MathTask
+        return MathTask, {}
+    if prefix == "rg" and rest:
+        from aha.tasks.rg import ReasoningGymTask
+        return ReasoningGymTask, {"dataset": rest}
+    if prefix == "jsonl" and rest:
+        from aha.tasks.jsonl import JsonlTask
+        return JsonlTask, {"data": rest}
+    if prefix == "py" and rest:
+        from aha.tasks.custom import CustomRewardTask
+        return CustomRewardTask, {"spec": rest}
+    raise AhaError(f"unknown task {name!r}: choose one of: {NAMES}")
+
+
+def _accepted(cls) -> set[str]:
+    """The keyword options a task class takes, following `**options` up to its base class."""
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        params = inspect.signature(klass.__init__).parameters
+        names |= {p for p, v in params.items() if v.kind is not v.VAR_KEYWORD and p != "self"}
+        if not any(v.kind is v.VAR_KEYWORD for v in params.values()):
+            return names
+    return names
+
+
+def get_task(name: str, **options) -> Task:
+    cls, from_name = _task_class(name)
+    unknown = (set(options) - _accepted(cls)) | (set(options) & set(from_name))
+    if unknown:
+        raise AhaError(f"task {name!r} does not take option(s) {', '.join(sorted(unknown))}")
+    return cls(**from_name, **options)
 
 
 __all__ = ["Problem", "Task", "get_task"]

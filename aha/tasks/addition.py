@@ -3,7 +3,7 @@
 The answer can be produced two ways, and the pretraining corpus (see `corpus_document`) shows both:
 - worked: `<think>` a digit-by-digit sum from the right, carries written out `</think>`, answer;
 - direct: an answer at once, written the way a hurried writer does, with the carries dropped
-  (`4821+3977` → `7798`), so it is right only when no column carries (~7% of 4-digit sums).
+  (`4821+3977` → `7798`), so it is right only when no column carries (~13% of 3-digit sums).
 So answering without reasoning stays wrong however long the base model trains, reasoning is
 right, and the base model reasons only as often as its corpus did. RL has to discover that
 reasoning pays: accuracy and response length rise together, as in R1-Zero.
@@ -29,23 +29,28 @@ def is_heldout(a: int, b: int) -> bool:
 
 
 def worked_solution(a: int, b: int) -> str:
-    """`<think>1+7=8, 2+7=9, 8+9=17, 4+3+1=8</think>` for 4821+3977: right-to-left, carry shown."""
+    """`<think>1+7+0=08, 2+7+0=09, 8+9+0=17, 4+3+1=08</think>` for 4821+3977.
+
+    Right to left, the carry always written, every sum two digits: each step has the same
+    width, so the digit a step needs sits at a fixed distance back — easy to find for a tiny
+    model with relative (RoPE) positions.
+    """
     da, db = str(a)[::-1], str(b)[::-1]
     steps, carry = [], 0
     for i in range(max(len(da), len(db))):
         x, y = int(da[i]) if i < len(da) else 0, int(db[i]) if i < len(db) else 0
         s = x + y + carry
-        steps.append(f"{x}+{y}+{carry}={s}" if carry else f"{x}+{y}={s}")
+        steps.append(f"{x}+{y}+{carry}={s:02d}")
         carry = s // 10
     return "<think>" + ", ".join(steps) + "</think>"
 
 
-def sloppy_sum(a: int, b: int) -> int:
-    """Column sums with the carries dropped: the corpus's direct answers."""
+def sloppy_sum(a: int, b: int) -> str:
+    """Column sums with the carries dropped, one digit per column: the corpus's direct answers."""
     da, db = str(a)[::-1], str(b)[::-1]
     n = max(len(da), len(db))
     cols = [((int(da[i]) if i < len(da) else 0) + (int(db[i]) if i < len(db) else 0)) % 10 for i in range(n)]
-    return int("".join(str(c) for c in reversed(cols)))
+    return "".join(str(c) for c in reversed(cols))
 
 
 class AdditionTask:

@@ -1,0 +1,72 @@
+"""`rg:NAME`: any of reasoning-gym's ~100 procedural tasks (`pip install reasoning-gym`).
+
+    get_task("rg:leg_counting")
+    get_task("rg:basic_arithmetic", config={"min_terms": 2, "max_terms": 3})
+
+Problems are generated locally, nothing is downloaded. The score is the dataset's own
+`score_answer(answer, entry)` (some tasks give partial credit in [0, 1]) on the `<answer>` text.
+
+Held-out split: the evaluation set is the first `eval_size` items of the dataset built with a
+seed of its own; the training stream is built from seeds derived from the training seed, and
+drops any item whose question is in the evaluation set (reasoning-gym item i of seed s is often
+item i+1 of seed s−1, so different seeds alone would not keep them apart).
+"""
+
+import random
+from typing import Iterator
+
+from aha.errors import AhaError
+from aha.tasks.base import Problem, extract_answer, is_well_formed
+
+EVAL_SEED = 987_654_321
+CHUNK = 1000
+
+
+class ReasoningGymTask:
+    def __init__(self, dataset: str, eval_size: int = 200, config: dict | None = None):
+        try:
+            import reasoning_gym
+        except ImportError as exc:
+            raise AhaError("rg: tasks need reasoning-gym: pip install reasoning-gym") from exc
+        from reasoning_gym.factory import DATASETS
+        if dataset not in DATASETS:
+            raise AhaError(f"rg:{dataset} is not a reasoning-gym dataset; choose one of: {', '.join(sorted(DATASETS))}")
+        self.name, self.dataset_name, self.config = f"rg:{dataset}", dataset, dict(config or {})
+        self.eval_size = eval_size
+        self._create = reasoning_gym.create_dataset
+        try:
+            self.eval_dataset = self._create(dataset, size=eval_size, seed=EVAL_SEED, **self.config)
+        except Exception as exc:       # bad config keys or values
+            raise AhaError(f"rg:{dataset}: cannot build the dataset with config {self.config}: {exc}") from exc
+        self.heldout = [self._problem(self.eval_dataset[i]) for i in range(eval_size)]
+        self.heldout_questions = {p.question for p in self.heldout}
+
+    def _problem(self, entry: dict) -> Problem:
+        return Problem(question=entry["question"], answer=str(entry["answer"]), meta={"entry": entry})
+
+    def train_problems(self, seed: int) -> Iterator[Problem]:
+        seeds = random.Random(f"rg/{seed}")
+        while True:
+            dataset = self._create(self.dataset_name, size=CHUNK, seed=seeds.randrange(2**31), **self.config)
+            for i in range(CHUNK):
+                problem = self._problem(dataset[i])
+                if problem.question not in self.heldout_questions:
+                    yield problem
+
+    def eval_problems(self, n: int) -> list[Problem]:
+        if n > self.eval_size:
+            raise AhaError(f"{self.name}: asked for {n} evaluation problems but eval_size={self.eval_size}; raise eval_size")
+        return self.heldout[:n]
+
+    def prompt(self, problem: Problem) -> str:
+        return f"User: {problem.question}\nAssistant:"
+
+    def score(self, completion: str, problem: Problem) -> dict[str, float]:
+        answer = extract_answer(completion)
+        try:
+            accuracy = float(self.eval_dataset.score_answer(answer, problem.meta["entry"])) if answer is not None else 0.0
+        except Exception:      # a scorer that chokes on hostile text: that answer is wrong
+            accuracy = 0.0
+        if not 0.0 <= accuracy <= 1.0:       # NaN included
+            accuracy = 0.0
+        return {"accuracy": accuracy, "format": float(is_well_formed(completion))}
