@@ -59,6 +59,6 @@ def write_report(out: Path, report: dict, before: dict, after: dict, history: li
         lines.append("")
         for s in result["samples"][:4]:
             mark = "right" if s["correct"] else "wrong"
-            lines.append(f"- `{s['prompt'].replace(chr(10), ' ')}` →`{s['completion']}` ({mark}, answer {s['answer']})")
+            lines.append(f"- `{s['prompt'].replace(chr(10), ' ')}` → `{s['completion'].strip()}` ({mark}, answer {s['answer']})")
         lines.append("")
     (out / "report.md").write_text("\n".join(lines))
