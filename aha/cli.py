@@ -1,4 +1,4 @@
-"""The `aha` command line: pretrain, train, eval, run.
+"""The `aha` command line: pretrain, train, eval, run, chat, serve, sft, sample, distill.
 
 Bad input ends in one line on stderr — what is wrong, where, what to do — and exit code 2.
 """
@@ -40,6 +40,62 @@ def config_from_args(args):
     return load_config(args.config, overrides)
 
 
+def add_sample_args(p: argparse.ArgumentParser) -> None:
+    from aha.sample import SampleConfig
+    d = SampleConfig()
+    p.add_argument("--task", default=d.task, help="task name (its TRAINING problems are used)")
+    p.add_argument("--digits", type=int, default=3, help="addition: digits per operand")
+    p.add_argument("--data", help="data file for file-backed tasks (gsm8k, math, py:…)")
+    p.add_argument("--prompts", type=int, default=d.prompts, help="training problems to sample")
+    p.add_argument("--k", type=int, default=d.k, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="a sample that hits this is rejected")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="reject responses longer than this (0: no cap)")
+    p.add_argument("--max-repetition", type=float, default=d.max_repetition, help="reject when this share of word 3-grams repeats")
+    p.add_argument("--language", default=d.language, help="e.g. en: reject reasoning not in this language")
+    p.add_argument("--min-language", type=float, default=d.min_language, help="least language consistency kept")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def add_sft_args(p: argparse.ArgumentParser) -> None:
+    from aha.sft import SFTConfig
+    d = SFTConfig()
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-tokens", type=int, default=d.batch_tokens, help="tokens per optimizer step")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="packed row length (longer examples are cut)")
+
+
+def add_data_parsers(sub) -> None:
+    p = sub.add_parser("sft", help="supervised fine-tuning on prompt/response JSONL (loss on responses, packed)",
+                       description="SFT on JSONL rows {prompt, response}: next-token loss on the response tokens only; "
+                                   "examples packed into --seq-len rows with per-example positions and a block-diagonal "
+                                   "attention mask. Writes a plain transformers dir to --out.")
+    p.add_argument("--model", required=True, help="model dir or run folder to start from")
+    p.add_argument("--data", required=True, help="JSONL file of {\"prompt\": …, \"response\": …} rows")
+    p.add_argument("--out", required=True, help="where to save the fine-tuned model")
+    add_sft_args(p)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("sample", help="rejection sampling: keep only verified, clean samples as JSONL",
+                       description="k samples per training problem; keeps those the task verifies (accuracy 1) that are "
+                                   "well-formed, not truncated or too long, not repetitive (and in --language): rows "
+                                   "prompt, response, model, task, seed, reward, accuracy.")
+    p.add_argument("--model", required=True, help="model dir or run folder")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    add_sample_args(p)
+
+    p = sub.add_parser("distill", help="sample verified answers from a teacher, then SFT a student on them",
+                       description="aha sample with --teacher, then aha sft of --student on the kept samples; --out gets "
+                                   "samples.jsonl, the student model and distill.json.")
+    p.add_argument("--teacher", required=True, help="teacher model dir or run folder")
+    p.add_argument("--student", required=True, help="student model dir or run folder")
+    p.add_argument("--out", required=True, help="folder for samples.jsonl and the distilled student")
+    add_sample_args(p)
+    add_sft_args(p)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="aha", description="Teach a language model to reason by itself with RL from verifiable rewards.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -52,20 +108,27 @@ def build_parser() -> Parser:
                        description="RL from verifiable rewards; writes metrics.jsonl, rollouts.jsonl, config.yaml and model/ into --out.")
     add_train_args(p)
 
-    p = sub.add_parser("eval", help="pass@1 on held-out problems with R1's sampling protocol",
-                       description="k samples per held-out problem at temperature 0.6, top-p 0.95; pass@1 = mean correctness.")
-    p.add_argument("--model", help="model dir (default: the built-in base model)")
+    p = sub.add_parser("eval", help="pass@1, pass@k, cons@k on held-out problems with R1's sampling protocol",
+                       description="k samples per held-out problem at temperature 0.6, top-p 0.95; pass@1 = mean correctness, "
+                                   "unbiased pass@j for each --pass-k, cons@k = majority vote of the k answers. "
+                                   "Several --model: a side-by-side table.")
+    p.add_argument("--model", action="append", metavar="DIR",
+                   help="model dir or run folder (its model/); repeat to compare (default: the built-in base model)")
     p.add_argument("--task", default="addition")
     p.add_argument("--digits", type=int, default=3, help="addition: digits per operand")
     p.add_argument("--data", help="data file for file-backed tasks (gsm8k, math, py:…)")
     p.add_argument("--problems", type=int, default=200)
-    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--k", type=int, help="samples per problem (default: 4, or the largest --pass-k)")
+    p.add_argument("--pass-k", default="", metavar="J,J,…", help="also report unbiased pass@J for these J ≤ k, e.g. 1,2,4")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prefill", default="", help='force the response to start so, e.g. " <think>"')
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the result to this JSON file")
+    p.add_argument("--json", help="also write the result to this JSON file (a list when several models)")
+    p.add_argument("--markdown", help="also write the comparison table to this markdown file")
+
+    add_data_parsers(sub)
 
     from aha.chat import add_chat_parser
     from aha.serve_cli import add_serve_parser
@@ -103,20 +166,77 @@ def cmd_train(args, console):
     console.print(f"done: {len(result['history'])} steps; metrics in {result['out'] / 'metrics.jsonl'}, model in {result['out'] / 'model'}")
 
 
+def parse_pass_k(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise AhaError(f"--pass-k {text!r}: give whole numbers separated by commas, e.g. 1,2,4") from None
+    if any(v < 1 for v in values):
+        raise AhaError(f"--pass-k {text!r}: every k must be at least 1")
+    return values
+
+
 def cmd_eval(args, console):
     from aha.base import ensure_base_model
-    from aha.evaluate import EvalSpec, evaluate
+    from aha.evaluate import EvalSpec, evaluate, markdown_table, resolve_model_dir, rich_table
     from aha.model import detect_device, load_model
     from aha.tasks import get_task
-    model, tokenizer = load_model(args.model or ensure_base_model(console), detect_device())
+    pass_k = parse_pass_k(args.pass_k)
+    k = args.k or max((4, *pass_k))
     task = get_task(args.task, **({"digits": args.digits} if args.task == "addition" else {}),
                     **({"data": args.data} if args.data else {}))
-    spec = EvalSpec(args.problems, args.k, args.temperature, args.top_p, args.max_new_tokens, args.seed)
-    result = evaluate(model, tokenizer, task, spec, prefill=args.prefill, console=console)
+    spec = EvalSpec(args.problems, k, args.temperature, args.top_p, args.max_new_tokens, args.seed, pass_k=pass_k)
+    results = []
+    for path in args.model or [None]:
+        model_dir = resolve_model_dir(path) if path else ensure_base_model(console)
+        model, tokenizer = load_model(model_dir, detect_device())
+        result = evaluate(model, tokenizer, task, spec, prefill=args.prefill, console=console, label=f"eval {path or 'base'}")
+        results.append({"model": path or "base", **result})
+    if len(results) > 1:
+        console.print(rich_table(results, f"{args.task}: {spec.problems} problems × {k} samples"))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-    print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
+            json.dump(results[0] if len(results) == 1 else results, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(results))
+    for result in results:
+        print(json.dumps({key: v for key, v in result.items() if key != "samples"}))
+
+
+def task_options(args) -> dict:
+    return {**({"digits": args.digits} if args.task == "addition" else {}), **({"data": args.data} if args.data else {})}
+
+
+def sample_config(args, model: str, out: str):
+    from aha.evaluate import resolve_model_dir
+    from aha.sample import SampleConfig
+    return SampleConfig(model=resolve_model_dir(model), task=args.task, task_options=task_options(args), out=out,
+                        prompts=args.prompts, k=args.k, temperature=args.temperature, top_p=args.top_p,
+                        max_new_tokens=args.max_new_tokens, max_tokens=args.max_tokens, max_repetition=args.max_repetition,
+                        language=args.language, min_language=args.min_language, seed=args.seed)
+
+
+def sft_config(args, model: str, data: str):
+    from aha.evaluate import resolve_model_dir
+    from aha.sft import SFTConfig
+    return SFTConfig(model=resolve_model_dir(model), data=data, out=args.out, epochs=args.epochs, lr=args.lr,
+                     batch_tokens=args.batch_tokens, seq_len=args.seq_len, seed=args.seed)
+
+
+def cmd_sft(args, console):
+    from aha.sft import sft
+    print(json.dumps(sft(sft_config(args, args.model, args.data), console=console)))
+
+
+def cmd_sample(args, console):
+    from aha.sample import sample
+    print(json.dumps(sample(sample_config(args, args.model, args.out), console=console)))
+
+
+def cmd_distill(args, console):
+    from aha.distill import distill
+    print(json.dumps(distill(sample_config(args, args.teacher, ""), sft_config(args, args.student, ""), console=console)))
 
 
 def cmd_pretrain(args, console):
@@ -136,7 +256,8 @@ def cmd_serve(args, console):
     serve(args, console)
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "chat": cmd_chat, "serve": cmd_serve}
+COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "chat": cmd_chat, "serve": cmd_serve,
+            "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -77,3 +77,19 @@ def test_every_subcommand_has_help():
     for sub in ("run", "train", "eval", "pretrain"):
         result = aha(sub, "--help")
         assert result.returncode == 0 and "usage: aha " + sub in result.stdout
+
+
+def test_same_seed_gives_the_same_run(tiny_model_dir, tmp_path):
+    def metrics(out):
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        result = aha("train", "--model", str(tiny_model_dir), "--steps", "2", "--seed", "7", "--out", str(out), *SMALL)
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append(metrics(out))
+    assert runs[0] == runs[1]
+    other = tmp_path / "c"
+    assert aha("train", "--model", str(tiny_model_dir), "--steps", "2", "--seed", "8", "--out", str(other), *SMALL).returncode == 0
+    assert metrics(other) != runs[0]
