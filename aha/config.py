@@ -16,6 +16,9 @@ import yaml
 from aha.errors import AhaError
 
 
+OVERLONG = ("none", "mask", "soft")
+
+
 @dataclass
 class Config:
     # what to train
@@ -48,6 +51,12 @@ class Config:
     kl: str = "k3"
     beta: float = 0.0
     mu: int = 1                      # inner updates per rollout
+    dynamic_sampling: bool = False   # DAPO: drop groups with equal rewards, refill from new prompts
+    max_sampling_tries: int = 4      # dynamic sampling: rollouts per step at most
+    overlong: str = "none"           # truncated completions: none | mask (no loss) | soft (DAPO's length penalty)
+    overlong_cache: int = 16         # soft: the penalty ramps 0 → −1 over the last this-many tokens
+    ref_refresh_every: int = 0       # β > 0: copy the policy into the reference every N steps (R1: 400); 0 = never
+    max_bad_steps: int = 5           # NaN/inf losses in a row before the run stops
     # rewards: total = Σ weight × component
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
@@ -78,12 +87,20 @@ class Config:
                                ("kl", KL_ESTIMATORS), ("ratio_level", RATIO_LEVELS)]:
             if getattr(self, name) not in registry:
                 raise AhaError(f"config: {name}={getattr(self, name)!r} is not one of {', '.join(registry)}")
-        positive = ["steps", "prompts_per_step", "max_new_tokens", "mu", "eval_problems", "eval_k"]
+        positive = ["steps", "prompts_per_step", "max_new_tokens", "mu", "eval_problems", "eval_k",
+                    "max_sampling_tries", "max_bad_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise AhaError(f"config: {name}={getattr(self, name)} must be at least 1")
         if self.group_size < 2:
             raise AhaError(f"config: group_size={self.group_size} must be at least 2 (advantages compare samples within a group)")
+        if self.overlong not in OVERLONG:
+            raise AhaError(f"config: overlong={self.overlong!r} is not one of {', '.join(OVERLONG)}")
+        if self.overlong == "soft" and not 0 < self.overlong_cache < self.max_new_tokens:
+            raise AhaError(f"config: overlong_cache={self.overlong_cache} must be between 1 and "
+                           f"max_new_tokens - 1 = {self.max_new_tokens - 1} for overlong=soft")
+        if self.ref_refresh_every < 0:
+            raise AhaError(f"config: ref_refresh_every={self.ref_refresh_every} must be 0 (never) or more")
         if not (0 < self.top_p <= 1) or self.temperature < 0 or self.lr <= 0:
             raise AhaError("config: need 0 < top_p <= 1, temperature >= 0 and lr > 0")
         return self

@@ -3,7 +3,6 @@ GRPO run cannot learn. Each check reads the per-step metrics record; a warning i
 per symptom (again only after the symptom went away and came back).
 """
 
-import math
 from dataclasses import dataclass, field
 
 
@@ -28,8 +27,8 @@ class HealthMonitor:
         if full and sum(self._last("truncation_rate")) / n > 0.5:
             found["truncation"] = (f"over half of the responses hit max_new_tokens for {n} steps: "
                                    "raise max_new_tokens, or penalise length")
-        rewards = self._last("reward_mean")
-        if len(self.history) >= 3 * n and max(r["reward_mean"] for r in self.history[-3 * n:]) - min(r["reward_mean"] for r in self.history[-3 * n:]) < 1e-6:
+        recent_rewards = [r["reward_mean"] for r in self.history[-3 * n:]]
+        if len(self.history) >= 3 * n and max(recent_rewards) - min(recent_rewards) < 1e-6:
             found["flat_reward"] = (f"the mean reward has not moved for {3 * n} steps: "
                                     "the learning rate may be too low or the reward constant; check lr and the reward components")
         entropies = self._last("entropy")
@@ -40,7 +39,6 @@ class HealthMonitor:
             found["kl_spike"] = (f"KL to the reference jumped to {last['kl']:.3f}: the policy is moving too fast; lower lr or raise beta")
         if last.get("skipped_update"):
             found["non_finite"] = "the loss or gradient was NaN/inf, so the update was skipped: lower lr, or check the reward for NaN"
-        del rewards
         return found
 
     def update(self, record: dict) -> list[str]:
@@ -50,7 +48,3 @@ class HealthMonitor:
         new = [msg for key, msg in found.items() if key not in self.active]
         self.active = set(found)
         return new
-
-
-def finite(x: float) -> bool:
-    return x is not None and math.isfinite(x)

@@ -10,6 +10,11 @@ advantage is exactly 0 (a group whose rewards are all equal) carry no gradient w
 they never enter the forward/backward pass; with one update per rollout (μ = 1) the old
 log-probs equal the current ones, so no extra forward pass computes them.
 
+DAPO's extras are config switches, not branches of the algorithm: `dynamic_sampling` (rolls out
+fresh prompts until `prompts_per_step` groups have a reward spread; aha/dynamic.py),
+`overlong=mask|soft` (truncated completions out of the loss, or a length penalty as a reward
+component). `ref_refresh_every` copies the policy into the reference model, as R1 did every 400 steps.
+
     aha train --steps 150 --out runs/grpo
     aha train --algo dapo --config my.yaml lr=1e-5 group_size=16
 """
@@ -18,26 +23,71 @@ import copy
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from aha.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss
 from aha.config import Config, save_config
+from aha.dynamic import concat_rollouts, group_spread, kept_groups
 from aha.errors import AhaError
 from aha.evaluate import EvalSpec, evaluate, stop_ids
 from aha.health import HealthMonitor
 from aha.model import detect_device, load_model
 from aha.progress import progress_bar
-from aha.rollout import Rollout, SamplingParams, cache_kwarg, generate
+from aha.rewards import overlong_penalty
+from aha.rollout import Rollout, SamplingParams, generate
 from aha.tasks import get_task
+from aha.tasks.base import Problem
 from aha.tasks.base import thought
-
-MAX_BAD_STEPS = 5   # non-finite losses in a row before the run stops
-
 
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919) % 2**62
+
+
+@dataclass
+class Batch:
+    """One step's samples: N = prompts × G completions, grouped as in `Rollout`."""
+    problems: list[Problem]     # (P,) one per group
+    rollout: Rollout
+    texts: list[str]            # (N,) decoded completions
+    scores: list[dict]          # (N,) reward components by name
+    rewards: torch.Tensor       # (N,) weighted sum of the components
+    tries: int                  # rollouts it took (dynamic sampling)
+
+
+def score(task, cfg: Config, texts: list[str], problems: list[Problem], rollout: Rollout) -> tuple[list[dict], torch.Tensor]:
+    """Reward components of each completion, and their weighted sum (N,). overlong=soft adds
+    DAPO's length penalty as its own component, weight 1."""
+    scores = [task.score(text, problems[i // cfg.group_size]) for i, text in enumerate(texts)]
+    if cfg.overlong == "soft":
+        for s, length in zip(scores, rollout.lengths.tolist()):
+            s["overlong"] = overlong_penalty(length, cfg.max_new_tokens, cfg.overlong_cache)
+    weights = {"accuracy": cfg.accuracy_weight, "format": cfg.format_weight, "overlong": 1.0}
+    rewards = torch.tensor([sum(weights.get(k, 0.0) * v for k, v in s.items()) for s in scores])
+    return scores, rewards
+
+
+def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingParams, step: int) -> Batch:
+    """Roll out and score `prompts_per_step` fresh prompts; with dynamic sampling, roll out
+    batches of fresh prompts again until `prompts_per_step` groups have a reward spread, or
+    `max_sampling_tries` rollouts were made."""
+    parts = []
+    for attempt in range(cfg.max_sampling_tries if cfg.dynamic_sampling else 1):
+        chosen = [next(problems) for _ in range(cfg.prompts_per_step)]
+        prompts = [tokenizer(task.prompt(p))["input_ids"] for p in chosen]
+        rollout = generate(model, prompts, cfg.group_size, sampling, tokenizer.pad_token_id,
+                           step_seed(cfg.seed, step) + attempt)
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        scores, rewards = score(task, cfg, texts, chosen, rollout)
+        parts.append((chosen, rollout, texts, scores, rewards))
+        if sum(int(group_spread(p[4], cfg.group_size).sum()) for p in parts) >= cfg.prompts_per_step:
+            break
+    return Batch(problems=[p for part in parts for p in part[0]],
+                 rollout=concat_rollouts([part[1] for part in parts], tokenizer.pad_token_id),
+                 texts=[t for part in parts for t in part[2]], scores=[s for part in parts for s in part[3]],
+                 rewards=torch.cat([part[4] for part in parts]), tries=len(parts))
 
 
 def completion_logprobs(model, rollout: Rollout, rows: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,28 +159,33 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
     with progress_bar(console) as bar:
         job = bar.add_task("train", total=cfg.steps)
         for step in range(cfg.steps):
-            # 1. rollout: G samples for each of the step's prompts
+            # 1+2. rollout and reward: G samples for each of the step's prompts, rewarded by
+            # named components; with dynamic sampling, more prompts until enough groups have spread
             t0 = time.time()
-            batch = [next(problems) for _ in range(cfg.prompts_per_step)]
-            prompts = [tokenizer(task.prompt(p))["input_ids"] for p in batch]
             model.eval()
-            rollout = generate(model, prompts, group, sampling, tokenizer.pad_token_id, step_seed(cfg.seed, step))
-            texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+            batch = sample(model, tokenizer, task, problems, cfg, sampling, step)
+            rollout, rewards, scores, texts = batch.rollout, batch.rewards, batch.scores, batch.texts
+            spread = group_spread(rewards, group)                                       # (P,)
+            kept = kept_groups(spread, cfg.prompts_per_step) if cfg.dynamic_sampling else torch.ones_like(spread)
+            batch_rows = kept.repeat_interleave(group)                                  # (N,) rows trained on
             t_generate = time.time() - t0
 
-            # 2. reward: named components, weighted
-            scores = [task.score(text, batch[i // group]) for i, text in enumerate(texts)]
-            weights = {"accuracy": cfg.accuracy_weight, "format": cfg.format_weight}
-            rewards = torch.tensor([sum(weights.get(k, 0.0) * v for k, v in s.items()) for s in scores])
+            # 3. advantage: group-relative, by the configured estimator, over the kept groups
+            advantages = torch.zeros(len(texts))                                        # (N,)
+            if batch_rows.any():
+                advantages[batch_rows] = ADVANTAGES[cfg.advantage](rewards[batch_rows], group)
 
-            # 3. advantage: group-relative, by the configured estimator
-            advantages = ADVANTAGES[cfg.advantage](rewards, group).to(device)
-
-            # 4. loss and update, on the completions that carry a gradient
+            # 4. loss and update, on the completions that carry a gradient. overlong=mask takes
+            # truncated completions out of the loss; they still count as rows of the normaliser (TRL)
             t1 = time.time()
             model.train()
-            rows = torch.arange(len(texts), device=device) if cfg.beta > 0 else (advantages != 0).nonzero().squeeze(1)
-            norm = Normaliser(rows=len(texts), tokens=int(rollout.completion_mask.sum()), max_len=cfg.max_new_tokens)
+            in_loss = batch_rows & ~rollout.truncated.cpu() if cfg.overlong == "mask" else batch_rows
+            norm = Normaliser(rows=int(batch_rows.sum()), tokens=int(rollout.completion_mask.cpu()[in_loss].sum()),
+                              max_len=cfg.max_new_tokens)
+            if cfg.beta == 0:
+                in_loss = in_loss & (advantages != 0)
+            rows = in_loss.nonzero().squeeze(1).to(device)
+            advantages = advantages.to(device)
             loss_value, grad_norm, loss_metrics, entropy, skipped = 0.0, 0.0, {}, None, False
             for _ in range(cfg.mu if rows.numel() else 0):
                 logp, token_entropy, mask = completion_logprobs(model, rollout, rows, cfg.temperature)
@@ -150,19 +205,21 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
                     break
                 optimizer.step()
                 entropy = float((token_entropy * mask).sum() / mask.sum())
+            if ref_model is not None and cfg.ref_refresh_every and (step + 1) % cfg.ref_refresh_every == 0:
+                ref_model.load_state_dict(model.state_dict())     # R1: the reference follows the policy
             t_update = time.time() - t1
             bad_steps = bad_steps + 1 if skipped else 0
 
             # 5. log: one JSON line per step, a console line, health warnings
             lengths = rollout.lengths.float()
-            spread = rewards.view(-1, group).std(dim=1) > 0
             record = {
                 "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
                 **{f"reward_{k}": sum(s[k] for s in scores) / len(scores) for k in scores[0]},
                 "pass_rate": sum(s["accuracy"] for s in scores) / len(scores),
                 "think_rate": sum(thought(t) for t in texts) / len(texts),
                 "response_tokens": lengths.mean().item(), "truncation_rate": rollout.truncated.float().mean().item(),
-                "zero_spread_frac": 1.0 - spread.float().mean().item(), "loss": loss_value,
+                "zero_spread_frac": 1.0 - spread.float().mean().item(), "sampling_tries": batch.tries,
+                "groups_kept": int(kept.sum()), "loss": loss_value,
                 "entropy": entropy, "grad_norm": grad_norm, "trained_rows": int(rows.numel()),
                 "skipped_update": skipped, "time_generate": round(t_generate, 3), "time_update": round(t_update, 3),
                 **loss_metrics,
@@ -176,7 +233,7 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             metrics_file.flush()
             if step % cfg.dump_rollouts_every == 0:
                 for i in range(0, len(texts), group):
-                    rollouts_file.write(json.dumps({"step": step, "prompt": task.prompt(batch[i // group]), "completion": texts[i],
+                    rollouts_file.write(json.dumps({"step": step, "prompt": task.prompt(batch.problems[i // group]), "completion": texts[i],
                                                     "reward": rewards[i].item(), **scores[i]}) + "\n")
                 rollouts_file.flush()
             for warning in health.update(record):
@@ -184,7 +241,7 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             bar.update(job, advance=1, description=(
                 f"train reward {record['reward_mean']:.2f} pass {record['pass_rate']:.2f} "
                 f"think {record['think_rate']:.2f} len {record['response_tokens']:.0f}"))
-            if bad_steps >= MAX_BAD_STEPS:
+            if bad_steps >= cfg.max_bad_steps:
                 raise AhaError(f"the loss or gradient was NaN/inf for {bad_steps} steps in a row (step {step}); "
                                f"stopping: lower lr or check the reward (metrics in {out / 'metrics.jsonl'})")
 

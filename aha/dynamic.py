@@ -1,0 +1,54 @@
+"""DAPO's dynamic sampling (arXiv 2503.14476 §3.2), as two small pure functions.
+
+A group whose rewards are all equal has zero advantage, hence no gradient when β = 0. DAPO
+over-samples: it keeps rolling out fresh prompts, drops such groups, and trains on the first
+`prompts_per_step` groups that have a reward spread. The loop in aha/train.py rolls out one
+batch of prompts per try, concatenates the tries with `concat_rollouts`, and picks the groups
+to train on with `kept_groups`.
+
+Departure: DAPO samples without bound; here `max_sampling_tries` bounds the tries, and a step
+that still lacks groups trains on what it has (possibly nothing).
+"""
+
+import torch
+from torch import Tensor
+
+from aha.rollout import Rollout
+
+
+def group_spread(rewards: Tensor, group_size: int) -> Tensor:
+    """(P,) bool: does group p (rows p·G … p·G+G−1 of rewards (N,)) hold two different rewards?"""
+    grouped = rewards.view(-1, group_size)
+    return (grouped.max(dim=1).values - grouped.min(dim=1).values) > 0
+
+
+def kept_groups(spread: Tensor, wanted: int) -> Tensor:
+    """(P,) bool: the first `wanted` groups with a reward spread, in sampling order.
+
+    >>> kept_groups(torch.tensor([True, False, True, True]), 2).tolist()
+    [True, False, True, False]
+    """
+    return spread & (spread.long().cumsum(dim=0) <= wanted)
+
+
+def _pad_to(x: Tensor, width: int, value, left: bool) -> Tensor:
+    pad = x.new_full((x.shape[0], width - x.shape[1]), value)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """One Rollout from several with the same group size: prompts re-left-padded, completions
+    re-right-padded to the widest, rows (and so groups) in the order given."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+    prompt_width = max(r.prompt_ids.shape[1] for r in rollouts)
+    width = max(r.completion_ids.shape[1] for r in rollouts)
+    return Rollout(
+        prompt_ids=torch.cat([_pad_to(r.prompt_ids, prompt_width, pad_id, left=True) for r in rollouts]),
+        prompt_mask=torch.cat([_pad_to(r.prompt_mask, prompt_width, 0, left=True) for r in rollouts]),
+        completion_ids=torch.cat([_pad_to(r.completion_ids, width, pad_id, left=False) for r in rollouts]),
+        completion_mask=torch.cat([_pad_to(r.completion_mask, width, 0, left=False) for r in rollouts]),
+        logprobs=torch.cat([_pad_to(r.logprobs, width, 0.0, left=False) for r in rollouts]),
+        truncated=torch.cat([r.truncated for r in rollouts]),
+        group_size=rollouts[0].group_size,
+    )

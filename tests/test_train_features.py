@@ -1,0 +1,194 @@
+"""The training loop's features, each with values that can fail: zero-advantage groups never reach
+the forward/backward pass, DAPO dynamic sampling and overlong handling, the reference refresh, the
+NaN guard, and every preset running end to end through the CLI."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import aha.train
+from aha.cli import main
+from aha.config import Config
+from aha.dynamic import concat_rollouts, group_spread, kept_groups
+from aha.errors import AhaError
+from aha.model import load_model
+from aha.rewards import overlong_penalty
+from aha.rollout import Rollout, SamplingParams, generate
+from aha.tasks import get_task
+from aha.train import completion_logprobs, score, train
+
+# per-completion accuracies, cycled: groups of 4 → all 1 (tie), spread, all 0 (tie), spread
+SCRIPT = [1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0]
+
+
+class ScriptedTask:
+    """A real task whose accuracy follows a fixed script, one value per scored completion."""
+
+    def __init__(self, task, values):
+        self.task, self.values, self.calls = task, values, 0
+
+    def score(self, text, problem):
+        value = self.values[self.calls % len(self.values)]
+        self.calls += 1
+        return {"accuracy": float(value), "format": 0.0}
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    def use(values):
+        monkeypatch.setattr(aha.train, "get_task", lambda name, **kw: ScriptedTask(get_task(name, **kw), values))
+    return use
+
+
+def grad_forward_rows(model) -> list[int]:
+    """Rows of every forward pass that builds a graph (the ones a backward pass will go through)."""
+    seen = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[0]) if torch.is_grad_enabled() else None,
+        with_kwargs=True)
+    return seen
+
+
+def run(tiny_model_dir, tmp_path, **overrides):
+    model, tokenizer = load_model(tiny_model_dir)
+    seen = grad_forward_rows(model)
+    settings = dict(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=8, eval_every=0, lr=1e-2,
+                    out=str(tmp_path), format_weight=0.0)
+    cfg = Config(**{**settings, **overrides}).validate()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    result = train(cfg, out=tmp_path, model=model, tokenizer=tokenizer)
+    return result["history"], seen, before, model
+
+
+def test_zero_advantage_groups_never_reach_the_backward_pass(tiny_model_dir, tmp_path, scripted):
+    scripted(SCRIPT)
+    history, seen, _, _ = run(tiny_model_dir, tmp_path / "b0", beta=0.0)
+    assert seen == [8, 8]                                  # the two tied groups (8 rows) are skipped
+    assert [r["trained_rows"] for r in history] == [8, 8]
+    assert [r["zero_spread_frac"] for r in history] == [0.5, 0.5]
+    # with a KL term every row carries a gradient, so all 16 go through
+    history, seen, _, _ = run(tiny_model_dir, tmp_path / "b1", beta=0.04)
+    assert seen == [16, 16] and [r["trained_rows"] for r in history] == [16, 16]
+
+
+def test_dynamic_sampling_refills_the_batch_from_new_prompts(tiny_model_dir, tmp_path, scripted):
+    scripted(SCRIPT)
+    history, seen, _, _ = run(tiny_model_dir, tmp_path / "a", dynamic_sampling=True, max_sampling_tries=4)
+    assert [(r["sampling_tries"], r["groups_kept"], r["trained_rows"]) for r in history] == [(2, 4, 16)] * 2
+    assert seen == [16, 16]
+    scripted(SCRIPT)
+    history, seen, _, _ = run(tiny_model_dir, tmp_path / "b", dynamic_sampling=True, max_sampling_tries=1)
+    assert [(r["sampling_tries"], r["groups_kept"], r["trained_rows"]) for r in history] == [(1, 2, 8)] * 2
+    scripted([0.0])                                         # nothing ever has a spread: bounded, trains on nothing
+    history, seen, _, _ = run(tiny_model_dir, tmp_path / "c", dynamic_sampling=True, max_sampling_tries=3)
+    assert [(r["sampling_tries"], r["groups_kept"], r["trained_rows"]) for r in history] == [(3, 0, 0)] * 2
+    assert seen == []
+
+
+def test_group_spread_and_kept_groups():
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.5, 0.5, 0.0, 2.0])
+    assert group_spread(rewards, 2).tolist() == [False, True, False, True]
+    assert kept_groups(torch.tensor([False, True, False, True]), 1).tolist() == [False, True, False, False]
+
+
+def test_concatenated_rollouts_give_the_same_logprobs(tiny_model_dir):
+    model, tokenizer = load_model(tiny_model_dir)
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    a = generate(model, [tokenizer("12+3=")["input_ids"]], 2, params, tokenizer.pad_token_id, seed=1)
+    b = generate(model, [tokenizer("1+2=")["input_ids"], tokenizer("345+678=")["input_ids"]], 2, params,
+                 tokenizer.pad_token_id, seed=2)
+    both = concat_rollouts([a, b], tokenizer.pad_token_id)
+    assert both.prompt_ids.shape[0] == 6 and both.group_size == 2
+    with torch.no_grad():
+        joint, _, joint_mask = completion_logprobs(model, both, torch.arange(6), 1.0)
+        for part, rows in [(a, range(0, 2)), (b, range(2, 6))]:
+            alone, _, mask = completion_logprobs(model, part, torch.arange(len(rows)), 1.0)
+            width = mask.shape[1]
+            assert torch.equal(joint_mask[list(rows), :width], mask)
+            assert torch.allclose(joint[list(rows), :width] * mask, alone * mask, atol=1e-5)
+
+
+def fake_rollout(lengths: list[int], max_new_tokens: int) -> Rollout:
+    mask = (torch.arange(max_new_tokens)[None, :] < torch.tensor(lengths)[:, None]).long()
+    zeros = torch.zeros_like(mask)
+    return Rollout(zeros, zeros, zeros, mask, zeros.float(), torch.tensor(lengths) == max_new_tokens, group_size=4)
+
+
+def test_soft_overlong_penalty_is_its_own_reward_component():
+    cfg = Config(overlong="soft", max_new_tokens=8, overlong_cache=4, group_size=4, format_weight=0.0).validate()
+    task = ScriptedTask(get_task("addition"), [1, 0, 1, 0])
+    scores, rewards = score(task, cfg, ["x"] * 4, [None], fake_rollout([8, 6, 3, 4], 8))
+    assert [s["overlong"] for s in scores] == [-1.0, -0.5, 0.0, 0.0]
+    assert rewards.tolist() == [0.0, -0.5, 1.0, 0.0]
+    assert overlong_penalty(7, 8, 4) == -0.75
+    plain, _ = score(ScriptedTask(get_task("addition"), [1]), Config(group_size=4), ["x"] * 4, [None], fake_rollout([8] * 4, 8))
+    assert "overlong" not in plain[0]
+
+
+def test_overlong_mask_keeps_truncated_completions_out_of_the_loss(tiny_model_dir, tmp_path, scripted):
+    scripted([1, 0])                                        # every group has a spread, every advantage ≠ 0
+    history, seen, _, _ = run(tiny_model_dir, tmp_path / "m", overlong="mask", max_new_tokens=3, steps=3)
+    truncated = [round(16 * r["truncation_rate"]) for r in history]
+    assert sum(truncated) > 0
+    assert [r["trained_rows"] for r in history] == [16 - t for t in truncated]
+    assert seen == [16 - t for t in truncated if t < 16]
+    scripted([1, 0])
+    history, seen, _, _ = run(tiny_model_dir, tmp_path / "n", overlong="none", max_new_tokens=3, steps=3)
+    assert seen == [16, 16, 16]
+
+
+def test_reference_refresh_makes_the_kl_zero_again(tiny_model_dir, tmp_path, scripted):
+    scripted(SCRIPT)
+    history, _, _, _ = run(tiny_model_dir, tmp_path / "r1", beta=0.04, steps=3, ref_refresh_every=1)
+    assert [r["kl"] for r in history] == pytest.approx([0.0, 0.0, 0.0], abs=1e-6)
+    scripted(SCRIPT)
+    history, _, _, _ = run(tiny_model_dir, tmp_path / "r0", beta=0.04, steps=3, ref_refresh_every=0)
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6) and history[2]["kl"] > 1e-4
+
+
+def nan_loss(logp, old_logp, advantages, mask, spec, ref_logp=None, norm=None):
+    return (logp * float("nan")).sum(), {}
+
+
+def test_nan_loss_skips_the_update_and_stops_after_k_in_a_row(tiny_model_dir, tmp_path, scripted, monkeypatch):
+    scripted(SCRIPT)
+    monkeypatch.setattr(aha.train, "policy_loss", nan_loss)
+    model, tokenizer = load_model(tiny_model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = Config(steps=5, prompts_per_step=4, group_size=4, max_new_tokens=8, eval_every=0, max_bad_steps=3).validate()
+    with pytest.raises(AhaError, match="NaN/inf for 3 steps in a row"):
+        train(cfg, out=tmp_path, model=model, tokenizer=tokenizer)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_update"] for r in records] == [True, True, True]
+
+
+def test_nan_stop_is_exit_2_through_the_cli(tiny_model_dir, tmp_path, scripted, monkeypatch, capsys):
+    scripted(SCRIPT)
+    monkeypatch.setattr(aha.train, "policy_loss", nan_loss)
+    code = main(["train", "--model", str(tiny_model_dir), "--steps", "4", "--out", str(tmp_path / "o"),
+                 "max_bad_steps=2", "prompts_per_step=4", "group_size=4", "max_new_tokens=8", "eval_every=0"])
+    assert code == 2
+    assert "aha train: error: the loss or gradient was NaN/inf for 2 steps in a row" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dr_grpo", "dapo", "r1_zero"])
+def test_every_preset_trains_on_the_built_in_model(algo, tmp_path):
+    out = tmp_path / algo
+    result = subprocess.run([sys.executable, "-m", "aha", "train", "--algo", algo, "--steps", "3", "--out", str(out),
+                             "prompts_per_step=2", "group_size=4", "max_new_tokens=48", "eval_every=0"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert ("kl" in records[0]) == (algo == "r1_zero")
+    assert ("reward_overlong" in records[0]) == (algo == "dapo")
+    assert (out / "model" / "config.json").is_file()
