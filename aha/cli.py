@@ -19,13 +19,17 @@ class Parser(argparse.ArgumentParser):
 TRAIN_FLAGS = [("--model", str, "transformers model dir (default: the built-in base model)"),
                ("--task", str, "task name (default: addition)"),
                ("--steps", int, "RL steps"), ("--out", str, "run folder"), ("--seed", int, "random seed"),
-               ("--lr", float, "learning rate"), ("--algo", str, "preset: grpo, dr_grpo, dapo, r1_zero")]
+               ("--lr", float, "learning rate"), ("--algo", str, "preset: grpo, dr_grpo, dapo, r1_zero"),
+               ("--data", str, "data file for file-backed tasks (gsm8k, math, jsonl, py:…)"),
+               ("--template", str, "prompt template: task (default), r1_zero, chat, or a file with {question}"),
+               ("--lora-rank", int, "train LoRA adapters of this rank (merged into model/ on save)")]
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file of config keys (see aha/config.py)")
     for flag, kind, text in TRAIN_FLAGS:
         p.add_argument(flag, type=kind, help=text)
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. group_size=16 beta=0.04")
 
@@ -34,9 +38,11 @@ def config_from_args(args):
     from aha.config import load_config, parse_kv
     overrides = parse_kv(args.overrides)
     for flag, _, _ in TRAIN_FLAGS:
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            overrides[flag[2:]] = value
+        key = flag[2:].replace("-", "_")
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    if args.gradient_checkpointing:
+        overrides["gradient_checkpointing"] = True
     return load_config(args.config, overrides)
 
 

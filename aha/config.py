@@ -7,6 +7,7 @@ the run folder as `config.yaml`.
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,6 +29,8 @@ class Config:
     data: str = ""                   # file-backed tasks: JSONL / Parquet / HF dataset dir
     eval_data: str = ""              # optional separate held-out file
     skip_bad_rows: bool = False      # skip and count rows without an answer instead of stopping
+    template: str = "task"           # prompt: task (its own) | r1_zero | chat | PATH with {question}; aha/templates.py
+    think_prefill: bool = False      # append <think> to every prompt
     out: str = "runs/train"
     seed: int = 0
     # the RL loop
@@ -57,9 +60,14 @@ class Config:
     overlong_cache: int = 16         # soft: the penalty ramps 0 → −1 over the last this-many tokens
     ref_refresh_every: int = 0       # β > 0: copy the policy into the reference every N steps (R1: 400); 0 = never
     max_bad_steps: int = 5           # NaN/inf losses in a row before the run stops
+    # memory: LoRA adapters (aha/lora.py, needs peft) and activation recomputation
+    lora_rank: int = 0               # 0 = train every weight; R > 0 = LoRA of rank R, merged into model/ on save
+    lora_alpha: int = 0              # LoRA scale alpha / rank; 0 = 2 × lora_rank
+    gradient_checkpointing: bool = False
     # rewards: total = Σ weight × component
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
+    reward_weights: str = ""         # any component by name, e.g. "accuracy=1,format=0.1,tinyzero=1"; overrides the two above
     # evaluation (R1 protocol: k samples at T 0.6, top-p 0.95)
     eval_problems: int = 200
     eval_k: int = 4
@@ -81,6 +89,12 @@ class Config:
             options["skip_bad_rows"] = True
         return options
 
+    def component_weights(self) -> dict[str, float]:
+        """Weight of each reward component by name: accuracy/format from their own keys, DAPO's
+        overlong penalty 1, then `reward_weights` on top. A component not named here weighs 0."""
+        return {"accuracy": self.accuracy_weight, "format": self.format_weight, "overlong": 1.0,
+                **parse_reward_weights(self.reward_weights)}
+
     def validate(self) -> "Config":
         from aha.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS
         for name, registry in [("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS),
@@ -99,11 +113,39 @@ class Config:
         if self.overlong == "soft" and not 0 < self.overlong_cache < self.max_new_tokens:
             raise AhaError(f"config: overlong_cache={self.overlong_cache} must be between 1 and "
                            f"max_new_tokens - 1 = {self.max_new_tokens - 1} for overlong=soft")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise AhaError(f"config: lora_rank={self.lora_rank} and lora_alpha={self.lora_alpha} must be 0 or more")
         if self.ref_refresh_every < 0:
             raise AhaError(f"config: ref_refresh_every={self.ref_refresh_every} must be 0 (never) or more")
         if not (0 < self.top_p <= 1) or self.temperature < 0 or self.lr <= 0:
             raise AhaError("config: need 0 < top_p <= 1, temperature >= 0 and lr > 0")
+        parse_reward_weights(self.reward_weights)
+        from aha.templates import read_template
+        read_template(self.template)
         return self
+
+
+def parse_reward_weights(text: str) -> dict[str, float]:
+    """`"accuracy=1, format=0.1,tinyzero=1"` → {"accuracy": 1.0, "format": 0.1, "tinyzero": 1.0}; "" → {}.
+
+    >>> parse_reward_weights("accuracy=1,format=0.1")
+    {'accuracy': 1.0, 'format': 0.1}
+    """
+    weights = {}
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, eq, value = (x.strip() for x in part.partition("="))
+        try:
+            number = float(value) if eq and name.isidentifier() else None
+        except ValueError:
+            number = None
+        if number is None or not math.isfinite(number):
+            raise AhaError(f"config: reward_weights entry {part!r} is not name=number (e.g. \"accuracy=1,format=0.1\")")
+        if name == "skip":
+            raise AhaError("config: reward_weights cannot weight 'skip': it marks samples to leave out, it is not a reward")
+        if name in weights:
+            raise AhaError(f"config: reward_weights names {name!r} twice")
+        weights[name] = number
+    return weights
 
 
 def _coerce(key: str, raw, kind):

@@ -59,7 +59,7 @@ def load_tokenizer(path: Path):
     return loader.from_pretrained(path)
 
 
-def load_model(path: str | Path, device: str = "cpu"):
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) from a local transformers dir; a clear AhaError when it is not one."""
     path = Path(path)
     if not path.is_dir():
@@ -71,7 +71,7 @@ def load_model(path: str | Path, device: str = "cpu"):
     except Exception as exc:  # transformers raises many types here
         raise AhaError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0][:200]}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except Exception as exc:
         raise AhaError(f"cannot load the model in {path}: {str(exc).splitlines()[0][:200]}") from None
     if tokenizer.pad_token_id is None:
@@ -87,6 +87,15 @@ def detect_device() -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def detect_dtype(device: str) -> torch.dtype:
+    """Training weights: bf16 on a CUDA GPU that supports it (half the memory, fp32's range), fp32
+    everywhere else — CPU bf16 matmuls are slow and MPS support is partial. Log-probs and the loss
+    are computed in fp32 either way (aha/train.py)."""
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def count_parameters(model) -> int:

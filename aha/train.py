@@ -34,13 +34,15 @@ from aha.dynamic import concat_rollouts, group_spread, kept_groups
 from aha.errors import AhaError
 from aha.evaluate import EvalSpec, evaluate, stop_ids
 from aha.health import HealthMonitor
-from aha.model import detect_device, load_model
+from aha.lora import add_lora, merged
+from aha.model import detect_device, detect_dtype, load_model
 from aha.progress import progress_bar
 from aha.rewards import overlong_penalty
 from aha.rollout import Rollout, SamplingParams, generate
 from aha.tasks import get_task
 from aha.tasks.base import Problem
 from aha.tasks.base import thought
+from aha.templates import apply_template
 
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919) % 2**62
@@ -64,9 +66,31 @@ def score(task, cfg: Config, texts: list[str], problems: list[Problem], rollout:
     if cfg.overlong == "soft":
         for s, length in zip(scores, rollout.lengths.tolist()):
             s["overlong"] = overlong_penalty(length, cfg.max_new_tokens, cfg.overlong_cache)
-    weights = {"accuracy": cfg.accuracy_weight, "format": cfg.format_weight, "overlong": 1.0}
+    weights = cfg.component_weights()
     rewards = torch.tensor([sum(weights.get(k, 0.0) * v for k, v in s.items()) for s in scores])
     return scores, rewards
+
+
+def check_component_names(cfg: Config, scores: list[dict], task_name: str) -> None:
+    """A `reward_weights` name that the task never gives is a typo that would silently weigh 0."""
+    unknown = set(cfg.component_weights()) - {"accuracy", "format", "overlong"} - set(scores[0])
+    if unknown:
+        raise AhaError(f"reward_weights names {', '.join(sorted(unknown))}, but task {task_name!r} gives the "
+                       f"components {', '.join(k for k in scores[0] if k != 'skip')}")
+
+
+def fill_skipped(rewards: torch.Tensor, skip: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Rewards (N,) for the group baseline: a skipped sample (skip (N,) bool; a `py:` reward function
+    returned None) takes the mean of its group's other samples, so it moves neither the group
+    mean nor, much, the spread. A group with every sample skipped keeps its rewards (all 0).
+
+    >>> fill_skipped(torch.tensor([1., 0., 0., 5.]), torch.tensor([False, False, True, False]), 2).tolist()
+    [1.0, 0.0, 5.0, 5.0]
+    """
+    grouped, skipped = rewards.view(-1, group_size), skip.view(-1, group_size)
+    kept = (~skipped).float()
+    mean = (grouped * kept).sum(dim=1, keepdim=True) / kept.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.where(skipped, mean.expand_as(grouped), grouped).reshape(-1)
 
 
 def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingParams, step: int) -> Batch:
@@ -76,7 +100,8 @@ def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingPara
     parts = []
     for attempt in range(cfg.max_sampling_tries if cfg.dynamic_sampling else 1):
         chosen = [next(problems) for _ in range(cfg.prompts_per_step)]
-        prompts = [tokenizer(task.prompt(p))["input_ids"] for p in chosen]
+        special = getattr(task, "adds_special_tokens", True)
+        prompts = [tokenizer(task.prompt(p), add_special_tokens=special)["input_ids"] for p in chosen]
         rollout = generate(model, prompts, cfg.group_size, sampling, tokenizer.pad_token_id,
                            step_seed(cfg.seed, step) + attempt)
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
@@ -117,6 +142,16 @@ def completion_logprobs(model, rollout: Rollout, rows: torch.Tensor, temperature
     return logp, entropy, completion_mask
 
 
+def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """EOS and `</answer>` when it is one token (aha/evaluate.py), plus the model's own
+    `generation_config.eos_token_id` (instruct models end turns with e.g. `<|im_end|>`)."""
+    ids = set(stop_ids(tokenizer))
+    generation_config = getattr(model, "generation_config", None)
+    extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
+    ids |= set(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
+    return tuple(sorted(ids))
+
+
 def prepare_out_dir(path: str, force: bool) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -139,14 +174,24 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
     device = detect_device()
     task = get_task(cfg.task, **cfg.task_options())
     if model is None:
-        model, tokenizer = load_model(cfg.model or base_model_dir(), device)
+        model, tokenizer = load_model(cfg.model or base_model_dir(), device, detect_dtype(device))
+    task = apply_template(task, tokenizer, cfg.template, cfg.think_prefill)
+    peft_model = None
+    if cfg.lora_rank:
+        peft_model, model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)   # `model`: the same modules, adapters inside
+    if cfg.gradient_checkpointing:
+        # recompute activations in the backward pass (transformers ≥ 5.x renamed the method)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     out = out or prepare_out_dir(cfg.out, force)   # only once the inputs are known good
     save_config(cfg, out / "config.yaml")
     torch.manual_seed(cfg.seed)
     spec = LossSpec(cfg.ratio_level, cfg.clip_low, cfg.clip_high, cfg.aggregation, cfg.kl, cfg.beta)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, stop_ids(tokenizer))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, stop_token_ids(model, tokenizer))
     eval_spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed)
     problems = task.train_problems(cfg.seed)
     group = cfg.group_size
@@ -155,6 +200,9 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
     metrics_file = open(out / "metrics.jsonl", "w")
     rollouts_file = open(out / "rollouts.jsonl", "w")
     say = (console.print if console else print)
+    if len(tokenizer.tokenize("</answer>")) != 1:
+        say("note: </answer> is not one token for this tokenizer: generation stops on EOS only "
+            "(stop strings are not supported), so completions may run on after the answer")
 
     with progress_bar(console) as bar:
         job = bar.add_task("train", total=cfg.steps)
@@ -171,9 +219,16 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             t_generate = time.time() - t0
 
             # 3. advantage: group-relative, by the configured estimator, over the kept groups
+            # Skipped samples (skip = 1) get advantage 0 and leave the loss and its normaliser.
+            if step == 0:
+                check_component_names(cfg, scores, cfg.task)
+            skip = torch.tensor([bool(s.get("skip", 0.0)) for s in scores])             # (N,)
+            baseline_rewards = fill_skipped(rewards, skip, group)
             advantages = torch.zeros(len(texts))                                        # (N,)
             if batch_rows.any():
-                advantages[batch_rows] = ADVANTAGES[cfg.advantage](rewards[batch_rows], group)
+                advantages[batch_rows] = ADVANTAGES[cfg.advantage](baseline_rewards[batch_rows], group)
+            advantages[skip] = 0.0
+            batch_rows = batch_rows & ~skip
 
             # 4. loss and update, on the completions that carry a gradient. overlong=mask takes
             # truncated completions out of the loss; they still count as rows of the normaliser (TRL)
@@ -219,7 +274,7 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
                 "think_rate": sum(thought(t) for t in texts) / len(texts),
                 "response_tokens": lengths.mean().item(), "truncation_rate": rollout.truncated.float().mean().item(),
                 "zero_spread_frac": 1.0 - spread.float().mean().item(), "sampling_tries": batch.tries,
-                "groups_kept": int(kept.sum()), "loss": loss_value,
+                "groups_kept": int(kept.sum()), "skipped_samples": int(skip.sum()), "loss": loss_value,
                 "entropy": entropy, "grad_norm": grad_norm, "trained_rows": int(rows.numel()),
                 "skipped_update": skipped, "time_generate": round(t_generate, 3), "time_update": round(t_update, 3),
                 **loss_metrics,
@@ -247,6 +302,8 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
 
     metrics_file.close()
     rollouts_file.close()
+    if peft_model is not None:
+        model = merged(peft_model)            # a plain transformers model: loads without peft
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")
     return {"history": history, "evals": evals, "model": model, "tokenizer": tokenizer, "out": out}
