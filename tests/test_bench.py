@@ -1,0 +1,57 @@
+"""aha bench: the identical-work reward, the FLOP formula, and one alternating step of each side."""
+
+import pytest
+
+from aha.bench import spread_rewards, useful_flops
+
+
+def test_spread_reward_gives_every_group_a_spread():
+    # identical texts everywhere: parity alone would tie; the in-group index noise breaks every tie
+    texts = ["same"] * 16 + ["", "a", "b", "ab"] * 4
+    rewards = spread_rewards(texts, group_size=8)
+    for start in range(0, len(texts), 8):
+        group = rewards[start:start + 8]
+        assert len(set(group)) == 8
+    # deterministic (CRC32, not Python's salted hash) and parity + 0.01 × index, by hand
+    assert spread_rewards(["same"] * 2, 2) == spread_rewards(["same"] * 2, 2)
+    parity = rewards[0]
+    assert parity in (0.0, 1.0) and rewards[3] == pytest.approx(parity + 0.03)
+
+
+def test_useful_flops_by_hand():
+    # 1,000 params: 6 × 1e3 × 10 trained + 2 × 1e3 × 40 generated = 60,000 + 80,000
+    assert useful_flops(1_000, 10, 40) == 140_000.0
+
+
+def test_bench_model_is_the_issue_size():
+    from aha.bench import bench_model
+    from aha.tokenizer import build_char_tokenizer
+    model = bench_model(build_char_tokenizer())
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
+            c.intermediate_size) == (256, 4, 4, 2, 768)
+    assert 3.0e6 < sum(p.numel() for p in model.parameters()) < 3.4e6
+
+
+def test_bench_smoke_one_step_each_side():
+    pytest.importorskip("trl")
+    pytest.importorskip("psutil")
+    from aha.bench import run_pair
+    result = run_pair("spread", 4, warmup=0, steps=1, peak_flops=1e9, hidden=64, layers=1,
+                      prompts_per_step=2, group_size=4)
+    for side in ("aha", "trl"):
+        s = result[side]
+        assert s["steps"] == 1 and s["s_per_step"] > 0 and s["peak_rss_mb"] > 0
+        assert s["generate_s"] > 0 and s["update_s"] > 0
+        assert s["mfu"] > 0
+    assert result["speedup"] == pytest.approx(result["trl"]["s_per_step"] / result["aha"]["s_per_step"])
+
+
+def test_bench_without_trl_says_so(monkeypatch, capsys):
+    import importlib.util
+    from aha import cli
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    assert cli.main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "TRL" in err
