@@ -152,6 +152,77 @@ def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def group_advantages(cfg: Config, rewards: torch.Tensor, scores: list[dict], kept: torch.Tensor):
+    """(advantages (N,), rows trained on (N,) bool, skipped samples (N,) bool).
+
+    Groups not kept (dynamic sampling) get advantage 0. Skipped samples (a custom reward said
+    None: `skip` = 1) get advantage 0 and leave the loss and its normaliser; their reward is
+    replaced by their group's mean so that they do not move the baseline.
+    """
+    group = cfg.group_size
+    batch_rows = kept.repeat_interleave(group)                                       # (N,)
+    skip = torch.tensor([bool(s.get("skip", 0.0)) for s in scores])                 # (N,)
+    baseline_rewards = fill_skipped(rewards, skip, group)
+    advantages = torch.zeros(len(scores))                                            # (N,)
+    if batch_rows.any():
+        advantages[batch_rows] = ADVANTAGES[cfg.advantage](baseline_rewards[batch_rows], group)
+    advantages[skip] = 0.0
+    return advantages, batch_rows & ~skip, skip
+
+
+def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Tensor, advantages: torch.Tensor,
+                  spec: LossSpec, norm: Normaliser, cfg: Config):
+    """μ clipped-surrogate updates on `rows`; a non-finite loss or gradient skips the update.
+
+    Returns (loss, grad_norm, loss metrics, entropy per token, skipped)."""
+    loss_value, grad_norm, loss_metrics, entropy, skipped = 0.0, 0.0, {}, None, False
+    for _ in range(cfg.mu if rows.numel() else 0):
+        logp, token_entropy, mask = completion_logprobs(model, rollout, rows, cfg.temperature)
+        old_logp = rollout.logprobs[rows][:, :logp.shape[1]] if cfg.mu > 1 else logp.detach()
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp = completion_logprobs(ref_model, rollout, rows, cfg.temperature)[0]
+        loss, loss_metrics = policy_loss(logp, old_logp, advantages[rows], mask, spec, ref_logp, norm)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        loss_value = loss.item()
+        skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
+        if skipped:
+            optimizer.zero_grad(set_to_none=True)
+            break
+        optimizer.step()
+        entropy = float((token_entropy * mask).sum() / mask.sum())
+    return loss_value, grad_norm, loss_metrics, entropy, skipped
+
+
+def step_record(step: int, batch: Batch, spread, kept, skip, rows, loss_value, grad_norm, entropy, skipped,
+                loss_metrics: dict, t_generate: float, t_update: float) -> dict:
+    """The step's line of metrics.jsonl: GRPO's health signals (STYLE.md §12)."""
+    scores, texts, rewards, rollout = batch.scores, batch.texts, batch.rewards, batch.rollout
+    return {
+        "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+        **{f"reward_{k}": sum(s[k] for s in scores) / len(scores) for k in scores[0]},
+        "pass_rate": sum(s["accuracy"] for s in scores) / len(scores),
+        "think_rate": sum(thought(t) for t in texts) / len(texts),
+        "response_tokens": rollout.lengths.float().mean().item(), "truncation_rate": rollout.truncated.float().mean().item(),
+        "zero_spread_frac": 1.0 - spread.float().mean().item(), "sampling_tries": batch.tries,
+        "groups_kept": int(kept.sum()), "skipped_samples": int(skip.sum()), "loss": loss_value,
+        "entropy": entropy, "grad_norm": grad_norm, "trained_rows": int(rows.numel()),
+        "skipped_update": skipped, "time_generate": round(t_generate, 3), "time_update": round(t_update, 3),
+        **loss_metrics,
+    }
+
+
+def dump_rollouts(file, step: int, task, batch: Batch, group: int) -> None:
+    """The first sample of each group, with its reward components, to rollouts.jsonl."""
+    for i in range(0, len(batch.texts), group):
+        file.write(json.dumps({"step": step, "prompt": task.prompt(batch.problems[i // group]), "completion": batch.texts[i],
+                               "reward": batch.rewards[i].item(), **batch.scores[i]}) + "\n")
+    file.flush()
+
+
 def prepare_out_dir(path: str, force: bool) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -212,23 +283,15 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             t0 = time.time()
             model.eval()
             batch = sample(model, tokenizer, task, problems, cfg, sampling, step)
-            rollout, rewards, scores, texts = batch.rollout, batch.rewards, batch.scores, batch.texts
+            rollout, rewards, scores = batch.rollout, batch.rewards, batch.scores
             spread = group_spread(rewards, group)                                       # (P,)
             kept = kept_groups(spread, cfg.prompts_per_step) if cfg.dynamic_sampling else torch.ones_like(spread)
-            batch_rows = kept.repeat_interleave(group)                                  # (N,) rows trained on
             t_generate = time.time() - t0
 
             # 3. advantage: group-relative, by the configured estimator, over the kept groups
-            # Skipped samples (skip = 1) get advantage 0 and leave the loss and its normaliser.
             if step == 0:
                 check_component_names(cfg, scores, cfg.task)
-            skip = torch.tensor([bool(s.get("skip", 0.0)) for s in scores])             # (N,)
-            baseline_rewards = fill_skipped(rewards, skip, group)
-            advantages = torch.zeros(len(texts))                                        # (N,)
-            if batch_rows.any():
-                advantages[batch_rows] = ADVANTAGES[cfg.advantage](baseline_rewards[batch_rows], group)
-            advantages[skip] = 0.0
-            batch_rows = batch_rows & ~skip
+            advantages, batch_rows, skip = group_advantages(cfg, rewards, scores, kept)
 
             # 4. loss and update, on the completions that carry a gradient. overlong=mask takes
             # truncated completions out of the loss; they still count as rows of the normaliser (TRL)
@@ -241,44 +304,16 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
                 in_loss = in_loss & (advantages != 0)
             rows = in_loss.nonzero().squeeze(1).to(device)
             advantages = advantages.to(device)
-            loss_value, grad_norm, loss_metrics, entropy, skipped = 0.0, 0.0, {}, None, False
-            for _ in range(cfg.mu if rows.numel() else 0):
-                logp, token_entropy, mask = completion_logprobs(model, rollout, rows, cfg.temperature)
-                old_logp = rollout.logprobs[rows][:, :logp.shape[1]] if cfg.mu > 1 else logp.detach()
-                ref_logp = None
-                if ref_model is not None:
-                    with torch.no_grad():
-                        ref_logp = completion_logprobs(ref_model, rollout, rows, cfg.temperature)[0]
-                loss, loss_metrics = policy_loss(logp, old_logp, advantages[rows], mask, spec, ref_logp, norm)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                loss_value = loss.item()
-                skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
-                if skipped:
-                    optimizer.zero_grad(set_to_none=True)
-                    break
-                optimizer.step()
-                entropy = float((token_entropy * mask).sum() / mask.sum())
+            loss_value, grad_norm, loss_metrics, entropy, skipped = policy_update(
+                model, ref_model, optimizer, rollout, rows, advantages, spec, norm, cfg)
             if ref_model is not None and cfg.ref_refresh_every and (step + 1) % cfg.ref_refresh_every == 0:
                 ref_model.load_state_dict(model.state_dict())     # R1: the reference follows the policy
             t_update = time.time() - t1
             bad_steps = bad_steps + 1 if skipped else 0
 
             # 5. log: one JSON line per step, a console line, health warnings
-            lengths = rollout.lengths.float()
-            record = {
-                "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-                **{f"reward_{k}": sum(s[k] for s in scores) / len(scores) for k in scores[0]},
-                "pass_rate": sum(s["accuracy"] for s in scores) / len(scores),
-                "think_rate": sum(thought(t) for t in texts) / len(texts),
-                "response_tokens": lengths.mean().item(), "truncation_rate": rollout.truncated.float().mean().item(),
-                "zero_spread_frac": 1.0 - spread.float().mean().item(), "sampling_tries": batch.tries,
-                "groups_kept": int(kept.sum()), "skipped_samples": int(skip.sum()), "loss": loss_value,
-                "entropy": entropy, "grad_norm": grad_norm, "trained_rows": int(rows.numel()),
-                "skipped_update": skipped, "time_generate": round(t_generate, 3), "time_update": round(t_update, 3),
-                **loss_metrics,
-            }
+            record = step_record(step, batch, spread, kept, skip, rows, loss_value, grad_norm, entropy, skipped,
+                                 loss_metrics, t_generate, t_update)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 result = evaluate(model, tokenizer, task, eval_spec, console=console, label=f"eval @ {step + 1}")
                 record["eval_pass@1"] = result["pass@1"]
@@ -287,10 +322,7 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             if step % cfg.dump_rollouts_every == 0:
-                for i in range(0, len(texts), group):
-                    rollouts_file.write(json.dumps({"step": step, "prompt": task.prompt(batch.problems[i // group]), "completion": texts[i],
-                                                    "reward": rewards[i].item(), **scores[i]}) + "\n")
-                rollouts_file.flush()
+                dump_rollouts(rollouts_file, step, task, batch, group)
             for warning in health.update(record):
                 say(f"[yellow]warning (step {step}): {warning}[/yellow]" if console else f"warning (step {step}): {warning}")
             bar.update(job, advance=1, description=(
