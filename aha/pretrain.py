@@ -6,7 +6,7 @@ training stream, so no held-out evaluation problem is ever in the corpus. Plain 
 prediction on whole documents (prompt included), AdamW, cosine decay; deterministic on CPU for
 a given seed and thread count.
 
-    aha pretrain --out models/base --steps 1500 --arch qwen2
+    aha pretrain --out aha/assets/base        # rebuilds the shipped base model (~400 s, 2 cores)
 """
 
 import math
