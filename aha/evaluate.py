@@ -62,7 +62,8 @@ def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=
         job = bar.add_task(label, total=len(problems))
         for start in range(0, len(problems), spec.prompts_per_batch):
             chunk = problems[start:start + spec.prompts_per_batch]
-            prompts = [tokenizer(task.prompt(p) + prefill)["input_ids"] for p in chunk]
+            special = getattr(task, "adds_special_tokens", True)   # a chat template writes its own BOS
+            prompts = [tokenizer(task.prompt(p) + prefill, add_special_tokens=special)["input_ids"] for p in chunk]
             rollout = generate(model, prompts, spec.k, params, tokenizer.pad_token_id, seed=spec.seed + start)
             decoded = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             for i, text in enumerate(decoded):

@@ -12,6 +12,7 @@ from aha.evaluate import EvalSpec, evaluate
 from aha.model import detect_device, load_model
 from aha.report import write_report
 from aha.tasks import get_task
+from aha.templates import apply_template
 from aha.train import prepare_out_dir, train
 
 
@@ -19,11 +20,12 @@ def run(cfg: Config, force: bool = False, console=None) -> dict:
     start = time.time()
     task = get_task(cfg.task, **cfg.task_options())
     model, tokenizer = load_model(cfg.model or ensure_base_model(console), detect_device())
+    eval_task = apply_template(task, tokenizer, cfg.template, cfg.think_prefill)   # as train() prompts
     out = prepare_out_dir(cfg.out, force)
     spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed)
-    before = evaluate(model, tokenizer, task, spec, console=console, label="eval before RL")
+    before = evaluate(model, tokenizer, eval_task, spec, console=console, label="eval before RL")
     result = train(cfg, console=console, out=out, model=model, tokenizer=tokenizer)
-    after = evaluate(model, tokenizer, task, spec, console=console, label="eval after RL")
+    after = evaluate(model, tokenizer, eval_task, spec, console=console, label="eval after RL")
     history = result["history"]
     evals = [{"step": 0, **before}] + result["evals"] + [{"step": cfg.steps, **after}]
     first, last = history[: max(1, len(history) // 10)], history[-max(1, len(history) // 10):]
