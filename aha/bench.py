@@ -25,8 +25,8 @@ import torch
 from aha.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss
 from aha.config import Config
 from aha.dynamic import group_spread
-from aha.rollout import SamplingParams, generate
-from aha.train import completion_logprobs, stop_token_ids
+from aha.rollout import SamplingParams, generate, stop_token_ids
+from aha.train import completion_logprobs
 
 
 def spread_rewards(texts: list[str], group_size: int) -> list[float]:

@@ -38,7 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from aha.errors import AhaError
-from aha.rollout import SamplingParams, cache_kwarg, left_pad, sample_next
+from aha.rollout import SamplingParams, cache_kwarg, left_pad, sample_next, stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -294,16 +294,6 @@ class Engine:
             self._cache = DynamicCache(ddp_cache_data=[(layer.keys[:, :, start:], layer.values[:, :, start:])
                                                        for layer in self._cache.layers])
 
-
-def stop_token_ids(model, tokenizer) -> frozenset[int]:
-    """EOS of the tokenizer and of the generation config, and `</answer>` where it is one token."""
-    ids = {tokenizer.eos_token_id}
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    answer_close = tokenizer.convert_tokens_to_ids("</answer>")
-    if isinstance(answer_close, int) and answer_close != tokenizer.unk_token_id:
-        ids.add(answer_close)
-    return frozenset(i for i in ids if i is not None)
 
 
 def resolve_model_dir(path: str | Path) -> Path:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from aha.errors import AhaError
 from aha.passk import REFLECTION_WORDS, cons_at_k, mean_pass_at_k, reflection_rate
 from aha.progress import progress_bar
-from aha.rollout import SamplingParams, generate
+from aha.rollout import SamplingParams, generate, stop_token_ids
 from aha.tasks.base import extract_answer, thought
 
 
@@ -36,14 +36,6 @@ class EvalSpec:
             raise AhaError(f"pass@k needs 1 ≤ k ≤ samples per problem ({self.k}); got {bad}: raise --k or drop them")
 
 
-def stop_ids(tokenizer) -> tuple[int, ...]:
-    ids = {tokenizer.eos_token_id}
-    answer_close = tokenizer.convert_tokens_to_ids("</answer>")
-    if isinstance(answer_close, int) and answer_close != tokenizer.unk_token_id:
-        ids.add(answer_close)
-    return tuple(sorted(i for i in ids if i is not None))
-
-
 def sample_metrics(correct: list[list[float]], answers: list[list[str | None]], texts: list[str], spec: EvalSpec) -> dict:
     """pass@j (j > 1: pass@1 is the mean accuracy), cons@k and reflection rate from per-problem lists of k correctness values/answers."""
     metrics = {f"pass@{j}": mean_pass_at_k(correct, j) for j in sorted({spec.k, *spec.pass_k} - {1})}
@@ -54,7 +46,7 @@ def sample_metrics(correct: list[list[float]], answers: list[list[str | None]], 
 
 def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=None, label: str = "eval") -> dict:
     problems = task.eval_problems(spec.problems)
-    params = SamplingParams(spec.max_new_tokens, spec.temperature, spec.top_p, 0, stop_ids(tokenizer))
+    params = SamplingParams(spec.max_new_tokens, spec.temperature, spec.top_p, 0, stop_token_ids(model, tokenizer))
     correct, answers, texts, lengths, thinking, truncated, samples = [], [], [], [], [], [], []
     was_training = model.training
     model.eval()

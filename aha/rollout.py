@@ -50,6 +50,18 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """Where generation stops: the tokenizer's EOS, the model's own `generation_config.eos_token_id`
+    (instruct models end a turn with e.g. `<|im_end|>`), and `</answer>` where it is one token."""
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    answer_close = tokenizer.convert_tokens_to_ids("</answer>")
+    if isinstance(answer_close, int) and answer_close != tokenizer.unk_token_id:
+        ids.add(answer_close)
+    return tuple(sorted(i for i in ids if i is not None))
+
+
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)

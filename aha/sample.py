@@ -23,7 +23,7 @@ from typing import Callable
 from aha.errors import AhaError
 from aha.progress import progress_bar
 from aha.rewards import language_consistency, repetition_penalty
-from aha.rollout import SamplingParams, generate
+from aha.rollout import SamplingParams, generate, stop_token_ids
 from aha.tasks.base import is_well_formed
 
 # (prompt texts, k, seed) → for each prompt × k, grouped by prompt: (text, response tokens, truncated)
@@ -67,8 +67,7 @@ def rejection(text: str, length: int, truncated: bool, scores: dict, cfg: Sample
 
 def model_completer(model, tokenizer, cfg: SampleConfig) -> Completer:
     """Sampling with aha's rollout engine, stopping at EOS or `</answer>`."""
-    from aha.evaluate import stop_ids
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, stop_ids(tokenizer))
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, stop_token_ids(model, tokenizer))
 
     def complete(prompts: list[str], k: int, seed: int) -> list[tuple[str, int, bool]]:
         ids = [tokenizer(p)["input_ids"] for p in prompts]

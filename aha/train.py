@@ -29,19 +29,19 @@ from pathlib import Path
 import torch
 
 from aha.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss
+from aha.base import ensure_base_model
 from aha.config import Config, save_config
 from aha.dynamic import concat_rollouts, group_spread, kept_groups
 from aha.errors import AhaError
-from aha.evaluate import EvalSpec, evaluate, stop_ids
+from aha.evaluate import EvalSpec, evaluate
 from aha.health import HealthMonitor
 from aha.lora import add_lora, merged
 from aha.model import detect_device, detect_dtype, load_model
 from aha.progress import progress_bar
 from aha.rewards import overlong_penalty
-from aha.rollout import Rollout, SamplingParams, generate
+from aha.rollout import Rollout, SamplingParams, generate, stop_token_ids
 from aha.tasks import get_task
-from aha.tasks.base import Problem
-from aha.tasks.base import thought
+from aha.tasks.base import Problem, thought
 from aha.templates import apply_template
 
 def step_seed(seed: int, step: int) -> int:
@@ -142,16 +142,6 @@ def completion_logprobs(model, rollout: Rollout, rows: torch.Tensor, temperature
     return logp, entropy, completion_mask
 
 
-def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
-    """EOS and `</answer>` when it is one token (aha/evaluate.py), plus the model's own
-    `generation_config.eos_token_id` (instruct models end turns with e.g. `<|im_end|>`)."""
-    ids = set(stop_ids(tokenizer))
-    generation_config = getattr(model, "generation_config", None)
-    extra = getattr(generation_config, "eos_token_id", None) if generation_config is not None else None
-    ids |= set(extra if isinstance(extra, (list, tuple)) else [extra] if extra is not None else [])
-    return tuple(sorted(ids))
-
-
 def group_advantages(cfg: Config, rewards: torch.Tensor, scores: list[dict], kept: torch.Tensor):
     """(advantages (N,), rows trained on (N,) bool, skipped samples (N,) bool).
 
@@ -236,16 +226,11 @@ def prepare_out_dir(path: str, force: bool) -> Path:
     return out
 
 
-def base_model_dir() -> Path:
-    from aha.base import ensure_base_model
-    return ensure_base_model()
-
-
 def train(cfg: Config, force: bool = False, console=None, out: Path | None = None, model=None, tokenizer=None) -> dict:
     device = detect_device()
     task = get_task(cfg.task, **cfg.task_options())
     if model is None:
-        model, tokenizer = load_model(cfg.model or base_model_dir(), device, detect_dtype(device))
+        model, tokenizer = load_model(cfg.model or ensure_base_model(console), device, detect_dtype(device))
     task = apply_template(task, tokenizer, cfg.template, cfg.think_prefill)
     peft_model = None
     if cfg.lora_rank:
