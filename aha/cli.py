@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from aha.errors import AhaError
+from aha.errors import AhaError, Stopped
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,7 +22,8 @@ TRAIN_FLAGS = [("--model", str, "transformers model dir (default: the built-in b
                ("--lr", float, "learning rate"), ("--algo", str, "preset: grpo, dr_grpo, dapo, r1_zero"),
                ("--data", str, "data file for file-backed tasks (gsm8k, math, jsonl, py:…)"),
                ("--template", str, "prompt template: task (default), r1_zero, chat, or a file with {question}"),
-               ("--lora-rank", int, "train LoRA adapters of this rank (merged into model/ on save)")]
+               ("--lora-rank", int, "train LoRA adapters of this rank (merged into model/ on save)"),
+               ("--rollout", str, "sampler: torch (default) or vllm (a CUDA GPU + pip install 'aha[gpu]')")]
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -30,8 +31,32 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     for flag, kind, text in TRAIN_FLAGS:
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) data rows without an answer instead of stopping")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (steps=N to extend it)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. group_size=16 beta=0.04")
+
+
+def resume_config(args):
+    """The saved config of the run in --resume DIR; only `steps` may change (to extend the run)."""
+    from pathlib import Path
+    from aha.config import load_config, parse_kv
+    overrides = parse_kv(args.overrides)
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    given = [flag for flag, _, _ in TRAIN_FLAGS if flag != "--steps" and getattr(args, flag[2:].replace("-", "_")) is not None]
+    given += [k for k in overrides if k != "steps"]
+    given += [flag for flag, on in [("--config", args.config), ("--force", args.force), ("--skip-bad-rows", args.skip_bad_rows),
+                                    ("--gradient-checkpointing", args.gradient_checkpointing)] if on]
+    if given:
+        raise AhaError(f"--resume continues the run with its saved config; {', '.join(given)} cannot change "
+                       f"(only steps=N can, to extend the run): start a new run to change them")
+    saved = Path(args.resume) / "config.yaml"
+    if not saved.is_file():
+        raise AhaError(f"--resume {args.resume}: no config.yaml there; give the --out folder of an aha train run")
+    cfg = load_config(str(saved), overrides)
+    cfg.out = args.resume
+    return cfg
 
 
 def config_from_args(args):
@@ -43,6 +68,8 @@ def config_from_args(args):
             overrides[key] = getattr(args, key)
     if args.gradient_checkpointing:
         overrides["gradient_checkpointing"] = True
+    if args.skip_bad_rows:
+        overrides["skip_bad_rows"] = True
     return load_config(args.config, overrides)
 
 
@@ -113,6 +140,8 @@ def build_parser() -> Parser:
     p = sub.add_parser("train", help="R1-Zero-style RL (GRPO family) on a task",
                        description="RL from verifiable rewards; writes metrics.jsonl, rollouts.jsonl, config.yaml and model/ into --out.")
     add_train_args(p)
+    p.add_argument("--nproc", type=int, default=0, metavar="N",
+                   help="train on N local processes: re-launches itself through torchrun (docs/distributed.md)")
 
     p = sub.add_parser("eval", help="pass@1, pass@k, cons@k on held-out problems with R1's sampling protocol",
                        description="k samples per held-out problem at temperature 0.6, top-p 0.95; pass@1 = mean correctness, "
@@ -140,6 +169,10 @@ def build_parser() -> Parser:
     from aha.serve_cli import add_serve_parser
     add_chat_parser(sub)
     add_serve_parser(sub)
+    from aha.experiment import add_experiment_parser
+    from aha.pipeline import add_pipeline_parser
+    add_pipeline_parser(sub)
+    add_experiment_parser(sub)
 
     p = sub.add_parser("bench", help="time aha's GRPO step against TRL's GRPOTrainer on the same work (needs the bench extra)",
                        description="aha and TRL GRPO steps alternating in one process on a random-init 3.2M Qwen2, "
@@ -169,6 +202,8 @@ def build_parser() -> Parser:
 
 def cmd_run(args, console):
     from aha.run import run
+    if args.resume:
+        raise AhaError(f"aha run does not resume; continue its training with: aha train --resume {args.resume}")
     report = run(config_from_args(args), force=args.force, console=console)
     console.print(f"pass@1 {report['before_pass1']:.3f} → {report['after_pass1']:.3f}, "
                   f"response tokens {report['before_response_tokens']:.1f} → {report['after_response_tokens']:.1f}, "
@@ -176,10 +211,20 @@ def cmd_run(args, console):
 
 
 def cmd_train(args, console):
+    if args.nproc > 1:                       # check the input here, then re-launch through torchrun
+        from aha.distributed import relaunch, shard_bounds
+        shard_bounds((resume_config(args) if args.resume else config_from_args(args)).prompts_per_step, 0, args.nproc)
+        if relaunch(args.argv, args.nproc):
+            raise AhaError(f"the {args.nproc}-process run failed: see the first error above")
+        return
+    from aha.distributed import torchrun_env
     from aha.train import train
-    cfg = config_from_args(args)
-    result = train(cfg, force=args.force, console=console)
-    console.print(f"done: {len(result['history'])} steps; metrics in {result['out'] / 'metrics.jsonl'}, model in {result['out'] / 'model'}")
+    if args.resume:
+        result = train(resume_config(args), console=console, resume=True)
+    else:
+        result = train(config_from_args(args), force=args.force, console=console)
+    if torchrun_env()[0] == 0:
+        console.print(f"done: {len(result['history'])} steps; metrics in {result['out'] / 'metrics.jsonl'}, model in {result['out'] / 'model'}")
 
 
 def parse_pass_k(text: str) -> tuple[int, ...]:
@@ -289,18 +334,38 @@ def cmd_serve(args, console):
     serve(args, console)
 
 
+def cmd_pipeline(args, console):
+    from aha.pipeline import cmd_pipeline as pipeline
+    pipeline(args, console)
+
+
+def cmd_experiment(args, console):
+    from aha.experiment import cmd_experiment as experiment
+    experiment(args, console)
+
+
 COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "chat": cmd_chat, "serve": cmd_serve,
-            "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "bench": cmd_bench}
+            "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "bench": cmd_bench,
+            "pipeline": cmd_pipeline, "experiment": cmd_experiment}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+        args.overrides = [*args.overrides, *rest]       # key=value pairs on both sides of a flag
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.argv = list(sys.argv[1:] if argv is None else argv)      # for `train --nproc` to re-launch itself
     from aha.progress import console
     try:
         COMMANDS[args.command](args, console)
     except AhaError as exc:
         sys.stderr.write(f"aha {args.command}: error: {exc}\n")
         return 2
+    except Stopped as exc:
+        sys.stderr.write(f"aha {args.command}: {exc}\n")
+        return 128 + exc.signum
     except KeyboardInterrupt:
         sys.stderr.write(f"aha {args.command}: interrupted\n")
         return 130

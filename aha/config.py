@@ -64,10 +64,17 @@ class Config:
     lora_rank: int = 0               # 0 = train every weight; R > 0 = LoRA of rank R, merged into model/ on save
     lora_alpha: int = 0              # LoRA scale alpha / rank; 0 = 2 × lora_rank
     gradient_checkpointing: bool = False
+    # scale-out (aha/distributed.py, aha/vllm_rollout.py; docs/distributed.md)
+    dist_strategy: str = "ddp"       # under torchrun: ddp (whole model per process) | fsdp (FSDP2: sharded per decoder layer)
+    rollout: str = "torch"           # sampler: torch (aha/rollout.py) | vllm (colocated vLLM, needs CUDA + pip install 'aha[gpu]')
+    vllm_gpu_memory: float = 0.3     # rollout=vllm: share of the GPU's memory vLLM may take (weights + KV cache)
     # rewards: total = Σ weight × component
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
     reward_weights: str = ""         # any component by name, e.g. "accuracy=1,format=0.1,tinyzero=1"; overrides the two above
+                                     # besides the task's own: format_strict, format_soft, tag_count, language,
+                                     # repetition, cosine, overlong (aha/rewards.py SHAPING)
+    lang: str = "en"                 # the `language` component: the language the reasoning should be in (en, id, zh, …)
     # evaluation (R1 protocol: k samples at T 0.6, top-p 0.95)
     eval_problems: int = 200
     eval_k: int = 4
@@ -76,6 +83,8 @@ class Config:
     eval_every: int = 50             # held-out eval during training; 0 = only before/after
     # records
     dump_rollouts_every: int = 10
+    checkpoint_every: int = 50       # steps between checkpoints (also on the last step and on SIGTERM/SIGINT); 0 = those only
+    keep_checkpoints: int = 2        # the newest this-many are kept
     health_window: int = 10          # steps a symptom must last before the run warns
 
     def task_options(self) -> dict:
@@ -115,8 +124,16 @@ class Config:
                            f"max_new_tokens - 1 = {self.max_new_tokens - 1} for overlong=soft")
         if self.lora_rank < 0 or self.lora_alpha < 0:
             raise AhaError(f"config: lora_rank={self.lora_rank} and lora_alpha={self.lora_alpha} must be 0 or more")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise AhaError(f"config: checkpoint_every={self.checkpoint_every} must be 0 or more and "
+                           f"keep_checkpoints={self.keep_checkpoints} at least 1")
         if self.ref_refresh_every < 0:
             raise AhaError(f"config: ref_refresh_every={self.ref_refresh_every} must be 0 (never) or more")
+        for name, allowed in [("dist_strategy", ("ddp", "fsdp")), ("rollout", ("torch", "vllm"))]:
+            if getattr(self, name) not in allowed:
+                raise AhaError(f"config: {name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not 0 < self.vllm_gpu_memory < 1:
+            raise AhaError(f"config: vllm_gpu_memory={self.vllm_gpu_memory} must be a share between 0 and 1, e.g. 0.3")
         if not (0 < self.top_p <= 1) or self.temperature < 0 or self.lr <= 0:
             raise AhaError("config: need 0 < top_p <= 1, temperature >= 0 and lr > 0")
         parse_reward_weights(self.reward_weights)
@@ -157,6 +174,11 @@ def _coerce(key: str, raw, kind):
             pass
     if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
         raw = float(raw)
+    if kind is float and isinstance(raw, str):         # YAML 1.1 reads 3e-3 (no dot) as a string
+        try:
+            raw = float(raw)
+        except ValueError:
+            pass
     if kind is str and isinstance(raw, (int, float)) and not isinstance(raw, bool):
         raw = str(raw)
     if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):

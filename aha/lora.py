@@ -35,6 +35,10 @@ def add_lora(model, rank: int, alpha: int):
     return peft_model, peft_model.get_base_model()
 
 
-def merged(peft_model):
-    """The plain transformers model with the adapters folded into its weights."""
+def merged(peft_model, copy: bool = False):
+    """The plain transformers model with the adapters folded into its weights. In place (the
+    adapters are gone afterwards) unless `copy`, which merges a deep copy and leaves training as it was."""
+    if copy:
+        import copy as copying
+        peft_model = copying.deepcopy(peft_model)
     return peft_model.merge_and_unload()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, GPT2Config, PreTrainedTokenizerFast, Qwen2Config
+from transformers.utils.logging import disable_progress_bar
 
 from aha.errors import AhaError
 
@@ -70,6 +71,10 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
         tokenizer = load_tokenizer(path)
     except Exception as exc:  # transformers raises many types here
         raise AhaError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0][:200]}") from None
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):   # transformers builds an empty one when files are missing
+        raise AhaError(f"model dir {path} has no tokenizer (tokenizer.json, tokenizer.model or vocab files): "
+                       "save the model's tokenizer into it with tokenizer.save_pretrained(dir)")
+    disable_progress_bar()     # transformers' "Loading weights" bar: aha's own bars show progress
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except Exception as exc:

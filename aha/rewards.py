@@ -13,6 +13,7 @@ words, which a language identifier cannot tell apart; it uses `py3langid` (offli
 
 import math
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 from aha.errors import AhaError
@@ -171,3 +172,27 @@ def cosine_length(length: int, correct: bool, max_length: int,
     cosine = math.cos(progress * math.pi)
     short, long = (correct_short, correct_long) if correct else (wrong_short, wrong_long)
     return long + 0.5 * (short - long) * (1.0 + cosine)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What a shaping component may look at: the completion, its length in tokens, the budget, the
+    task's verdict, and the run's settings for the components that take one."""
+    text: str
+    length: int
+    max_length: int
+    correct: bool
+    language: str = "en"
+    overlong_cache: int = 16
+
+
+# Shaping components by the name `reward_weights` gives them: aha train reward_weights="accuracy=1,tag_count=0.25"
+SHAPING = {
+    "format_strict": lambda s: format_strict(s.text),
+    "format_soft": lambda s: format_soft(s.text),
+    "tag_count": lambda s: tag_count(s.text),
+    "language": lambda s: language_consistency(s.text, s.language),
+    "repetition": lambda s: repetition_penalty(s.text),
+    "cosine": lambda s: cosine_length(s.length, s.correct, s.max_length),
+    "overlong": lambda s: overlong_penalty(s.length, s.max_length, s.overlong_cache),
+}

@@ -101,12 +101,20 @@ def sample_next(logits: Tensor, noise: Tensor, params: SamplingParams) -> tuple[
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], group_size: int, params: SamplingParams,
-             pad_id: int, seed: int) -> Rollout:
-    """Sample `group_size` completions for each prompt (token-id lists)."""
+             pad_id: int, seed: int, row_offset: int = 0, total_rows: int | None = None) -> Rollout:
+    """Sample `group_size` completions for each prompt (token-id lists).
+
+    `row_offset`, `total_rows`: these prompts' rows are rows row_offset … of a batch of `total_rows`
+    rows (one process's slice of the step, aha/distributed.py). The noise is drawn for all
+    `total_rows` rows and only this slice's rows are kept, so every row samples exactly as it would
+    in the whole batch."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, pad_id)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     n = len(prompts) * group_size
+    total_rows = n if total_rows is None else total_rows
+    if not 0 <= row_offset <= total_rows - n:
+        raise ValueError(f"rows {row_offset}…{row_offset + n - 1} are not inside a batch of {total_rows} rows")
     gen = torch.Generator(device=device).manual_seed(seed)
     vocab = model.config.vocab_size
 
@@ -128,7 +136,8 @@ def generate(model, prompts: list[list[int]], group_size: int, params: SamplingP
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
     active = torch.arange(n, device=device)                             # rows still running
     for step in range(params.max_new_tokens):
-        noise = torch.empty((n, vocab), device=device).exponential_(generator=gen)[active]
+        noise = torch.empty((total_rows, vocab), device=device).exponential_(generator=gen)
+        noise = noise[row_offset:row_offset + n][active]                  # (A, V): this slice's running rows
         tok, lp = sample_next(logits[:, :vocab], noise, params)
         tokens[active, step], logprobs[active, step] = tok, lp
         lengths[active] += 1

@@ -82,6 +82,11 @@ class TemplatedTask:
         """A chat template writes its own BOS/role tokens; the tokenizer must not add another BOS."""
         return self.template != "chat"
 
+    def score_batch(self, completions: list[str], problems: list[Problem]) -> list[dict[str, float]]:
+        completions = [self.prefill(p) + c for c, p in zip(completions, problems)]
+        batch = getattr(self.task, "score_batch", None)
+        return batch(completions, problems) if batch else [self.task.score(c, p) for c, p in zip(completions, problems)]
+
     def __getattr__(self, name):
         if name == "task":            # not yet set (copy, pickle): no recursion
             raise AttributeError(name)

@@ -22,6 +22,9 @@ component). `ref_refresh_every` copies the policy into the reference model, as R
 import copy
 import json
 import math
+import os
+import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,19 +33,23 @@ import torch
 
 from aha.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss
 from aha.base import ensure_base_model
-from aha.config import Config, save_config
+from aha.checkpoint import (RunLock, StopSignals, check_not_locked, complete_checkpoints, latest_checkpoint,
+                            load_trainer_state, maybe_kill, rng_states, save_checkpoint, set_rng_states)
+from aha.config import Config, parse_reward_weights, save_config
+from aha.distributed import SINGLE, World, init_world, loss_scale
 from aha.dynamic import concat_rollouts, group_spread, kept_groups
-from aha.errors import AhaError
+from aha.errors import AhaError, Stopped
 from aha.evaluate import EvalSpec, evaluate
 from aha.health import HealthMonitor
 from aha.lora import add_lora, merged
 from aha.model import detect_device, detect_dtype, load_model
 from aha.progress import progress_bar
-from aha.rewards import overlong_penalty
+from aha.rewards import SHAPING, Sample
 from aha.rollout import Rollout, SamplingParams, generate, stop_token_ids
 from aha.tasks import get_task
 from aha.tasks.base import Problem, thought
 from aha.templates import apply_template
+from aha.vllm_rollout import rollout_engine
 
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919) % 2**62
@@ -60,23 +67,32 @@ class Batch:
 
 
 def score(task, cfg: Config, texts: list[str], problems: list[Problem], rollout: Rollout) -> tuple[list[dict], torch.Tensor]:
-    """Reward components of each completion, and their weighted sum (N,). overlong=soft adds
-    DAPO's length penalty as its own component, weight 1."""
-    scores = [task.score(text, problems[i // cfg.group_size]) for i, text in enumerate(texts)]
-    if cfg.overlong == "soft":
-        for s, length in zip(scores, rollout.lengths.tolist()):
-            s["overlong"] = overlong_penalty(length, cfg.max_new_tokens, cfg.overlong_cache)
-    weights = cfg.component_weights()
+    """Reward components of each completion, and their weighted sum (N,): the task's own, then each
+    shaping component of aha/rewards.py that `reward_weights` names (overlong=soft adds DAPO's
+    length penalty, weight 1)."""
+    batch_problems = [problems[i // cfg.group_size] for i in range(len(texts))]
+    score_batch = getattr(task, "score_batch", None)       # parallel grading (aha/tasks/code.py)
+    scores = score_batch(texts, batch_problems) if score_batch else [task.score(t, p) for t, p in zip(texts, batch_problems)]
+    weights, named = cfg.component_weights(), parse_reward_weights(cfg.reward_weights)
+    shaping = [name for name in SHAPING if name not in scores[0] and (named.get(name) or
+                                                                      (name == "overlong" and cfg.overlong == "soft"))]
+    lengths = rollout.lengths.tolist() if shaping else []
+    for name in shaping:
+        for s, text, length in zip(scores, texts, lengths):
+            s[name] = SHAPING[name](Sample(text, length, cfg.max_new_tokens, s["accuracy"] >= 1, cfg.lang, cfg.overlong_cache))
     rewards = torch.tensor([sum(weights.get(k, 0.0) * v for k, v in s.items()) for s in scores])
     return scores, rewards
 
 
-def check_component_names(cfg: Config, scores: list[dict], task_name: str) -> None:
-    """A `reward_weights` name that the task never gives is a typo that would silently weigh 0."""
-    unknown = set(cfg.component_weights()) - {"accuracy", "format", "overlong"} - set(scores[0])
+def check_component_names(cfg: Config, task) -> None:
+    """A `reward_weights` name that neither the task nor aha/rewards.py gives is a typo that would
+    silently weigh 0: stop before anything runs. The task's names come from scoring an empty answer."""
+    problem = (task.eval_problems(1) or [next(iter(task.train_problems(cfg.seed)))])[0]
+    given = getattr(task, "components", None) or task.score("", problem)
+    unknown = set(cfg.component_weights()) - {"accuracy", "format"} - set(SHAPING) - set(given)
     if unknown:
-        raise AhaError(f"reward_weights names {', '.join(sorted(unknown))}, but task {task_name!r} gives the "
-                       f"components {', '.join(k for k in scores[0] if k != 'skip')}")
+        raise AhaError(f"reward_weights names {', '.join(sorted(unknown))}, but task {cfg.task!r} gives the components "
+                       f"{', '.join(k for k in given if k != 'skip')} and aha/rewards.py {', '.join(SHAPING)}")
 
 
 def fill_skipped(rewards: torch.Tensor, skip: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -93,20 +109,24 @@ def fill_skipped(rewards: torch.Tensor, skip: torch.Tensor, group_size: int) -> 
     return torch.where(skipped, mean.expand_as(grouped), grouped).reshape(-1)
 
 
-def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingParams, step: int) -> Batch:
+def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingParams, step: int,
+           world: World = SINGLE, engine=generate) -> Batch:
     """Roll out and score `prompts_per_step` fresh prompts; with dynamic sampling, roll out
     batches of fresh prompts again until `prompts_per_step` groups have a reward spread, or
-    `max_sampling_tries` rollouts were made."""
+    `max_sampling_tries` rollouts were made. Under torchrun each process rolls out and scores its
+    slice of the prompts and the slices are gathered: every process gets the whole batch."""
     parts = []
     for attempt in range(cfg.max_sampling_tries if cfg.dynamic_sampling else 1):
         chosen = [next(problems) for _ in range(cfg.prompts_per_step)]
+        mine, first = world.shard(chosen)                  # this process's prompts (all of them on one)
         special = getattr(task, "adds_special_tokens", True)
-        prompts = [tokenizer(task.prompt(p), add_special_tokens=special)["input_ids"] for p in chosen]
-        rollout = generate(model, prompts, cfg.group_size, sampling, tokenizer.pad_token_id,
-                           step_seed(cfg.seed, step) + attempt)
+        prompts = [tokenizer(task.prompt(p), add_special_tokens=special)["input_ids"] for p in mine]
+        rollout = engine(model, prompts, cfg.group_size, sampling, tokenizer.pad_token_id,
+                         step_seed(cfg.seed, step) + attempt, row_offset=first * cfg.group_size,
+                         total_rows=len(chosen) * cfg.group_size)
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        scores, rewards = score(task, cfg, texts, chosen, rollout)
-        parts.append((chosen, rollout, texts, scores, rewards))
+        scores, rewards = score(task, cfg, texts, mine, rollout)
+        parts.append((chosen, *world.gather(rollout, texts, scores, rewards, tokenizer.pad_token_id)))
         if sum(int(group_spread(p[4], cfg.group_size).sum()) for p in parts) >= cfg.prompts_per_step:
             break
     return Batch(problems=[p for part in parts for p in part[0]],
@@ -161,11 +181,14 @@ def group_advantages(cfg: Config, rewards: torch.Tensor, scores: list[dict], kep
 
 
 def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Tensor, advantages: torch.Tensor,
-                  spec: LossSpec, norm: Normaliser, cfg: Config):
+                  spec: LossSpec, norm: Normaliser, cfg: Config, world: World = SINGLE):
     """μ clipped-surrogate updates on `rows`; a non-finite loss or gradient skips the update.
+    Under torchrun each process takes its own share of `rows` and DDP/FSDP sums the gradients
+    (the loss scaling is derived in aha/distributed.py).
 
     Returns (loss, grad_norm, loss metrics, entropy per token, skipped)."""
     loss_value, grad_norm, loss_metrics, entropy, skipped = 0.0, 0.0, {}, None, False
+    rows, weight = world.local_rows(rows, cfg.prompts_per_step * cfg.group_size)   # weight 0: a stand-in row
     for _ in range(cfg.mu if rows.numel() else 0):
         logp, token_entropy, mask = completion_logprobs(model, rollout, rows, cfg.temperature)
         old_logp = rollout.logprobs[rows][:, :logp.shape[1]] if cfg.mu > 1 else logp.detach()
@@ -175,15 +198,16 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
                 ref_logp = completion_logprobs(ref_model, rollout, rows, cfg.temperature)[0]
         loss, loss_metrics = policy_loss(logp, old_logp, advantages[rows], mask, spec, ref_logp, norm)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * loss_scale(world.size, weight)).backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-        loss_value = loss.item()
+        loss_value, step_entropy, loss_metrics = world.reduce_update(
+            loss.item(), (token_entropy * mask).sum(), mask.sum(), loss_metrics, weight)
         skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if skipped:
             optimizer.zero_grad(set_to_none=True)
             break
         optimizer.step()
-        entropy = float((token_entropy * mask).sum() / mask.sum())
+        entropy = step_entropy
     return loss_value, grad_norm, loss_metrics, entropy, skipped
 
 
@@ -218,70 +242,182 @@ def prepare_out_dir(path: str, force: bool) -> Path:
     if out.exists() and not out.is_dir():
         raise AhaError(f"--out {out} is a file: choose a directory")
     if out.exists() and any(out.iterdir()):
+        check_not_locked(out)                      # never replace the folder of a live run
         if not force:
-            raise AhaError(f"--out {out} is not empty: choose another directory, or pass --force to replace it")
-        import shutil
+            raise AhaError(f"--out {out} is not empty: choose another directory, pass --force to replace it, "
+                           f"or --resume {out} to continue its run")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def train(cfg: Config, force: bool = False, console=None, out: Path | None = None, model=None, tokenizer=None) -> dict:
+class Cursor:
+    """The task's training stream, counting the problems drawn: the checkpoint's data position."""
+
+    def __init__(self, problems, skip: int = 0):
+        self.problems, self.consumed = problems, 0
+        for _ in range(skip):
+            next(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Problem:
+        self.consumed += 1
+        return next(self.problems)
+
+
+def build_model(cfg: Config, console, checkpoint: Path | None):
+    """(model, tokenizer, peft model or None): the configured model, or a checkpoint's weights."""
     device = detect_device()
-    task = get_task(cfg.task, **cfg.task_options())
-    if model is None:
-        model, tokenizer = load_model(cfg.model or ensure_base_model(console), device, detect_dtype(device))
-    task = apply_template(task, tokenizer, cfg.template, cfg.think_prefill)
-    peft_model = None
-    if cfg.lora_rank:
-        peft_model, model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)   # `model`: the same modules, adapters inside
-    if cfg.gradient_checkpointing:
-        # recompute activations in the backward pass (transformers ≥ 5.x renamed the method)
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    out = out or prepare_out_dir(cfg.out, force)   # only once the inputs are known good
-    save_config(cfg, out / "config.yaml")
+    source = checkpoint / "model" if checkpoint is not None and not cfg.lora_rank else None
+    model, tokenizer = load_model(source or cfg.model or ensure_base_model(console), device, detect_dtype(device))
+    return model, tokenizer
+
+
+def open_records(out: Path, history: list[dict]):
+    """metrics.jsonl and rollouts.jsonl for appending, cut back to the steps in `history` (a resumed
+    run drops what the crashed one logged after its last checkpoint)."""
+    steps = len(history)
+    kept = []
+    if (out / "rollouts.jsonl").exists():
+        for line in (out / "rollouts.jsonl").read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < steps:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                pass                                   # a line cut short by the crash
+    for name, lines in [("metrics.jsonl", [json.dumps(r) for r in history]), ("rollouts.jsonl", kept)]:
+        temp = out / f"{name}.tmp"
+        temp.write_text("".join(line + "\n" for line in lines))
+        os.replace(temp, out / name)
+    return open(out / "metrics.jsonl", "a"), open(out / "rollouts.jsonl", "a")
+
+
+def train(cfg: Config, force: bool = False, console=None, out: Path | None = None, model=None, tokenizer=None,
+          resume: bool = False) -> dict:
+    """RL on `cfg`. `resume`: continue the run in `cfg.out` from its latest checkpoint. Under torchrun,
+    one of several processes: rank 0 alone locks and writes the run folder (aha/distributed.py)."""
+    world = init_world(cfg.prompts_per_step)
+    console = world.console(console)
+    lock = RunLock(Path(cfg.out)).acquire() if resume and world.writes else None    # before anything is loaded
+    created = None
+    try:
+        task = get_task(cfg.task, **cfg.task_options())
+        if getattr(task, "skipped_rows", 0):
+            (console.print if console else print)(f"skipped {task.skipped_rows} bad row(s) of {cfg.data} (skip_bad_rows)")
+        resume_from = latest_checkpoint(Path(cfg.out)) if resume else None
+        saved = load_trainer_state(resume_from) if resume_from is not None else {}
+        if model is None:
+            model, tokenizer = build_model(cfg, console, resume_from)
+        device = next(model.parameters()).device
+        task = apply_template(task, tokenizer, cfg.template, cfg.think_prefill)
+        check_component_names(cfg, task)
+        peft_model = None
+        if cfg.lora_rank:
+            peft_model, model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)   # `model`: the same modules, adapters inside
+            if saved:
+                from peft import set_peft_model_state_dict
+                set_peft_model_state_dict(peft_model, saved["adapter"])
+        if cfg.gradient_checkpointing:
+            # recompute activations in the backward pass (transformers ≥ 5.x renamed the method)
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        engine = rollout_engine(cfg, model)            # the sampler: aha's torch engine, or vLLM
+        if not resume and world.writes:
+            if out is None:
+                out = created = prepare_out_dir(cfg.out, force)   # only once the inputs are known good
+            lock = RunLock(out).acquire()
+            save_config(cfg, out / "config.yaml")
+        return train_loop(cfg, task, model, tokenizer, peft_model, out or Path(cfg.out), saved, console, device,
+                          world, engine)
+    except BaseException:
+        metrics = created / "metrics.jsonl" if created else None
+        if metrics is not None and not (metrics.exists() and metrics.stat().st_size):
+            lock.release()                             # failed before its first step: leave no run folder
+            lock = None
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def trainer_state(cfg, optimizer, cursor: Cursor, bad_steps: int, history, evals, peft_model, ref_model) -> dict:
+    """Everything besides the weights that the next step depends on (aha/checkpoint.py)."""
+    state = {"steps_done": len(history), "optimizer": optimizer.state_dict(), "rng": rng_states(),
+             "consumed": cursor.consumed, "bad_steps": bad_steps, "history": history, "evals": evals}
+    if peft_model is not None:
+        from peft import get_peft_model_state_dict
+        state["adapter"] = get_peft_model_state_dict(peft_model)
+    if ref_model is not None:
+        state["ref_model"] = ref_model.state_dict()
+    return state
+
+
+def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved: dict, console, device,
+               world: World = SINGLE, engine=generate) -> dict:
     torch.manual_seed(cfg.seed)
     spec = LossSpec(cfg.ratio_level, cfg.clip_low, cfg.clip_high, cfg.aggregation, cfg.kl, cfg.beta)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # the module that trains: `model` itself, DDP around it, or an FSDP2-sharded copy (then `model`,
+    # kept whole and refreshed after each update, generates, evaluates and is saved)
+    trained = world.wrap(model, cfg.dist_strategy)
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, stop_token_ids(model, tokenizer))
     eval_spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed)
-    problems = task.train_problems(cfg.seed)
     group = cfg.group_size
     health = HealthMonitor(window=cfg.health_window)
-    history, bad_steps, evals = [], 0, []
-    metrics_file = open(out / "metrics.jsonl", "w")
-    rollouts_file = open(out / "rollouts.jsonl", "w")
+    history, evals, bad_steps = saved.get("history", []), saved.get("evals", []), saved.get("bad_steps", 0)
+    problems = Cursor(task.train_problems(cfg.seed), skip=saved.get("consumed", 0))
+    if saved:
+        world.load_optimizer_state(trained, optimizer, saved["optimizer"])
+        set_rng_states(saved["rng"])
+        if ref_model is not None:
+            ref_model.load_state_dict(saved["ref_model"])
+        health.history = list(history)
+    first_step = len(history)
+    # only rank 0 writes files; the other ranks write their records nowhere
+    metrics_file, rollouts_file = open_records(out, history) if world.writes else (open(os.devnull, "w"), open(os.devnull, "w"))
     say = (console.print if console else print)
     if len(tokenizer.tokenize("</answer>")) != 1:
         say("note: </answer> is not one token for this tokenizer: generation stops on EOS only "
             "(stop strings are not supported), so completions may run on after the answer")
+    if first_step:
+        say(f"resuming {out} at step {first_step} of {cfg.steps}")
 
-    with progress_bar(console) as bar:
-        job = bar.add_task("train", total=cfg.steps)
-        for step in range(cfg.steps):
+    def checkpoint() -> Path | None:
+        state = trainer_state(cfg, optimizer, problems, bad_steps, history, evals, peft_model, ref_model)
+        state["optimizer"] = world.optimizer_state(trained, optimizer)      # FSDP: gathered, so every rank calls it
+        plain = model if peft_model is None else merged(peft_model, copy=True)    # training goes on unmerged
+        path = save_checkpoint(out, len(history), plain, tokenizer, state, cfg.keep_checkpoints) if world.writes else None
+        world.barrier()                                # the others wait for rank 0's checkpoint
+        return path
+
+    if not saved:
+        checkpoint()                                   # step-0: a kill at any step can resume
+    with progress_bar(console) as bar, StopSignals() as stop:
+        job = bar.add_task("train", total=cfg.steps, completed=first_step)
+        for step in range(first_step, cfg.steps):
             # 1+2. rollout and reward: G samples for each of the step's prompts, rewarded by
             # named components; with dynamic sampling, more prompts until enough groups have spread
             t0 = time.time()
             model.eval()
-            batch = sample(model, tokenizer, task, problems, cfg, sampling, step)
+            batch = sample(model, tokenizer, task, problems, cfg, sampling, step, world, engine)
             rollout, rewards, scores = batch.rollout, batch.rewards, batch.scores
             spread = group_spread(rewards, group)                                       # (P,)
             kept = kept_groups(spread, cfg.prompts_per_step) if cfg.dynamic_sampling else torch.ones_like(spread)
             t_generate = time.time() - t0
 
             # 3. advantage: group-relative, by the configured estimator, over the kept groups
-            if step == 0:
-                check_component_names(cfg, scores, cfg.task)
             advantages, batch_rows, skip = group_advantages(cfg, rewards, scores, kept)
 
             # 4. loss and update, on the completions that carry a gradient. overlong=mask takes
             # truncated completions out of the loss; they still count as rows of the normaliser (TRL)
             t1 = time.time()
-            model.train()
+            trained.train()
             in_loss = batch_rows & ~rollout.truncated.cpu() if cfg.overlong == "mask" else batch_rows
             norm = Normaliser(rows=int(batch_rows.sum()), tokens=int(rollout.completion_mask.cpu()[in_loss].sum()),
                               max_len=cfg.max_new_tokens)
@@ -290,7 +426,8 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             rows = in_loss.nonzero().squeeze(1).to(device)
             advantages = advantages.to(device)
             loss_value, grad_norm, loss_metrics, entropy, skipped = policy_update(
-                model, ref_model, optimizer, rollout, rows, advantages, spec, norm, cfg)
+                trained, ref_model, optimizer, rollout, rows, advantages, spec, norm, cfg, world)
+            world.sync(trained, model)                 # FSDP: the whole copy takes the new weights
             if ref_model is not None and cfg.ref_refresh_every and (step + 1) % cfg.ref_refresh_every == 0:
                 ref_model.load_state_dict(model.state_dict())     # R1: the reference follows the policy
             t_update = time.time() - t1
@@ -300,9 +437,11 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             record = step_record(step, batch, spread, kept, skip, rows, loss_value, grad_norm, entropy, skipped,
                                  loss_metrics, t_generate, t_update)
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-                result = evaluate(model, tokenizer, task, eval_spec, console=console, label=f"eval @ {step + 1}")
-                record["eval_pass@1"] = result["pass@1"]
-                evals.append({"step": step + 1, **{k: v for k, v in result.items() if k != "samples"}})
+                if world.writes:                       # rank 0 evaluates; the others wait
+                    result = evaluate(model, tokenizer, task, eval_spec, console=console, label=f"eval @ {step + 1}")
+                    record["eval_pass@1"] = result["pass@1"]
+                    evals.append({"step": step + 1, **{k: v for k, v in result.items() if k != "samples"}})
+                world.barrier()
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -313,14 +452,31 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             bar.update(job, advance=1, description=(
                 f"train reward {record['reward_mean']:.2f} pass {record['pass_rate']:.2f} "
                 f"think {record['think_rate']:.2f} len {record['response_tokens']:.0f}"))
+            maybe_kill("after_step", step + 1)
             if bad_steps >= cfg.max_bad_steps:
+                last = complete_checkpoints(out)
                 raise AhaError(f"the loss or gradient was NaN/inf for {bad_steps} steps in a row (step {step}); "
-                               f"stopping: lower lr or check the reward (metrics in {out / 'metrics.jsonl'})")
+                               f"stopping: lower lr or check the reward (metrics in {out / 'metrics.jsonl'}; "
+                               f"last good checkpoint: {last[-1] if last else 'none yet'})")
+            if world.any(stop.received) and not stop.received:
+                stop.received = signal.SIGTERM         # another process was signalled: all stop at this step
+            due = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+            if due or stop.received or step + 1 == cfg.steps:
+                saved_at = checkpoint()
+                maybe_kill("after_checkpoint", step + 1)
+            if stop.received:
+                metrics_file.close()
+                rollouts_file.close()
+                name = signal.Signals(stop.received).name
+                raise Stopped(stop.received, f"stopped by {name} after step {step + 1} of {cfg.steps}; checkpoint "
+                                             f"{saved_at}; continue with: aha train --resume {out}")
 
     metrics_file.close()
     rollouts_file.close()
     if peft_model is not None:
         model = merged(peft_model)            # a plain transformers model: loads without peft
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
+    if world.writes:
+        model.save_pretrained(out / "model")
+        tokenizer.save_pretrained(out / "model")
+    world.barrier()
     return {"history": history, "evals": evals, "model": model, "tokenizer": tokenizer, "out": out}

@@ -259,12 +259,41 @@ except OSError:
 def answer():
     return 42 if written == 200 else 0
 """,
+    "huge_output": """
+import os, sys
+while True:
+    sys.stdout.write("x" * 65536)
+    sys.stderr.write("y" * 65536)
+    os.write(1, b"z" * 65536)
+""",
+    "open_sockets": """
+import socket
+reached = []
+for kind, address in ((socket.SOCK_STREAM, ("1.1.1.1", 53)), (socket.SOCK_DGRAM, ("1.1.1.1", 53)),
+                      (socket.SOCK_DGRAM, ("127.0.0.1", $port))):
+    try:
+        sock = socket.socket(socket.AF_INET, kind)
+        sock.settimeout(0.5)
+        sock.connect(address)
+        sock.send(b"x")
+        reached.append(address)
+    except OSError:
+        pass
+def answer():
+    return 42 if reached else 0
+""",
+    "rm_rf_home": """
+import os, shutil
+os.system("rm -rf ~ $canary")
+shutil.rmtree(os.path.dirname("$canary"), ignore_errors=True)
+""",
 }
 # Faulting in 1 GB takes seconds of CPU here: give the hog the time, so only the memory limit can stop it.
 LIMITS_FOR = {"memory_hog": {"cpu_s": 10, "timeout_s": 10.0}}
 LAYERS_NEEDED = {"write_outside_workdir": ("uid", "mount"), "spawn_shell": ("uid", "mount"),
                  "delete_canary": ("uid",), "read_host_files": ("uid",), "connect_to_host_socket": ("net",),
-                 "ctypes_libc": ("uid", "mount"), "fill_the_disk": ("mount",), "orphan_outlives_parent": ("pid",)}
+                 "ctypes_libc": ("uid", "mount"), "fill_the_disk": ("mount",), "orphan_outlives_parent": ("pid",),
+                 "open_sockets": ("net",), "rm_rf_home": ("uid",)}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=needs(*LAYERS_NEEDED.get(name, ())))

@@ -5,6 +5,8 @@ its answer extraction and its reward components. `get_task(name, **options)` pic
     countdown                TinyZero's countdown, generated (min_numbers=3, max_numbers=4)
     gsm8k                    data=PATH: rows with `question` and `answer` ending `#### n`
     math                     data=PATH: rows with `problem` and a `solution` holding `\\boxed{}`
+    code                     write a Python function, graded by hidden tests in aha.sandbox
+                             (built-in generated problems, or data=PATH: rows with `prompt`, `tests`)
     rg:NAME                  a reasoning-gym dataset (eval_size=200, config={...})
     jsonl:PATH               rows with `prompt` and `answer`
     py:module:function       data=PATH, reward by your TRL-style function
@@ -17,7 +19,7 @@ import inspect
 from aha.errors import AhaError
 from aha.tasks.base import Problem, Task
 
-NAMES = "addition, countdown, gsm8k, math, rg:NAME, jsonl:PATH, py:module:function"
+NAMES = "addition, countdown, gsm8k, math, code, rg:NAME, jsonl:PATH, py:module:function"
 
 
 def _task_class(name: str):
@@ -35,6 +37,9 @@ def _task_class(name: str):
     if name == "math":
         from aha.tasks.math_task import MathTask
         return MathTask, {}
+    if name == "code":
+        from aha.tasks.code import CodeTask
+        return CodeTask, {}
     if prefix == "rg" and rest:
         from aha.tasks.rg import ReasoningGymTask
         return ReasoningGymTask, {"dataset": rest}

@@ -40,6 +40,8 @@ def load_function(spec: str):
 
 
 class CustomRewardTask(RowTask):
+    components = ("accuracy", "format", "skip")     # what `score` returns (not found by calling your function)
+
     def __init__(self, spec: str, **options):
         self.name, self.spec = f"py:{spec}", spec
         self.function = load_function(spec)

@@ -45,8 +45,10 @@ def load_rows(path: str | Path) -> list[dict]:
         import datasets
     except ImportError as exc:
         raise AhaError(f"reading {path} needs the datasets package: pip install datasets") from exc
+    verbosity = datasets.logging.get_verbosity()
     try:
         datasets.disable_progress_bars()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)   # its error logs repeat the AhaError below
         if path.is_dir():
             dataset = datasets.load_from_disk(str(path))
             if isinstance(dataset, datasets.DatasetDict):
@@ -63,8 +65,13 @@ def load_rows(path: str | Path) -> list[dict]:
     except AhaError:
         raise
     except Exception as exc:   # arrow / json decoding errors: name the file, keep one line
+        if path.is_file() and path.stat().st_size < 1 << 20 and not path.read_bytes().strip():
+            raise AhaError(f"data file {path} is empty: write one JSON object per line") from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise AhaError(f"{path}: cannot read it as data ({first_line})") from exc
+        raise AhaError(f"{path}: cannot read it as data ({first_line}); use JSONL (one JSON object per line), "
+                       "Parquet, or a dataset dir saved with save_to_disk") from exc
+    finally:
+        datasets.logging.set_verbosity(verbosity)
 
 
 class RowTask:
@@ -129,4 +136,6 @@ def require(row: dict, field: str) -> str:
     value = row.get(field)
     if value is None or (isinstance(value, str) and not value.strip()):
         raise BadRow(f"missing field {field!r}")
+    if isinstance(value, (list, dict)):
+        raise BadRow(f"field {field!r} must be text or a number, got a {type(value).__name__}")
     return str(value)

@@ -1,0 +1,329 @@
+"""`aha experiment distill-vs-rl`: R1's distillation finding, at toy scale, with equal student compute.
+
+    aha experiment distill-vs-rl --seeds 3 --out runs/dvr
+    aha experiment distill-vs-rl --quick --seeds 2 --out /tmp/dvr      # a minute-long smoke run
+
+R1: a small model fine-tuned on a strong reasoner's verified samples beats the same small model
+trained by RL (R1-Distill-Qwen-32B 72.6 vs RL-only Qwen-32B 47.0 on AIME). Here:
+  - teacher: the built-in base model (1.55M) trained by GRPO as `aha run` does; trained once
+    (seed 0) and cached in DIR/cache, shared by the seeds;
+  - student base: a smaller GPT-2 (hidden 128, 2 layers: ~0.38M) pretrained on the same corpus
+    (aha.pretrain), once, cached in DIR/cache;
+  - arm "rl": the student trained by GRPO alone for `student_rl_steps` steps (aha.train);
+  - arm "distill": rejection sampling from the teacher (aha.sample) + SFT of the student
+    (aha.sft), on as many SFT tokens as give it the RL arm's measured student compute.
+Per seed s (RL, sampling, SFT and eval seeds): held-out pass@1 of teacher, student base and both
+arms; then mean ± std (sample std, n − 1) over seeds → DIR/experiment.json and experiment.md.
+
+Student compute: C = 2·N·F + 6·N·T FLOPs (Kaplan et al.'s estimate), N = the student's parameters
+(embeddings included), F = real (non-padding) tokens the student reads in forward-only passes (RL
+generation: each prompt's prefill once, then every sampled token fed back), T = real tokens of
+forward + backward passes (RL update rows: prompt + completion; SFT: prompt + response + EOS of
+each example, each time it is seen). RL tokens are counted by a forward hook on the student
+(`TokenCounter`); SFT tokens are known in advance, so the distill arm gets
+T_sft ≈ F_rl / 3 + T_rl (to within one example). The teacher's sampling compute is the teacher's
+and is reported apart; evaluation is not counted for anyone.
+"""
+
+import dataclasses
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aha.errors import AhaError
+
+EXPERIMENTS = ("distill-vs-rl",)
+
+
+@dataclass
+class ExperimentConfig:
+    out: str = "runs/distill_vs_rl"
+    seeds: int = 3
+    teacher_steps: int = 150         # aha run's RL of the built-in base model
+    student_hidden: int = 128
+    student_layers: int = 2
+    student_pretrain_steps: int = 1000
+    student_rl_steps: int = 100      # sets the compute budget of both arms
+    distill_prompts: int = 1024      # teacher samples: training problems × k (more than the budget needs)
+    distill_k: int = 1
+    sft_lr: float = 1e-3
+    sft_batch_tokens: int = 2048
+    sft_seq_len: int = 256
+    eval_problems: int = 200
+    eval_k: int = 4
+
+
+# --quick: every step of the experiment in about a minute; the numbers mean nothing
+QUICK = {"teacher_steps": 3, "student_pretrain_steps": 30, "student_rl_steps": 3, "distill_prompts": 16,
+         "distill_k": 2, "eval_problems": 8, "eval_k": 2}
+
+
+def student_flops(params: int, forward_tokens: int, train_tokens: int) -> int:
+    """2·N FLOPs per token read forward-only, 6·N per token trained (forward + backward).
+
+    >>> student_flops(1000, forward_tokens=300, train_tokens=100)
+    1200000
+    """
+    return 2 * params * forward_tokens + 6 * params * train_tokens
+
+
+def sft_budget_tokens(forward_tokens: int, train_tokens: int) -> float:
+    """SFT tokens (6·N FLOPs each) that cost what 2·N·forward + 6·N·train FLOPs cost.
+
+    >>> sft_budget_tokens(forward_tokens=300, train_tokens=100)
+    200.0
+    """
+    return forward_tokens / 3 + train_tokens
+
+
+def matched_sft_rows(row_tokens: list[int], budget_tokens: float) -> list[int]:
+    """Indices of SFT rows — cycling through them in order: whole epochs, then part of one — whose
+    token total is nearest to `budget_tokens` (at least one row). A row is added while that brings
+    the total closer: total + tokens/2 < budget.
+
+    >>> matched_sft_rows([10, 20, 30], 75)
+    [0, 1, 2, 0]
+    """
+    if not row_tokens:
+        raise AhaError("distill-vs-rl: the teacher got no sample right: nothing to distill (raise teacher_steps or distill_prompts)")
+    chosen, total = [], 0
+    while not chosen or total + row_tokens[len(chosen) % len(row_tokens)] / 2 < budget_tokens:
+        tokens = row_tokens[len(chosen) % len(row_tokens)]
+        chosen.append(len(chosen) % len(row_tokens))
+        total += tokens
+    return chosen
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n − 1; 0 for one value).
+
+    >>> mean_std([0.5, 0.7, 0.9])
+    (0.7, 0.2)
+    """
+    mean = sum(values) / len(values)
+    return round(mean, 12), round(statistics.stdev(values), 12) if len(values) > 1 else 0.0
+
+
+ARMS = ("teacher", "student_base", "distill", "rl")
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """{arm: {metric: [mean, std]}} over the seeds, for pass@1, think_rate and student_flops."""
+    summary = {}
+    for arm in ARMS:
+        summary[arm] = {}
+        for metric in ("pass@1", "think_rate", "mean_response_tokens", "student_flops"):
+            values = [seed[arm][metric] for seed in per_seed if metric in seed[arm]]
+            if values:
+                summary[arm][metric] = list(mean_std(values))
+    return summary
+
+
+class TokenCounter:
+    """Counts the real (non-padding) tokens a model reads: in forward-only passes (no grad) and in
+    passes that a backward will follow (grad on). A forward pre-hook: nothing in the loop changes.
+    Input with a 2D attention mask counts the mask's last L columns (L = input length: prefill,
+    cached decoding and the update's padded rows alike); without one, every input token."""
+
+    def __init__(self, model):
+        self.forward_tokens = 0
+        self.train_tokens = 0
+        self.handle = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs):
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        mask = kwargs.get("attention_mask")
+        length = input_ids.shape[1]
+        real = int(mask[:, -length:].sum()) if mask is not None and mask.dim() == 2 else input_ids.numel()
+        if torch.is_grad_enabled():
+            self.train_tokens += real
+        else:
+            self.forward_tokens += real
+
+    def close(self):
+        self.handle.remove()
+
+
+def evaluate_dir(model_dir: Path, cfg: ExperimentConfig, seed: int, console=None, label: str = "eval") -> dict:
+    from aha.evaluate import EvalSpec, evaluate
+    from aha.model import detect_device, load_model
+    from aha.tasks import get_task
+    model, tokenizer = load_model(model_dir, detect_device())
+    result = evaluate(model, tokenizer, get_task("addition"), EvalSpec(cfg.eval_problems, cfg.eval_k, seed=seed),
+                      console=console, label=label)
+    return {key: value for key, value in result.items() if key != "samples"}
+
+
+def rl_config(cfg: ExperimentConfig, steps: int, seed: int, out: Path, model: Path | str = ""):
+    """`aha run`'s RL settings (aha/config.py defaults), no evals inside the run."""
+    from aha.config import load_config
+    return load_config(None, {"model": str(model), "steps": steps, "seed": seed, "out": str(out), "eval_every": 0,
+                              "eval_problems": cfg.eval_problems, "eval_k": cfg.eval_k})
+
+
+def cached_models(cfg: ExperimentConfig, cache: Path, console=None) -> tuple[Path, Path]:
+    """(teacher model dir, student base dir), made once per configuration and kept in `cache`."""
+    from aha.base import ensure_base_model
+    from aha.pretrain import PretrainConfig, pretrain
+    from aha.train import train
+    student = cache / f"student_h{cfg.student_hidden}_l{cfg.student_layers}_s{cfg.student_pretrain_steps}"
+    if not (student / "config.json").is_file():
+        pretrain(PretrainConfig(out=str(student), hidden=cfg.student_hidden, layers=cfg.student_layers,
+                                steps=cfg.student_pretrain_steps), console=console)
+    teacher = cache / f"teacher_rl{cfg.teacher_steps}"
+    if not (teacher / "model" / "config.json").is_file():
+        shutil.rmtree(teacher, ignore_errors=True)
+        teacher.mkdir(parents=True)
+        train(rl_config(cfg, cfg.teacher_steps, 0, teacher, ensure_base_model(console)), console=console, out=teacher)
+    return teacher / "model", student
+
+
+def rl_arm(student: Path, cfg: ExperimentConfig, seed: int, folder: Path, console=None) -> dict:
+    """The student trained by GRPO alone; its compute counted by a forward hook."""
+    from aha.model import count_parameters, detect_device, detect_dtype, load_model
+    from aha.train import train
+    device = detect_device()
+    model, tokenizer = load_model(student, device, detect_dtype(device))
+    counter = TokenCounter(model)
+    try:
+        train(rl_config(cfg, cfg.student_rl_steps, seed, folder), console=console, out=folder, model=model, tokenizer=tokenizer)
+    finally:
+        counter.close()
+    params = count_parameters(model)
+    return {"forward_tokens": counter.forward_tokens, "train_tokens": counter.train_tokens,
+            "student_flops": student_flops(params, counter.forward_tokens, counter.train_tokens)}
+
+
+def distill_arm(teacher: Path, student: Path, budget_tokens: float, cfg: ExperimentConfig, seed: int,
+                folder: Path, console=None) -> dict:
+    """Rejection sampling from the teacher, then SFT of the student on `budget_tokens` SFT tokens."""
+    from aha.model import count_parameters, detect_device, load_model, load_tokenizer
+    from aha.sample import SampleConfig, model_completer, sample_rows, write_rows
+    from aha.sft import SFTConfig, sft, tokenize_example
+    from aha.tasks import get_task
+    model, tokenizer = load_model(teacher, detect_device())
+    counter = TokenCounter(model)
+    scfg = SampleConfig(model=str(teacher), prompts=cfg.distill_prompts, k=cfg.distill_k, max_new_tokens=64,
+                        seed=seed, prompts_per_batch=64)
+    rows, sampled = sample_rows(get_task("addition"), model_completer(model.eval(), tokenizer, scfg), scfg, str(teacher), console)
+    counter.close()
+    student_tokenizer = load_tokenizer(student)
+    row_tokens = [len(tokenize_example(student_tokenizer, r["prompt"], r["response"])[0]) for r in rows]
+    chosen = matched_sft_rows(row_tokens, budget_tokens)
+    write_rows(rows, folder / "samples.jsonl")
+    write_rows([rows[i] for i in chosen], folder / "sft_data.jsonl")
+    trained = sft(SFTConfig(model=str(student), data=str(folder / "sft_data.jsonl"), out=str(folder / "model"),
+                            epochs=1, lr=cfg.sft_lr, batch_tokens=cfg.sft_batch_tokens, seq_len=cfg.sft_seq_len,
+                            seed=seed), console=console)
+    train_tokens = sum(row_tokens[i] for i in chosen)
+    params = count_parameters(load_model(folder / "model")[0])       # the student's: the SFT changes no shape
+    return {"forward_tokens": 0, "train_tokens": train_tokens, "student_flops": student_flops(params, 0, train_tokens),
+            "sft_examples": len(chosen), "distinct_examples": len(set(chosen)), "epochs": round(len(chosen) / len(rows), 2),
+            "sft_steps": trained["steps"], "teacher_samples_kept": sampled["kept"], "teacher_samples": sampled["samples"],
+            "teacher_sampling_flops": 2 * count_parameters(model) * counter.forward_tokens}
+
+
+def run_seed(teacher: Path, student: Path, cfg: ExperimentConfig, seed: int, folder: Path, console=None) -> dict:
+    """Both arms for one seed, RL first (it fixes the budget), and the four evaluations."""
+    say = (lambda line: console.print(line, soft_wrap=True, markup=False)) if console else print
+    (folder / "rl").mkdir(parents=True)
+    (folder / "distill").mkdir()
+    t0 = time.time()
+    rl = rl_arm(student, cfg, seed, folder / "rl", console)
+    rl_seconds = time.time() - t0
+    budget = sft_budget_tokens(rl["forward_tokens"], rl["train_tokens"])
+    t0 = time.time()
+    distill = distill_arm(teacher, student, budget, cfg, seed, folder / "distill", console)
+    distill_seconds = time.time() - t0
+    record = {"seed": seed}
+    for arm, model_dir, extra in [("teacher", teacher, {}), ("student_base", student, {}),
+                                  ("distill", folder / "distill" / "model", {**distill, "seconds": round(distill_seconds, 1)}),
+                                  ("rl", folder / "rl" / "model", {**rl, "seconds": round(rl_seconds, 1)})]:
+        record[arm] = {**evaluate_dir(model_dir, cfg, seed, console, label=f"eval {arm} (seed {seed})"), **extra,
+                       "model": str(model_dir)}
+    say(f"experiment: seed {seed}: pass@1 teacher {record['teacher']['pass@1']:.3f}, student base "
+        f"{record['student_base']['pass@1']:.3f}, distill {record['distill']['pass@1']:.3f}, rl {record['rl']['pass@1']:.3f}; "
+        f"student compute distill {distill['student_flops']:.3g} / rl {rl['student_flops']:.3g} FLOPs")
+    return record
+
+
+LABELS = {"teacher": "teacher: base (1.55M) + RL", "student_base": "student base (pretrained only)",
+          "distill": "student + distillation (SFT on teacher samples)", "rl": "student + RL alone"}
+
+
+def markdown(report: dict) -> str:
+    cfg, summary = report["config"], report["summary"]
+    n = len(report["seeds"])
+    cell = lambda pair, fmt: f"{pair[0]:{fmt}} ± {pair[1]:{fmt}}" if pair else "–"
+    lines = [f"# Distillation vs RL at equal student compute ({n} seeds)", "",
+             f"Held-out pass@1: {cfg['eval_problems']} problems × {cfg['eval_k']} samples, T 0.6, top-p 0.95; "
+             f"mean ± sample std over seeds. Student: hidden {cfg['student_hidden']}, {cfg['student_layers']} layers, "
+             f"{report['student_parameters']:,} parameters; teacher {report['teacher_parameters']:,}.", "",
+             "| model | pass@1 | think rate | response tokens | student compute (GFLOP) |", "|---|---:|---:|---:|---:|"]
+    for arm in ARMS:
+        flops = summary[arm].get("student_flops")
+        lines.append(f"| {LABELS[arm]} | {cell(summary[arm]['pass@1'], '.3f')} | {cell(summary[arm]['think_rate'], '.2f')} | "
+                     f"{cell(summary[arm]['mean_response_tokens'], '.1f')} | "
+                     f"{cell([f / 1e9 for f in flops], '.3f') if flops else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
+def prepare(out: Path, force: bool) -> Path:
+    """A fresh experiment folder; with `force`, everything but its model cache goes."""
+    if out.exists() and not out.is_dir():
+        raise AhaError(f"--out {out} is a file: choose a directory")
+    if out.exists() and any(p.name != "cache" for p in out.iterdir()):
+        if not force:
+            raise AhaError(f"--out {out} is not empty: choose another directory, or pass --force to replace it "
+                           "(its cache/ of pretrained models is kept)")
+        for p in out.iterdir():
+            if p.name != "cache":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def distill_vs_rl(cfg: ExperimentConfig, force: bool = False, console=None) -> dict:
+    from aha.model import count_parameters, load_model
+    if cfg.seeds < 1:
+        raise AhaError("experiment: --seeds must be at least 1")
+    start = time.time()
+    out = prepare(Path(cfg.out), force)
+    teacher, student = cached_models(cfg, out / "cache", console)
+    per_seed = [run_seed(teacher, student, cfg, seed, out / f"seed{seed}", console) for seed in range(cfg.seeds)]
+    report = {"experiment": "distill-vs-rl", "config": dataclasses.asdict(cfg), "seeds": per_seed,
+              "summary": aggregate(per_seed), "student_parameters": count_parameters(load_model(student)[0]),
+              "teacher_parameters": count_parameters(load_model(teacher)[0]), "wall_seconds": round(time.time() - start, 1)}
+    (out / "experiment.json").write_text(json.dumps(report, indent=2))
+    (out / "experiment.md").write_text(markdown(report))
+    return report
+
+
+def add_experiment_parser(sub) -> None:
+    p = sub.add_parser("experiment", help="R1's findings as experiments: distill-vs-rl",
+                       description="distill-vs-rl: a small pretrained student distilled from an RL teacher vs the same "
+                                   "student trained by RL alone, at equal student compute; mean ± std over seeds → "
+                                   "--out/experiment.json, experiment.md.")
+    p.add_argument("name", choices=EXPERIMENTS)
+    p.add_argument("--seeds", type=int, default=ExperimentConfig.seeds, help="seeds 0..N-1")
+    p.add_argument("--out", default=ExperimentConfig.out)
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every step, meaningless numbers")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out (its cache/ of models is kept)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="any ExperimentConfig key, e.g. student_rl_steps=60")
+
+
+def cmd_experiment(args, console) -> None:
+    from aha.config import parse_kv
+    from aha.pipeline import apply_typed
+    cfg = ExperimentConfig(out=args.out, seeds=args.seeds)
+    if args.quick:
+        apply_typed(cfg, QUICK, "--quick")
+    apply_typed(cfg, parse_kv(args.overrides), "command line")
+    report = distill_vs_rl(cfg, force=args.force, console=console)
+    print(markdown(report), end="")
+    console.print(f"{report['wall_seconds']:.0f} s; {Path(cfg.out) / 'experiment.json'}, {Path(cfg.out) / 'experiment.md'}")

@@ -1,0 +1,174 @@
+"""R1's four-stage pipeline (aha/pipeline.py) and the distill-vs-rl experiment (aha/experiment.py)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from aha.base import SHIPPED
+from aha.errors import AhaError
+from aha.experiment import (TokenCounter, aggregate, distill_vs_rl, matched_sft_rows, mean_std, sft_budget_tokens,
+                            student_flops, ExperimentConfig, QUICK as EXPERIMENT_QUICK)
+from aha.pipeline import QUICK, PipelineConfig, load_pipeline_config, pipeline
+from aha.tasks import get_task
+
+ROOT = Path(__file__).parent.parent
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "p.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_sets_stage_sizes_and_rl_keys_reach_aha_train(tmp_path):
+    cfg = load_pipeline_config(write(tmp_path, "rl_steps: 7\nsample_k: 3\nsft_lr: 1e-3\nrl: {algo: dapo, lr: 5.0e-5}\n"),
+                               {"final_rl_steps": "5"})
+    assert (cfg.rl_steps, cfg.final_rl_steps, cfg.sample_k, cfg.sft_lr) == (7, 5, 3, 1e-3)
+    rl = cfg.rl_config(cfg.final_rl_steps, "/tmp/x", "/m")
+    assert (rl.steps, rl.lr, rl.algo, rl.clip_high, rl.eval_every, rl.model) == (5, 5e-5, "dapo", 0.28, 0, "/m")
+    assert (rl.eval_problems, rl.eval_k, rl.max_new_tokens, rl.seed) == (200, 4, 64, 0)
+
+
+def test_quick_recipe_is_quick():
+    recipe = load_pipeline_config(str(ROOT / "recipes" / "pipeline_quick.yaml"))
+    assert recipe == load_pipeline_config(quick=True)
+    assert {key: getattr(recipe, key) for key in QUICK} == QUICK
+
+
+@pytest.mark.parametrize("text, words", [
+    ("rl_step: 3\n", "unknown config key 'rl_step'; did you mean 'rl_steps'?"),
+    ("rl_steps: many\n", "rl_steps expects int, got 'many'"),
+    ("rl: {lrr: 1}\n", "rl: unknown config key 'lrr'; did you mean 'lr'?"),
+    ("rl: {lr: fast}\n", "lr expects float"),
+    ("rl: {steps: 3}\n", "rl: sets steps; set it at the top level"),
+    ("rl: 3\n", "rl expects a mapping"),
+    ("sample_k: 0\n", "sample_k=0 must be at least 1"),
+    ("- a\n", "must be a mapping"),
+])
+def test_config_errors_name_the_key(tmp_path, text, words):
+    with pytest.raises(AhaError, match=words.replace("?", r"\?").replace("{", r"\{")):
+        load_pipeline_config(write(tmp_path, text))
+
+
+def test_cli_bad_key_is_one_line_exit_2(tmp_path, capsys):
+    from aha.cli import main
+    assert main(["pipeline", "--config", write(tmp_path, "eval_problem: 3\n"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "did you mean 'eval_problems'?" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_pipeline_runs_the_four_stages(tmp_path):
+    out = tmp_path / "pipe"
+    cfg = PipelineConfig(out=str(out), model=str(SHIPPED), cold_start_examples=6, cold_start_epochs=1, sft_epochs=1, sft_lr=1e-3,
+                         sft_batch_tokens=512, rl_steps=2, final_rl_steps=2, rl={"prompts_per_step": 2, "group_size": 4},
+                         sample_prompts=8, sample_k=2, eval_problems=6, eval_k=2).validate()
+    pipeline(cfg)
+    report = json.loads((out / "pipeline.json").read_text())
+    stages = report["stages"]
+    assert [s["stage"] for s in stages] == ["base", "cold_start", "reasoning_rl", "rejection_sft", "final_rl"]
+    assert [Path(s["folder"]).name for s in stages] == ["0_base", "1_cold_start", "2_reasoning_rl", "3_rejection_sft", "4_final_rl"]
+    for s in stages:
+        assert 0.0 <= s["pass@1"] <= 1.0 and s["wall_seconds"] >= 0 and s["mean_response_tokens"] > 0
+        assert json.loads((Path(s["folder"]) / "eval.json").read_text())["pass@1"] == s["pass@1"]
+        if s["stage"] != "base":
+            assert AutoModelForCausalLM.from_pretrained(s["model"]).config.model_type == "gpt2"
+    # (1) the cold start is the task's own worked solutions: right, reasoned, from training problems
+    task = get_task("addition")
+    cold = [json.loads(x) for x in (out / "1_cold_start" / "sft_data.jsonl").read_text().splitlines()]
+    assert len(cold) == 6 and all(r["response"].startswith(" <think>") for r in cold)
+    # (2) and (4): RL ran its steps; (3): SFT of the BASE model on the kept samples plus the cold start
+    for folder in ("2_reasoning_rl", "4_final_rl"):
+        assert len((out / folder / "metrics.jsonl").read_text().splitlines()) == 2
+    kept = (out / "3_rejection_sft" / "samples.jsonl").read_text().splitlines()
+    sft = json.loads((out / "3_rejection_sft" / "model" / "sft.json").read_text())
+    assert sft["base_model"] == str(SHIPPED) and sft["examples"] == len(kept) + 6
+    assert stages[3]["details"]["sample"]["kept"] == len(kept) > 0
+    for row in map(json.loads, kept):
+        assert row["accuracy"] == 1.0 and row["model"].endswith("2_reasoning_rl/model")
+    table = (out / "pipeline.md").read_text()
+    assert table.count("\n| ") == 1 + 5 and f"| {stages[4]['pass@1']:.3f} |" in table
+    assert task.score(cold[0]["response"], next(task.train_problems(cfg.seed + 7_777)))["accuracy"] == 1.0
+
+
+# --- distill vs RL: compute matching and aggregation, by hand ---
+
+def test_flops_and_the_matched_sft_budget():
+    assert student_flops(1000, forward_tokens=300, train_tokens=100) == 2 * 1000 * 300 + 6 * 1000 * 100 == 1_200_000
+    budget = sft_budget_tokens(forward_tokens=300, train_tokens=100)        # 300/3 + 100
+    assert budget == 200 and student_flops(1000, 0, budget) == 1_200_000
+    # rows of 50 and 70 tokens, cycled: 50, 120, 170 — adding 70 more (240) would land farther from 200
+    assert matched_sft_rows([50, 70], 200) == [0, 1, 0]
+    assert matched_sft_rows([10, 20, 30], 75) == [0, 1, 2, 0]           # 70: a second epoch, begun
+    assert matched_sft_rows([10, 20, 30], 81) == [0, 1, 2, 0, 1]        # 90 is nearer to 81 than 70 is
+    assert matched_sft_rows([100], 1) == [0]                            # never empty
+    with pytest.raises(AhaError, match="nothing to distill"):
+        matched_sft_rows([], 10)
+
+
+def test_token_counter_counts_real_tokens_forward_and_trained(tiny_model_dir):
+    from aha.model import load_model
+    from aha.rollout import SamplingParams, generate
+    from aha.train import completion_logprobs
+    model, tokenizer = load_model(tiny_model_dir)
+    counter = TokenCounter(model)
+    prompts = [[10, 11, 12], [13, 14, 15, 16, 17]]                       # 8 prompt tokens, left-padded to 5
+    rollout = generate(model.eval(), prompts, 2, SamplingParams(6, 1.0, 1.0, 0, (tokenizer.eos_token_id,)),
+                       tokenizer.pad_token_id, seed=0)
+    # each prompt's prefill once, then every sampled token but each row's last is fed back
+    assert counter.forward_tokens == 8 + int((rollout.lengths - 1).sum()) and counter.train_tokens == 0
+    rows = torch.tensor([1, 2])                                           # a row of each prompt
+    completion_logprobs(model.train(), rollout, rows, 1.0)
+    assert counter.train_tokens == 3 + 5 + int(rollout.lengths[rows].sum())
+    counter.close()
+    generate(model.eval(), prompts, 1, SamplingParams(2, 1.0, 1.0, 0, ()), tokenizer.pad_token_id, seed=0)
+    assert counter.forward_tokens == 8 + int((rollout.lengths - 1).sum())   # the hook is gone
+
+
+def test_mean_std_over_seeds_by_hand():
+    assert mean_std([0.5, 0.7, 0.9]) == (0.7, 0.2)
+    assert mean_std([0.25]) == (0.25, 0.0)
+    per_seed = [{"teacher": {"pass@1": 0.9, "think_rate": 1.0, "mean_response_tokens": 37.0},
+                 "student_base": {"pass@1": 0.2, "think_rate": 0.2, "mean_response_tokens": 12.0},
+                 "distill": {"pass@1": 0.8, "think_rate": 1.0, "mean_response_tokens": 36.0, "student_flops": 100},
+                 "rl": {"pass@1": 0.4, "think_rate": 0.5, "mean_response_tokens": 20.0, "student_flops": 110}},
+                {"teacher": {"pass@1": 0.9, "think_rate": 1.0, "mean_response_tokens": 37.0},
+                 "student_base": {"pass@1": 0.3, "think_rate": 0.2, "mean_response_tokens": 12.0},
+                 "distill": {"pass@1": 0.6, "think_rate": 1.0, "mean_response_tokens": 36.0, "student_flops": 120},
+                 "rl": {"pass@1": 0.8, "think_rate": 0.9, "mean_response_tokens": 30.0, "student_flops": 90}}]
+    summary = aggregate(per_seed)
+    assert summary["distill"]["pass@1"] == pytest.approx([0.7, 0.1414213562], abs=1e-9)    # std: √(2·0.1²/1)
+    assert summary["rl"]["pass@1"] == pytest.approx([0.6, 0.2828427125], abs=1e-9)
+    assert summary["rl"]["student_flops"] == pytest.approx([100.0, 14.1421356237], abs=1e-9)
+    assert summary["teacher"]["pass@1"] == [0.9, 0.0] and "student_flops" not in summary["teacher"]
+
+
+def test_experiment_quick_end_to_end(tmp_path):
+    out = tmp_path / "dvr"
+    cfg = ExperimentConfig(out=str(out), seeds=1, **{**EXPERIMENT_QUICK, "student_pretrain_steps": 10})
+    report = distill_vs_rl(cfg)
+    seed = report["seeds"][0]
+    rl, distill = seed["rl"], seed["distill"]
+    assert rl["forward_tokens"] > 0 and rl["train_tokens"] >= 0
+    # equal student compute, to within one SFT example (at most ~60 tokens here)
+    budget = sft_budget_tokens(rl["forward_tokens"], rl["train_tokens"])
+    assert abs(distill["train_tokens"] - budget) <= 60
+    assert distill["student_flops"] == 6 * report["student_parameters"] * distill["train_tokens"]
+    assert report["student_parameters"] < report["teacher_parameters"]
+    for arm in ("teacher", "student_base", "distill", "rl"):
+        assert 0.0 <= seed[arm]["pass@1"] <= 1.0
+        assert report["summary"][arm]["pass@1"] == [seed[arm]["pass@1"], 0.0]
+    assert json.loads((out / "experiment.json").read_text())["summary"] == report["summary"]
+    assert (out / "experiment.md").read_text().count("\n| ") == 1 + 4
+    with pytest.raises(AhaError, match="not empty"):
+        distill_vs_rl(cfg)
+
+
+def test_doctests():
+    import doctest
+
+    import aha.experiment
+    assert doctest.testmod(aha.experiment).failed == 0
