@@ -113,7 +113,48 @@ def test_reward_weights_reach_the_reward():
 def test_unknown_component_name_stops_the_run(model_dirs, tmp_path, capsys):
     code = main(["train", "--model", str(model_dirs["qwen2"]), "--task", "countdown", "--steps", "1",
                  "--out", str(tmp_path / "run"), *SMALL, "reward_weights=tinyzer=1"])
-    assert code == 2 and "tinyzer" in capsys.readouterr().err
+    assert code == 2 and "reward_weights names tinyzer, but task 'countdown' gives the components" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()                    # stopped before anything was written
+
+
+def test_shaping_components_by_name_are_computed_weighted_and_logged():
+    from types import SimpleNamespace
+    from aha.config import Config
+    from aha.rewards import cosine_length, repetition_penalty
+    from aha.tasks import get_task
+    from aha.train import score
+    task = get_task("addition")
+    problem = next(task.train_problems(0))
+    right = f"<think>the sum is the sum is the sum is</think> <answer>{problem.answer}</answer>"
+    wrong = "<answer>0</answer> <answer>1</answer>"
+    rollout = SimpleNamespace(lengths=torch.tensor([30, 64]))
+    cfg = Config(group_size=2, max_new_tokens=64,
+                 reward_weights="accuracy=1,format=0,tag_count=0.5,repetition=2,cosine=1,format_strict=3").validate()
+    scores, rewards = score(task, cfg, [right, wrong], [problem], rollout)
+    assert [s["tag_count"] for s in scores] == [1.0, 0.0]                  # second: <answer> twice, no think
+    assert [s["format_strict"] for s in scores] == [1.0, 0.0]
+    assert scores[0]["repetition"] == pytest.approx(repetition_penalty(right)) and scores[0]["repetition"] < 0
+    assert scores[0]["cosine"] == pytest.approx(cosine_length(30, True, 64))
+    assert scores[1]["cosine"] == pytest.approx(-0.5)                       # wrong at the budget: −0.5
+    assert "overlong" not in scores[0] and "language" not in scores[0]      # only what is weighted (overlong=none)
+    expected = [1 + 0.5 * 1 + 2 * scores[0]["repetition"] + scores[0]["cosine"] + 3, 0 + 0 + 0 - 0.5 + 0]
+    assert rewards.tolist() == pytest.approx(expected)
+
+
+def test_language_component_follows_lang():
+    from types import SimpleNamespace
+    from aha.config import Config
+    from aha.tasks import get_task
+    from aha.train import score
+    task = get_task("addition")
+    problem = next(task.train_problems(0))
+    english = "<think>First I add the units and carry the one, then I add the tens.</think> <answer>1</answer>"
+    indonesian = "<think>Pertama saya menjumlahkan satuan dan menyimpan satu, lalu saya menjumlahkan puluhan.</think> <answer>1</answer>"
+    rollout = SimpleNamespace(lengths=torch.tensor([40, 40]))
+    for lang, expected in [("en", [1.0, 0.0]), ("id", [0.0, 1.0])]:
+        cfg = Config(group_size=2, lang=lang, reward_weights="language=1").validate()
+        scores, _ = score(task, cfg, [english, indonesian], [problem], rollout)
+        assert [s["language"] for s in scores] == expected, lang
 
 
 SKIPPING = '''
