@@ -3,12 +3,13 @@ the same seed and global batch on 1 process and on 2 torchrun processes over glo
 
 Tolerances, and what was measured on the 2-core CI machine (3 steps, lr 1e-3, built-in base model):
 - reward_mean (and every batch metric): equal bit for bit — each row samples the same tokens.
-- grad_norm, entropy: relative 1e-5 (measured ≤ 3e-6). The 2-process all-reduce and the trimmed
-  per-rank batches sum in another order, so the last float32 bits differ.
-- loss: absolute 1e-6 (measured ≤ 4e-9). With μ = 1 the loss is exactly 0 in exact arithmetic (the
+- grad_norm: relative 5e-5 (measured ≤ 4.4e-6); entropy: relative 1e-5 (measured ≤ 7.1e-7). The
+  2-process all-reduce and the trimmed per-rank batches sum in another order, so the last float32
+  bits differ, and AdamW carries the difference into the next steps.
+- loss: absolute 1e-6 (measured ≤ 3.8e-9). With μ = 1 the loss is exactly 0 in exact arithmetic (the
   ratio is 1 and each group's advantages sum to 0), so a relative tolerance on it means nothing.
 - weights: the relative difference of the two runs' updates, |Δ2 − Δ1| / |Δ1|, below 1e-2 (measured
-  ≈ 1e-3). AdamW divides each gradient element by its own RMS, so elements whose gradient is mostly
+  ≤ 1.1e-3). AdamW divides each gradient element by its own RMS, so elements whose gradient is mostly
   rounding noise take steps of up to ±lr in either run: elementwise max differences reach ~lr.
 """
 
@@ -209,7 +210,7 @@ def test_two_processes_train_as_one(one_process, two_processes, strategy):
                     "zero_spread_frac", "trained_rows", "groups_kept"):
             assert a[key] == b[key], (a["step"], key)
         assert b["loss"] == pytest.approx(a["loss"], rel=0, abs=1e-6)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=5e-5)
         assert (a["entropy"] is None and b["entropy"] is None) or b["entropy"] == pytest.approx(a["entropy"], rel=1e-5)
     assert update_difference(one_process, out) < 1e-2
     assert AutoModelForCausalLM.from_pretrained(out / "model").config.model_type == "gpt2"
