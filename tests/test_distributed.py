@@ -146,17 +146,6 @@ def test_nproc_refuses_a_batch_that_does_not_split_before_launching(tmp_path, ca
 
 SETTINGS = ["--steps", "3", "prompts_per_step=4", "group_size=4", "max_new_tokens=24", "eval_problems=4",
             "eval_k=1", "eval_every=0", "lr=1e-3"]
-# One torchrun launch runs `aha train` twice, DDP then FSDP2, in the same 2 processes: starting
-# Python, torch and transformers costs more than the runs on 2 CPU cores. The driver is what
-# `torchrun --nproc_per_node 2 -m aha train …` runs (aha/__main__.py calls the same `main`).
-DRIVER = """
-import sys
-from aha.cli import main
-ddp, fsdp, *settings = sys.argv[1:]
-sys.exit(main(["train", "--out", ddp, *settings]) or main(["train", "--out", fsdp, *settings, "dist_strategy=fsdp"]))
-"""
-
-
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The reference run, in this process (the code of `aha train`, without starting another Python)."""
@@ -172,16 +161,18 @@ def one_process(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """{strategy: run folder} of the same runs on 2 torchrun processes over gloo."""
+    """{strategy: run folder} of the same runs on 2 processes over gloo: DDP launched exactly as the
+    docs say (`torchrun --nproc_per_node 2 -m aha train …`), FSDP2 through the `--nproc 2` shortcut."""
     root = tmp_path_factory.mktemp("two")
-    (root / "driver.py").write_text(DRIVER)
     outs = {"ddp": root / "ddp", "fsdp": root / "fsdp"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(root / "driver.py"), str(outs["ddp"]), str(outs["fsdp"]), *SETTINGS],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stderr.count("done: 3 steps") == 2             # rank 0 alone reports, once per run
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    for command in ([*torchrun, "-m", "aha", "train", "--out", str(outs["ddp"]), *SETTINGS],
+                    [sys.executable, "-m", "aha", "train", "--nproc", "2", "--out", str(outs["fsdp"]), *SETTINGS,
+                     "dist_strategy=fsdp"]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stderr.count("done: 3 steps") == 1             # rank 0 alone reports
     return outs
 
 
