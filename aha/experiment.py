@@ -9,11 +9,14 @@ trained by RL (R1-Distill-Qwen-32B 72.6 vs RL-only Qwen-32B 47.0 on AIME). Here:
     (seed 0) and cached in DIR/cache, shared by the seeds;
   - student base: a smaller GPT-2 (hidden 128, 2 layers: ~0.38M) pretrained on the same corpus
     (aha.pretrain), once, cached in DIR/cache;
-  - arm "rl": the student trained by GRPO alone for `student_rl_steps` steps (aha.train);
+  - arm "rl": the student trained by GRPO alone (aha.train, `aha run`'s settings), for each
+    budget of `student_rl_steps` (default 25 and 100 steps: short of and at convergence);
   - arm "distill": rejection sampling from the teacher (aha.sample) + SFT of the student
     (aha.sft), on as many SFT tokens as give it the RL arm's measured student compute.
 Per seed s (RL, sampling, SFT and eval seeds): held-out pass@1 of teacher, student base and both
-arms; then mean ± std (sample std, n − 1) over seeds → DIR/experiment.json and experiment.md.
+arms at each budget; then mean ± std (sample std, n − 1) over seeds → DIR/experiment.json and
+DIR/experiment.md. Departure from R1: the student's corpus already holds the teacher's reasoning
+format (both come from aha.pretrain), so RL only has to make the student use it.
 
 Student compute: C = 2·N·F + 6·N·T FLOPs (Kaplan et al.'s estimate), N = the student's parameters
 (embeddings included), F = real (non-padding) tokens the student reads in forward-only passes (RL
@@ -48,8 +51,8 @@ class ExperimentConfig:
     student_hidden: int = 128
     student_layers: int = 2
     student_pretrain_steps: int = 1000
-    student_rl_steps: int = 100      # sets the compute budget of both arms
-    distill_prompts: int = 1024      # teacher samples: training problems × k (more than the budget needs)
+    student_rl_steps: tuple[int, ...] = (25, 100)   # the compute budgets: RL steps of the RL arm
+    distill_prompts: int = 1024      # teacher samples: training problems × k (more than the budgets need)
     distill_k: int = 1
     sft_lr: float = 1e-3
     sft_batch_tokens: int = 2048
@@ -59,7 +62,7 @@ class ExperimentConfig:
 
 
 # --quick: every step of the experiment in about a minute; the numbers mean nothing
-QUICK = {"teacher_steps": 3, "student_pretrain_steps": 30, "student_rl_steps": 3, "distill_prompts": 16,
+QUICK = {"teacher_steps": 3, "student_pretrain_steps": 30, "student_rl_steps": (3,), "distill_prompts": 16,
          "distill_k": 2, "eval_problems": 8, "eval_k": 2}
 
 
@@ -109,15 +112,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return round(mean, 12), round(statistics.stdev(values), 12) if len(values) > 1 else 0.0
 
 
-ARMS = ("teacher", "student_base", "distill", "rl")
-
-
 def aggregate(per_seed: list[dict]) -> dict:
-    """{arm: {metric: [mean, std]}} over the seeds, for pass@1, think_rate and student_flops."""
+    """{arm: {metric: [mean, std]}} over the seeds, for each arm of the first seed's record."""
     summary = {}
-    for arm in ARMS:
+    for arm in (key for key in per_seed[0] if key != "seed"):
         summary[arm] = {}
-        for metric in ("pass@1", "think_rate", "mean_response_tokens", "student_flops"):
+        for metric in ("pass@1", "think_rate", "mean_response_tokens", "student_flops", "teacher_sampling_flops"):
             values = [seed[arm][metric] for seed in per_seed if metric in seed[arm]]
             if values:
                 summary[arm][metric] = list(mean_std(values))
@@ -183,7 +183,7 @@ def cached_models(cfg: ExperimentConfig, cache: Path, console=None) -> tuple[Pat
     return teacher / "model", student
 
 
-def rl_arm(student: Path, cfg: ExperimentConfig, seed: int, folder: Path, console=None) -> dict:
+def rl_arm(student: Path, cfg: ExperimentConfig, steps: int, seed: int, folder: Path, console=None) -> dict:
     """The student trained by GRPO alone; its compute counted by a forward hook."""
     from aha.model import count_parameters, detect_device, detect_dtype, load_model
     from aha.train import train
@@ -191,85 +191,101 @@ def rl_arm(student: Path, cfg: ExperimentConfig, seed: int, folder: Path, consol
     model, tokenizer = load_model(student, device, detect_dtype(device))
     counter = TokenCounter(model)
     try:
-        train(rl_config(cfg, cfg.student_rl_steps, seed, folder), console=console, out=folder, model=model, tokenizer=tokenizer)
+        train(rl_config(cfg, steps, seed, folder), console=console, out=folder, model=model, tokenizer=tokenizer)
     finally:
         counter.close()
-    params = count_parameters(model)
-    return {"forward_tokens": counter.forward_tokens, "train_tokens": counter.train_tokens,
-            "student_flops": student_flops(params, counter.forward_tokens, counter.train_tokens)}
+    return {"rl_steps": steps, "forward_tokens": counter.forward_tokens, "train_tokens": counter.train_tokens,
+            "student_flops": student_flops(count_parameters(model), counter.forward_tokens, counter.train_tokens)}
 
 
-def distill_arm(teacher: Path, student: Path, budget_tokens: float, cfg: ExperimentConfig, seed: int,
-                folder: Path, console=None) -> dict:
-    """Rejection sampling from the teacher, then SFT of the student on `budget_tokens` SFT tokens."""
-    from aha.model import count_parameters, detect_device, load_model, load_tokenizer
+def teacher_samples(teacher: Path, cfg: ExperimentConfig, seed: int, folder: Path, console=None) -> tuple[list[dict], dict]:
+    """Rejection sampling from the teacher (aha.sample) → folder/samples.jsonl; its compute counted apart."""
+    from aha.model import count_parameters, detect_device, load_model
     from aha.sample import SampleConfig, model_completer, sample_rows, write_rows
-    from aha.sft import SFTConfig, sft, tokenize_example
     from aha.tasks import get_task
     model, tokenizer = load_model(teacher, detect_device())
     counter = TokenCounter(model)
     scfg = SampleConfig(model=str(teacher), prompts=cfg.distill_prompts, k=cfg.distill_k, max_new_tokens=64,
                         seed=seed, prompts_per_batch=64)
-    rows, sampled = sample_rows(get_task("addition"), model_completer(model.eval(), tokenizer, scfg), scfg, str(teacher), console)
+    rows, stats = sample_rows(get_task("addition"), model_completer(model.eval(), tokenizer, scfg), scfg, str(teacher), console)
     counter.close()
-    student_tokenizer = load_tokenizer(student)
-    row_tokens = [len(tokenize_example(student_tokenizer, r["prompt"], r["response"])[0]) for r in rows]
-    chosen = matched_sft_rows(row_tokens, budget_tokens)
     write_rows(rows, folder / "samples.jsonl")
+    return rows, {"teacher_samples_kept": stats["kept"], "teacher_samples": stats["samples"],
+                  "teacher_sampling_flops": student_flops(count_parameters(model), counter.forward_tokens, 0)}
+
+
+def distill_arm(rows: list[dict], student: Path, budget_tokens: float, cfg: ExperimentConfig, seed: int,
+                folder: Path, console=None) -> dict:
+    """SFT of the student on teacher samples, `budget_tokens` SFT tokens of them (aha.sft)."""
+    from aha.model import count_parameters, load_model, load_tokenizer
+    from aha.sample import write_rows
+    from aha.sft import SFTConfig, sft, tokenize_example
+    tokenizer = load_tokenizer(student)
+    row_tokens = [len(tokenize_example(tokenizer, r["prompt"], r["response"])[0]) for r in rows]
+    chosen = matched_sft_rows(row_tokens, budget_tokens)
     write_rows([rows[i] for i in chosen], folder / "sft_data.jsonl")
     trained = sft(SFTConfig(model=str(student), data=str(folder / "sft_data.jsonl"), out=str(folder / "model"),
                             epochs=1, lr=cfg.sft_lr, batch_tokens=cfg.sft_batch_tokens, seq_len=cfg.sft_seq_len,
                             seed=seed), console=console)
     train_tokens = sum(row_tokens[i] for i in chosen)
-    params = count_parameters(load_model(folder / "model")[0])       # the student's: the SFT changes no shape
+    params = count_parameters(load_model(folder / "model")[0])
     return {"forward_tokens": 0, "train_tokens": train_tokens, "student_flops": student_flops(params, 0, train_tokens),
-            "sft_examples": len(chosen), "distinct_examples": len(set(chosen)), "epochs": round(len(chosen) / len(rows), 2),
-            "sft_steps": trained["steps"], "teacher_samples_kept": sampled["kept"], "teacher_samples": sampled["samples"],
-            "teacher_sampling_flops": 2 * count_parameters(model) * counter.forward_tokens}
+            "sft_examples": len(chosen), "distinct_examples": len(set(chosen)),
+            "epochs": round(len(chosen) / len(rows), 2), "sft_steps": trained["steps"]}
 
 
 def run_seed(teacher: Path, student: Path, cfg: ExperimentConfig, seed: int, folder: Path, console=None) -> dict:
-    """Both arms for one seed, RL first (it fixes the budget), and the four evaluations."""
+    """Per compute budget: the RL arm first (its measured compute is the budget), then the distill
+    arm on the same budget; then the evaluations."""
     say = (lambda line: console.print(line, soft_wrap=True, markup=False)) if console else print
-    (folder / "rl").mkdir(parents=True)
-    (folder / "distill").mkdir()
-    t0 = time.time()
-    rl = rl_arm(student, cfg, seed, folder / "rl", console)
-    rl_seconds = time.time() - t0
-    budget = sft_budget_tokens(rl["forward_tokens"], rl["train_tokens"])
-    t0 = time.time()
-    distill = distill_arm(teacher, student, budget, cfg, seed, folder / "distill", console)
-    distill_seconds = time.time() - t0
+    folder.mkdir(parents=True)
+    rows, sampling = teacher_samples(teacher, cfg, seed, folder, console)
+    models = {"teacher": (teacher, sampling), "student_base": (student, {})}
+    for steps in cfg.student_rl_steps:
+        (folder / f"rl_{steps}").mkdir()
+        (folder / f"distill_{steps}").mkdir()
+        t0 = time.time()
+        rl = rl_arm(student, cfg, steps, seed, folder / f"rl_{steps}", console)
+        t1 = time.time()
+        budget = sft_budget_tokens(rl["forward_tokens"], rl["train_tokens"])
+        distill = distill_arm(rows, student, budget, cfg, seed, folder / f"distill_{steps}", console)
+        models[f"distill@{steps}"] = (folder / f"distill_{steps}" / "model", {**distill, "seconds": round(time.time() - t1, 1)})
+        models[f"rl@{steps}"] = (folder / f"rl_{steps}" / "model", {**rl, "seconds": round(t1 - t0, 1)})
     record = {"seed": seed}
-    for arm, model_dir, extra in [("teacher", teacher, {}), ("student_base", student, {}),
-                                  ("distill", folder / "distill" / "model", {**distill, "seconds": round(distill_seconds, 1)}),
-                                  ("rl", folder / "rl" / "model", {**rl, "seconds": round(rl_seconds, 1)})]:
-        record[arm] = {**evaluate_dir(model_dir, cfg, seed, console, label=f"eval {arm} (seed {seed})"), **extra,
-                       "model": str(model_dir)}
-    say(f"experiment: seed {seed}: pass@1 teacher {record['teacher']['pass@1']:.3f}, student base "
-        f"{record['student_base']['pass@1']:.3f}, distill {record['distill']['pass@1']:.3f}, rl {record['rl']['pass@1']:.3f}; "
-        f"student compute distill {distill['student_flops']:.3g} / rl {rl['student_flops']:.3g} FLOPs")
+    for arm, (model_dir, extra) in models.items():
+        result = evaluate_dir(model_dir, cfg, seed, console, label=f"eval {arm} (seed {seed})")
+        record[arm] = {**result, **extra, "model": str(model_dir)}
+    say(f"experiment: seed {seed}: pass@1 " + ", ".join(f"{arm} {record[arm]['pass@1']:.3f}" for arm in models))
     return record
 
 
-LABELS = {"teacher": "teacher: base (1.55M) + RL", "student_base": "student base (pretrained only)",
-          "distill": "student + distillation (SFT on teacher samples)", "rl": "student + RL alone"}
+def label(arm: str) -> str:
+    if arm == "teacher":
+        return "teacher: built-in base + RL"
+    if arm == "student_base":
+        return "student base (pretrained only)"
+    kind, steps = arm.split("@")
+    return (f"student + distillation, compute of {steps} RL steps" if kind == "distill"
+            else f"student + RL alone, {steps} steps")
 
 
 def markdown(report: dict) -> str:
     cfg, summary = report["config"], report["summary"]
     n = len(report["seeds"])
-    cell = lambda pair, fmt: f"{pair[0]:{fmt}} ± {pair[1]:{fmt}}" if pair else "–"
-    lines = [f"# Distillation vs RL at equal student compute ({n} seeds)", "",
+    cell = lambda pair, fmt: f"{pair[0]:{fmt}} ± {pair[1]:{fmt}}"
+    lines = [f"# Distillation vs RL at equal student compute ({n} seed{'s' * (n > 1)})", "",
              f"Held-out pass@1: {cfg['eval_problems']} problems × {cfg['eval_k']} samples, T 0.6, top-p 0.95; "
              f"mean ± sample std over seeds. Student: hidden {cfg['student_hidden']}, {cfg['student_layers']} layers, "
-             f"{report['student_parameters']:,} parameters; teacher {report['teacher_parameters']:,}.", "",
+             f"{report['student_parameters']:,} parameters; teacher {report['teacher_parameters']:,}. Student compute: "
+             "2·N·(tokens read forward-only) + 6·N·(tokens trained), N = student parameters.", "",
              "| model | pass@1 | think rate | response tokens | student compute (GFLOP) |", "|---|---:|---:|---:|---:|"]
-    for arm in ARMS:
-        flops = summary[arm].get("student_flops")
-        lines.append(f"| {LABELS[arm]} | {cell(summary[arm]['pass@1'], '.3f')} | {cell(summary[arm]['think_rate'], '.2f')} | "
-                     f"{cell(summary[arm]['mean_response_tokens'], '.1f')} | "
-                     f"{cell([f / 1e9 for f in flops], '.3f') if flops else '–'} |")
+    for arm, metrics in summary.items():
+        flops = metrics.get("student_flops")
+        lines.append(f"| {label(arm)} | {cell(metrics['pass@1'], '.3f')} | {cell(metrics['think_rate'], '.2f')} | "
+                     f"{cell(metrics['mean_response_tokens'], '.1f')} | {cell([f / 1e9 for f in flops], '.1f') if flops else '–'} |")
+    teacher = summary["teacher"].get("teacher_sampling_flops")
+    if teacher:
+        lines += ["", f"The teacher spent {teacher[0] / 1e9:.1f} GFLOP per seed sampling its answers (not student compute)."]
     return "\n".join(lines) + "\n"
 
 
@@ -290,8 +306,8 @@ def prepare(out: Path, force: bool) -> Path:
 
 def distill_vs_rl(cfg: ExperimentConfig, force: bool = False, console=None) -> dict:
     from aha.model import count_parameters, load_model
-    if cfg.seeds < 1:
-        raise AhaError("experiment: --seeds must be at least 1")
+    if cfg.seeds < 1 or min(cfg.student_rl_steps, default=0) < 1:
+        raise AhaError("experiment: --seeds and every student_rl_steps must be at least 1")
     start = time.time()
     out = prepare(Path(cfg.out), force)
     teacher, student = cached_models(cfg, out / "cache", console)
@@ -314,7 +330,7 @@ def add_experiment_parser(sub) -> None:
     p.add_argument("--out", default=ExperimentConfig.out)
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every step, meaningless numbers")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out (its cache/ of models is kept)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="any ExperimentConfig key, e.g. student_rl_steps=60")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="any ExperimentConfig key, e.g. student_rl_steps=20,60")
 
 
 def cmd_experiment(args, console) -> None:

@@ -78,6 +78,9 @@ class PipelineConfig:
                 raise AhaError(f"pipeline config: {name}={getattr(self, name)} must be at least 1")
         if self.sft_lr <= 0 or self.sft_seq_len < 2:
             raise AhaError("pipeline config: need sft_lr > 0 and sft_seq_len >= 2")
+        for name in ("model", "cold_start_data"):
+            if getattr(self, name) and not Path(getattr(self, name)).exists():
+                raise AhaError(f"pipeline config: {name}={getattr(self, name)!r} does not exist")
         owned = set(self.rl) & OWNED_BY_PIPELINE
         if owned:
             raise AhaError(f"pipeline config: rl: sets {', '.join(sorted(owned))}; set it at the top level of the "
@@ -116,8 +119,13 @@ def apply_typed(obj, values: dict, source: str):
                     pass
             if not isinstance(raw, dict):
                 raise AhaError(f"{source}: {key} expects a mapping of aha train keys, got {raw!r}")
-            apply_overrides(Config(), raw, f"{source}: {key}")      # each key known to aha train, well typed
-            setattr(obj, key, dict(raw))
+            typed = apply_overrides(Config(), raw, f"{source}: {key}")      # each key known to aha train, well typed
+            setattr(obj, key, {name: getattr(typed, name) for name in raw})
+        elif typing.get_origin(types[key]) is tuple:                # "25,100" or a YAML list
+            items = raw.split(",") if isinstance(raw, str) else raw
+            if not isinstance(items, (list, tuple)) or not items:
+                raise AhaError(f"{source}: {key} expects a list, e.g. 25,100; got {raw!r}")
+            setattr(obj, key, tuple(_coerce(key, item, typing.get_args(types[key])[0]) for item in items))
         else:
             setattr(obj, key, _coerce(key, raw, types[key]))
     return obj

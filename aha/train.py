@@ -41,6 +41,7 @@ from aha.dynamic import concat_rollouts, group_spread, kept_groups
 from aha.errors import AhaError, Stopped
 from aha.evaluate import EvalSpec, evaluate
 from aha.health import HealthMonitor
+from aha.logprobs import completion_logprobs
 from aha.lora import add_lora, merged
 from aha.model import detect_device, detect_dtype, load_model
 from aha.progress import progress_bar
@@ -133,33 +134,6 @@ def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingPara
                  rollout=concat_rollouts([part[1] for part in parts], tokenizer.pad_token_id),
                  texts=[t for part in parts for t in part[2]], scores=[s for part in parts for s in part[3]],
                  rewards=torch.cat([part[4] for part in parts]), tries=len(parts))
-
-
-def completion_logprobs(model, rollout: Rollout, rows: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs (R, T) of the sampled completion tokens of `rows`, and per-token entropy (R, T).
-
-    Trims the batch to the real extent of these rows (left prompt padding, right completion
-    padding) and computes logits only over completion positions. log p = logit − logsumexp:
-    no full-vocabulary log-softmax tensor is kept.
-    """
-    prompt_ids, prompt_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows]
-    completion_ids, completion_mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
-    first = int((prompt_mask.sum(dim=0) > 0).nonzero()[0])           # drop all-padding columns
-    width = int(completion_mask.sum(dim=1).max())
-    prompt_ids, prompt_mask = prompt_ids[:, first:], prompt_mask[:, first:]
-    completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    attention = torch.cat([prompt_mask, completion_mask], dim=1)
-    positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions,
-                   logits_to_keep=width + 1, use_cache=False).logits[:, :-1].float()   # (R, T, V)
-    if temperature > 0:
-        logits = logits / temperature
-    logsumexp = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logsumexp
-    with torch.no_grad():
-        entropy = logsumexp - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
-    return logp, entropy, completion_mask
 
 
 def group_advantages(cfg: Config, rewards: torch.Tensor, scores: list[dict], kept: torch.Tensor):

@@ -9,8 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from aha.base import SHIPPED
 from aha.errors import AhaError
-from aha.experiment import (TokenCounter, aggregate, distill_vs_rl, matched_sft_rows, mean_std, sft_budget_tokens,
-                            student_flops, ExperimentConfig, QUICK as EXPERIMENT_QUICK)
+from aha.experiment import TokenCounter, aggregate, matched_sft_rows, mean_std, sft_budget_tokens, student_flops
 from aha.pipeline import QUICK, PipelineConfig, load_pipeline_config, pipeline
 from aha.tasks import get_task
 
@@ -46,6 +45,7 @@ def test_quick_recipe_is_quick():
     ("rl: {steps: 3}\n", "rl: sets steps; set it at the top level"),
     ("rl: 3\n", "rl expects a mapping"),
     ("sample_k: 0\n", "sample_k=0 must be at least 1"),
+    ("cold_start_data: /nonexistent.jsonl\n", "cold_start_data='/nonexistent.jsonl' does not exist"),
     ("- a\n", "must be a mapping"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, words):
@@ -112,59 +112,67 @@ def test_flops_and_the_matched_sft_budget():
 def test_token_counter_counts_real_tokens_forward_and_trained(tiny_model_dir):
     from aha.model import load_model
     from aha.rollout import SamplingParams, generate
-    from aha.train import completion_logprobs
     model, tokenizer = load_model(tiny_model_dir)
     counter = TokenCounter(model)
     prompts = [[10, 11, 12], [13, 14, 15, 16, 17]]                       # 8 prompt tokens, left-padded to 5
     rollout = generate(model.eval(), prompts, 2, SamplingParams(6, 1.0, 1.0, 0, (tokenizer.eos_token_id,)),
                        tokenizer.pad_token_id, seed=0)
     # each prompt's prefill once, then every sampled token but each row's last is fed back
-    assert counter.forward_tokens == 8 + int((rollout.lengths - 1).sum()) and counter.train_tokens == 0
-    rows = torch.tensor([1, 2])                                           # a row of each prompt
-    completion_logprobs(model.train(), rollout, rows, 1.0)
-    assert counter.train_tokens == 3 + 5 + int(rollout.lengths[rows].sum())
+    generated = 8 + int((rollout.lengths - 1).sum())
+    assert counter.forward_tokens == generated and counter.train_tokens == 0
+    # a forward with gradients: the real tokens of a left-padded batch (3 + 5), then a cached step
+    # whose mask covers 6 past positions but whose input is 1 token per row (2)
+    ids = torch.tensor([[0, 0, 10, 11, 12], [13, 14, 15, 16, 17]])
+    model.train()(input_ids=ids, attention_mask=(ids > 0).long())
+    counter._count(model, (), {"input_ids": ids[:, :1], "attention_mask": torch.ones(2, 6, dtype=torch.long)})
+    assert counter.train_tokens == 8 + 2 and counter.forward_tokens == generated
     counter.close()
-    generate(model.eval(), prompts, 1, SamplingParams(2, 1.0, 1.0, 0, ()), tokenizer.pad_token_id, seed=0)
-    assert counter.forward_tokens == 8 + int((rollout.lengths - 1).sum())   # the hook is gone
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert counter.forward_tokens == generated                            # the hook is gone
 
 
 def test_mean_std_over_seeds_by_hand():
     assert mean_std([0.5, 0.7, 0.9]) == (0.7, 0.2)
     assert mean_std([0.25]) == (0.25, 0.0)
-    per_seed = [{"teacher": {"pass@1": 0.9, "think_rate": 1.0, "mean_response_tokens": 37.0},
-                 "student_base": {"pass@1": 0.2, "think_rate": 0.2, "mean_response_tokens": 12.0},
-                 "distill": {"pass@1": 0.8, "think_rate": 1.0, "mean_response_tokens": 36.0, "student_flops": 100},
-                 "rl": {"pass@1": 0.4, "think_rate": 0.5, "mean_response_tokens": 20.0, "student_flops": 110}},
-                {"teacher": {"pass@1": 0.9, "think_rate": 1.0, "mean_response_tokens": 37.0},
-                 "student_base": {"pass@1": 0.3, "think_rate": 0.2, "mean_response_tokens": 12.0},
-                 "distill": {"pass@1": 0.6, "think_rate": 1.0, "mean_response_tokens": 36.0, "student_flops": 120},
-                 "rl": {"pass@1": 0.8, "think_rate": 0.9, "mean_response_tokens": 30.0, "student_flops": 90}}]
+    per_seed = [{"seed": 0, "teacher": {"pass@1": 0.9, "think_rate": 1.0, "mean_response_tokens": 37.0},
+                 "distill@10": {"pass@1": 0.8, "think_rate": 1.0, "mean_response_tokens": 36.0, "student_flops": 100},
+                 "rl@10": {"pass@1": 0.4, "think_rate": 0.5, "mean_response_tokens": 20.0, "student_flops": 110}},
+                {"seed": 1, "teacher": {"pass@1": 0.9, "think_rate": 1.0, "mean_response_tokens": 37.0},
+                 "distill@10": {"pass@1": 0.6, "think_rate": 1.0, "mean_response_tokens": 36.0, "student_flops": 120},
+                 "rl@10": {"pass@1": 0.8, "think_rate": 0.9, "mean_response_tokens": 30.0, "student_flops": 90}}]
     summary = aggregate(per_seed)
-    assert summary["distill"]["pass@1"] == pytest.approx([0.7, 0.1414213562], abs=1e-9)    # std: √(2·0.1²/1)
-    assert summary["rl"]["pass@1"] == pytest.approx([0.6, 0.2828427125], abs=1e-9)
-    assert summary["rl"]["student_flops"] == pytest.approx([100.0, 14.1421356237], abs=1e-9)
+    assert list(summary) == ["teacher", "distill@10", "rl@10"]
+    assert summary["distill@10"]["pass@1"] == pytest.approx([0.7, 0.1414213562], abs=1e-9)    # std: √(2·0.1²/1)
+    assert summary["rl@10"]["pass@1"] == pytest.approx([0.6, 0.2828427125], abs=1e-9)
+    assert summary["rl@10"]["think_rate"] == pytest.approx([0.7, 0.2828427125], abs=1e-9)
+    assert summary["rl@10"]["student_flops"] == pytest.approx([100.0, 14.1421356237], abs=1e-9)
     assert summary["teacher"]["pass@1"] == [0.9, 0.0] and "student_flops" not in summary["teacher"]
 
 
-def test_experiment_quick_end_to_end(tmp_path):
+def test_experiment_quick_end_to_end(tmp_path, capsys):
+    from aha.cli import main
     out = tmp_path / "dvr"
-    cfg = ExperimentConfig(out=str(out), seeds=1, **{**EXPERIMENT_QUICK, "student_pretrain_steps": 10})
-    report = distill_vs_rl(cfg)
+    assert main(["experiment", "distill-vs-rl", "--quick", "--seeds", "1", "--out", str(out),
+                 "student_pretrain_steps=10", "student_rl_steps=2,3"]) == 0
+    report = json.loads((out / "experiment.json").read_text())
     seed = report["seeds"][0]
-    rl, distill = seed["rl"], seed["distill"]
-    assert rl["forward_tokens"] > 0 and rl["train_tokens"] >= 0
-    # equal student compute, to within one SFT example (at most ~60 tokens here)
-    budget = sft_budget_tokens(rl["forward_tokens"], rl["train_tokens"])
-    assert abs(distill["train_tokens"] - budget) <= 60
-    assert distill["student_flops"] == 6 * report["student_parameters"] * distill["train_tokens"]
+    assert list(report["summary"]) == ["teacher", "student_base", "distill@2", "rl@2", "distill@3", "rl@3"]
+    for steps in (2, 3):
+        rl, distill = seed[f"rl@{steps}"], seed[f"distill@{steps}"]
+        assert rl["rl_steps"] == steps and rl["forward_tokens"] > 0
+        # equal student compute, to within one SFT example (at most ~60 tokens here)
+        assert abs(distill["train_tokens"] - sft_budget_tokens(rl["forward_tokens"], rl["train_tokens"])) <= 60
+        assert distill["student_flops"] == 6 * report["student_parameters"] * distill["train_tokens"]
+        assert len((out / "seed0" / f"distill_{steps}" / "sft_data.jsonl").read_text().splitlines()) == distill["sft_examples"]
+    assert seed["rl@3"]["student_flops"] > seed["rl@2"]["student_flops"]
     assert report["student_parameters"] < report["teacher_parameters"]
-    for arm in ("teacher", "student_base", "distill", "rl"):
-        assert 0.0 <= seed[arm]["pass@1"] <= 1.0
-        assert report["summary"][arm]["pass@1"] == [seed[arm]["pass@1"], 0.0]
-    assert json.loads((out / "experiment.json").read_text())["summary"] == report["summary"]
-    assert (out / "experiment.md").read_text().count("\n| ") == 1 + 4
-    with pytest.raises(AhaError, match="not empty"):
-        distill_vs_rl(cfg)
+    for arm, metrics in report["summary"].items():
+        assert metrics["pass@1"] == [seed[arm]["pass@1"], 0.0] and 0.0 <= seed[arm]["pass@1"] <= 1.0
+    table = (out / "experiment.md").read_text()
+    assert table.count("\n| ") == 1 + 6 and table in capsys.readouterr().out
+    assert main(["experiment", "distill-vs-rl", "--quick", "--out", str(out)]) == 2      # not empty, no --force
+    assert "not empty" in capsys.readouterr().err
 
 
 def test_doctests():
@@ -172,3 +180,27 @@ def test_doctests():
 
     import aha.experiment
     assert doctest.testmod(aha.experiment).failed == 0
+
+
+def test_experiment_keys_are_typed_and_checked():
+    from aha.experiment import ExperimentConfig
+    from aha.pipeline import apply_typed
+    cfg = apply_typed(ExperimentConfig(), {"student_rl_steps": "20,60", "sft_lr": "5e-4"}, "command line")
+    assert cfg.student_rl_steps == (20, 60) and cfg.sft_lr == 5e-4
+    assert apply_typed(ExperimentConfig(), {"student_rl_steps": [7]}, "f.yaml").student_rl_steps == (7,)
+    with pytest.raises(AhaError, match="student_rl_steps expects int, got 'x'"):
+        apply_typed(ExperimentConfig(), {"student_rl_steps": "20,x"}, "command line")
+    with pytest.raises(AhaError, match=r"unknown config key 'teacher_step'; did you mean 'teacher_steps'\?"):
+        apply_typed(ExperimentConfig(), {"teacher_step": 3}, "command line")
+
+
+def test_cold_start_data_from_a_file_or_the_task(tmp_path):
+    from aha.pipeline import cold_start_rows
+    data = tmp_path / "cold.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f" <think>r{i}</think> <answer>{i}</answer>"}) + "\n"
+                            for i in range(5)))
+    countdown = get_task("countdown")
+    rows = cold_start_rows(countdown, countdown, PipelineConfig(cold_start_data=str(data), cold_start_examples=3))
+    assert [r["prompt"] for r in rows] == ["q0", "q1", "q2"]
+    with pytest.raises(AhaError, match="give cold_start_data"):
+        cold_start_rows(countdown, countdown, PipelineConfig(task="countdown"))

@@ -46,24 +46,28 @@ def scripted(monkeypatch):
     return use
 
 
-def grad_forward_rows(model) -> list[int]:
-    """Rows of every forward pass that builds a graph (the ones a backward pass will go through)."""
-    seen = []
-    model.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(kwargs["input_ids"].shape[0]) if torch.is_grad_enabled() else None,
-        with_kwargs=True)
+def grad_forward_rows(monkeypatch) -> list[int]:
+    """Rows of every update forward that builds a graph (the ones a backward pass will go through)."""
+    seen, real = [], aha.train.completion_logprobs
+
+    def record(model, rollout, rows, *args, **kwargs):
+        if torch.is_grad_enabled():
+            seen.append(int(rows.numel()))
+        return real(model, rollout, rows, *args, **kwargs)
+    monkeypatch.setattr(aha.train, "completion_logprobs", record)
     return seen
 
 
 def run(tiny_model_dir, tmp_path, **overrides):
     model, tokenizer = load_model(tiny_model_dir)
-    seen = grad_forward_rows(model)
     settings = dict(steps=2, prompts_per_step=4, group_size=4, max_new_tokens=8, eval_every=0, lr=1e-2,
                     out=str(tmp_path), format_weight=0.0)
     cfg = Config(**{**settings, **overrides}).validate()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     tmp_path.mkdir(parents=True, exist_ok=True)
-    result = train(cfg, out=tmp_path, model=model, tokenizer=tokenizer)
+    with pytest.MonkeyPatch.context() as patch:
+        seen = grad_forward_rows(patch)
+        result = train(cfg, out=tmp_path, model=model, tokenizer=tokenizer)
     return result["history"], seen, before, model
 
 

@@ -1,0 +1,66 @@
+"""The update's forward pass: each prompt run once for its group (aha/logprobs.py) gives the same
+log-probs and gradients as the plain per-row forward, on every architecture aha builds, and runs
+the prompt for P rows instead of P × G."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from aha.logprobs import completion_logprobs
+from aha.model import tiny_config
+from aha.rollout import SamplingParams, generate
+from aha.tokenizer import build_char_tokenizer
+
+
+def build(arch: str):
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(0)
+    config = tiny_config(arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, hidden=64, layers=2)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32), tokenizer
+
+
+def rollout_of(model, tokenizer, group_size=4):
+    texts = ["User: 12+5\nAssistant:", "User: 999+1\nAssistant:", "User: 3+4\nAssistant:"]   # unequal lengths
+    prompts = [tokenizer(t)["input_ids"] for t in texts]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(tokenizer.eos_token_id,))
+    return generate(model.eval(), prompts, group_size, params, tokenizer.pad_token_id, seed=3)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "deepseek_v3"])
+def test_shared_prompts_equal_the_plain_forward_and_its_gradient(arch):
+    model, tokenizer = build(arch)
+    rollout = rollout_of(model, tokenizer)
+    rows = torch.tensor([0, 1, 3, 5, 8, 9, 10, 11])                   # groups 0, 1, 2, partly
+    model.train()
+    results = {}
+    for share in (True, False):
+        model.zero_grad()
+        logp, entropy, mask = completion_logprobs(model, rollout, rows, 0.7, share_prompts=share)
+        ((logp * mask).sum() / mask.sum()).backward()
+        results[share] = (logp.detach(), entropy, mask, [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    (a, ea, ma, ga), (b, eb, mb, gb) = results[True], results[False]
+    assert torch.equal(ma, mb) and a.shape == b.shape == (8, ma.shape[1])
+    real = ma.bool()
+    assert torch.allclose(a[real], b[real], atol=1e-5, rtol=0)
+    assert torch.allclose(ea[real], eb[real], atol=1e-5, rtol=0)
+    assert len(ga) == len(gb) and all(torch.allclose(x, y, atol=1e-6, rtol=1e-4) for x, y in zip(ga, gb))
+    # and the rollout's own log-probs (temperature 1 there): the same tokens, the same numbers
+    logp1, _, _ = completion_logprobs(model.eval(), rollout, rows, 1.0)
+    assert torch.allclose(logp1[real], rollout.logprobs[rows][:, :logp1.shape[1]][real], atol=1e-5)
+
+
+def test_each_prompt_runs_once_per_group():
+    model, tokenizer = build("gpt2")
+    rollout = rollout_of(model, tokenizer)
+    batch_rows = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: batch_rows.append(tuple(kwargs["input_ids"].shape)),
+                                    with_kwargs=True)
+    rows = torch.tensor([0, 1, 2, 3, 8, 9])                            # groups 0 and 2
+    logp, _, mask = completion_logprobs(model.train(), rollout, rows, 1.0)
+    prompt_width = int((rollout.prompt_mask[rows].sum(dim=0) > 0).sum())
+    assert batch_rows == [(2, prompt_width), (6, mask.shape[1] - 1)]  # 2 prompts, then 6 completions
+    batch_rows.clear()
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(**{("activation_checkpointing_kwargs" if "activation" in enable.__name__ else "gradient_checkpointing_kwargs"): {"use_reentrant": False}})
+    completion_logprobs(model.train(), rollout, rows, 1.0)
+    assert batch_rows == [(6, prompt_width + mask.shape[1])]           # checkpointing: one plain pass
