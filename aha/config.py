@@ -42,6 +42,8 @@ class Config:
     top_p: float = 1.0
     top_k: int = 0
     lr: float = 1e-4
+    lr_schedule: str = "constant"    # constant | linear | cosine (aha/schedule.py), per RL step
+    warmup_steps: int = 0            # linear warm-up steps before the schedule
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     # the algorithm (see aha/algos.py); `algo` names a preset in aha/presets.py
@@ -117,6 +119,11 @@ class Config:
                 raise AhaError(f"config: {name}={getattr(self, name)} must be at least 1")
         if self.group_size < 2:
             raise AhaError(f"config: group_size={self.group_size} must be at least 2 (advantages compare samples within a group)")
+        from aha.schedule import SCHEDULES
+        if self.lr_schedule not in SCHEDULES:
+            raise AhaError(f"config: lr_schedule={self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.warmup_steps < 0:
+            raise AhaError(f"config: warmup_steps={self.warmup_steps} must be 0 or more")
         if self.overlong not in OVERLONG:
             raise AhaError(f"config: overlong={self.overlong!r} is not one of {', '.join(OVERLONG)}")
         if self.overlong == "soft" and not 0 < self.overlong_cache < self.max_new_tokens:

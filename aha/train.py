@@ -20,6 +20,7 @@ component). `ref_refresh_every` copies the policy into the reference model, as R
 """
 
 import copy
+import functools
 import json
 import math
 import os
@@ -47,6 +48,7 @@ from aha.model import detect_device, detect_dtype, load_model
 from aha.progress import progress_bar
 from aha.rewards import SHAPING, Sample
 from aha.rollout import Rollout, SamplingParams, generate, stop_token_ids
+from aha.schedule import lr_factor
 from aha.tasks import get_task
 from aha.tasks.base import Problem, thought
 from aha.templates import apply_template
@@ -319,9 +321,10 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             lock.release()
 
 
-def trainer_state(cfg, optimizer, cursor: Cursor, bad_steps: int, history, evals, peft_model, ref_model) -> dict:
+def trainer_state(cfg, optimizer, scheduler, cursor: Cursor, bad_steps: int, history, evals, peft_model, ref_model) -> dict:
     """Everything besides the weights that the next step depends on (aha/checkpoint.py)."""
-    state = {"steps_done": len(history), "optimizer": optimizer.state_dict(), "rng": rng_states(),
+    state = {"steps_done": len(history), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng_states(),
              "consumed": cursor.consumed, "bad_steps": bad_steps, "history": history, "evals": evals}
     if peft_model is not None:
         from peft import get_peft_model_state_dict
@@ -340,6 +343,8 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
     # kept whole and refreshed after each update, generates, evaluates and is saved)
     trained = world.wrap(model, cfg.dist_strategy)
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_factor, total=cfg.steps, warmup=cfg.warmup_steps, schedule=cfg.lr_schedule))
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, stop_token_ids(model, tokenizer))
     eval_spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed)
     group = cfg.group_size
@@ -348,6 +353,7 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
     problems = Cursor(task.train_problems(cfg.seed), skip=saved.get("consumed", 0))
     if saved:
         world.load_optimizer_state(trained, optimizer, saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
         set_rng_states(saved["rng"])
         if ref_model is not None:
             ref_model.load_state_dict(saved["ref_model"])
@@ -363,7 +369,7 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
         say(f"resuming {out} at step {first_step} of {cfg.steps}")
 
     def checkpoint() -> Path | None:
-        state = trainer_state(cfg, optimizer, problems, bad_steps, history, evals, peft_model, ref_model)
+        state = trainer_state(cfg, optimizer, scheduler, problems, bad_steps, history, evals, peft_model, ref_model)
         state["optimizer"] = world.optimizer_state(trained, optimizer)      # FSDP: gathered, so every rank calls it
         plain = model if peft_model is None else merged(peft_model, copy=True)    # training goes on unmerged
         path = save_checkpoint(out, len(history), plain, tokenizer, state, cfg.keep_checkpoints) if world.writes else None
@@ -402,6 +408,8 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
             loss_value, grad_norm, loss_metrics, entropy, skipped = policy_update(
                 trained, ref_model, optimizer, rollout, rows, advantages, spec, norm, cfg, world)
             world.sync(trained, model)                 # FSDP: the whole copy takes the new weights
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
             if ref_model is not None and cfg.ref_refresh_every and (step + 1) % cfg.ref_refresh_every == 0:
                 ref_model.load_state_dict(model.state_dict())     # R1: the reference follows the policy
             t_update = time.time() - t1
@@ -410,6 +418,7 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
             # 5. log: one JSON line per step, a console line, health warnings
             record = step_record(step, batch, spread, kept, skip, rows, loss_value, grad_norm, entropy, skipped,
                                  loss_metrics, t_generate, t_update)
+            record["lr"] = lr
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 if world.writes:                       # rank 0 evaluates; the others wait
                     result = evaluate(model, tokenizer, task, eval_spec, console=console, label=f"eval @ {step + 1}")

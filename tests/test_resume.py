@@ -21,9 +21,9 @@ from aha.errors import AhaError
 from aha.train import train
 
 SETTINGS = ["prompts_per_step=4", "group_size=4", "max_new_tokens=24", "eval_problems=4", "eval_k=1", "eval_every=0",
-            "checkpoint_every=2", "lr=3e-3", "dump_rollouts_every=1"]
+            "checkpoint_every=2", "lr=3e-3", "dump_rollouts_every=1", "lr_schedule=cosine", "warmup_steps=1"]
 STEPS = 5
-KEYS = ("step", "reward_mean", "loss", "grad_norm", "entropy", "pass_rate", "response_tokens")
+KEYS = ("step", "reward_mean", "loss", "grad_norm", "entropy", "pass_rate", "response_tokens", "lr")
 
 
 def aha_process(*args, kill_at=None):
@@ -43,6 +43,8 @@ def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
     result = aha_process("--steps", str(STEPS), "--out", str(out), *SETTINGS)
     assert result.returncode == 0, result.stderr[-2000:]
+    lrs = [r[-1] for r in metrics(out)]
+    assert lrs == pytest.approx([3e-3 * f for f in (0.5, 1.0, 0.75, 0.25, 0.0)])   # warm-up 1, cosine over 4
     return out
 
 
