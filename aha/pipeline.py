@@ -16,9 +16,9 @@ table). Each stage writes into its own folder DIR/N_name/ (its data, `model/`, `
 
 Departures from R1: the rejection-sampled data holds reasoning samples only (no "general" data);
 the final RL uses the same rule rewards as stage 2 (no preference reward model); `language`
-is R1's readability filter on the stage-3 samples — a language-consistency RL *reward* in
-stage 2 needs a `language` reward component in aha.train, which it does not have yet (and the
-built-in task's scratchpad has no words to classify anyway).
+is R1's readability filter on the stage-3 samples. R1's language-consistency *reward* is an
+`aha train` component: `rl: {reward_weights: "accuracy=1,format=0.1,language=0.1", lang: en}`
+(the built-in task's scratchpad has no words to classify, so it is off by default).
 """
 
 import dataclasses
