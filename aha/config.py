@@ -66,6 +66,7 @@ class Config:
     lora_rank: int = 0               # 0 = train every weight; R > 0 = LoRA of rank R, merged into model/ on save
     lora_alpha: int = 0              # LoRA scale alpha / rank; 0 = 2 × lora_rank
     gradient_checkpointing: bool = False
+    autocast: str = "auto"           # bf16 autocast of the update's forward: auto (CPUs with AMX/AVX512-BF16) | bf16 | off
     # scale-out (aha/distributed.py, aha/vllm_rollout.py; docs/distributed.md)
     dist_strategy: str = "ddp"       # under torchrun: ddp (whole model per process) | fsdp (FSDP2: sharded per decoder layer)
     rollout: str = "torch"           # sampler: torch (aha/rollout.py) | vllm (colocated vLLM, needs CUDA + pip install 'aha[gpu]')
@@ -119,6 +120,8 @@ class Config:
                 raise AhaError(f"config: {name}={getattr(self, name)} must be at least 1")
         if self.group_size < 2:
             raise AhaError(f"config: group_size={self.group_size} must be at least 2 (advantages compare samples within a group)")
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise AhaError(f"config: autocast={self.autocast!r} is not one of auto, bf16, off")
         from aha.schedule import SCHEDULES
         if self.lr_schedule not in SCHEDULES:
             raise AhaError(f"config: lr_schedule={self.lr_schedule!r} is not one of {', '.join(SCHEDULES)}")

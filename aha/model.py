@@ -103,5 +103,23 @@ def detect_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: a CPU whose bf16 matmuls beat fp32 (this project's 2-core AVX2 machine
+    runs them ~150× slower, see `aha bench`'s matmul line)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast(mode: str, device: str):
+    """bf16 autocast for the update's forward passes: `bf16` always, `auto` on a CPU with fast bf16
+    only, `off` never. On CUDA the weights are bf16 already (`detect_dtype`), so `auto` adds nothing.
+    Log-probs are still taken in fp32 from the bf16 logits (aha/logprobs.py)."""
+    on = mode == "bf16" or (mode == "auto" and device == "cpu" and cpu_has_fast_bf16())
+    return torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16, enabled=on)
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())

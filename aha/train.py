@@ -44,7 +44,7 @@ from aha.evaluate import EvalSpec, evaluate
 from aha.health import HealthMonitor
 from aha.logprobs import completion_logprobs
 from aha.lora import add_lora, merged
-from aha.model import detect_device, detect_dtype, load_model
+from aha.model import autocast, detect_device, detect_dtype, load_model
 from aha.progress import progress_bar
 from aha.rewards import SHAPING, Sample
 from aha.rollout import Rollout, SamplingParams, generate, stop_token_ids
@@ -165,12 +165,14 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
     Returns (loss, grad_norm, loss metrics, entropy per token, skipped)."""
     loss_value, grad_norm, loss_metrics, entropy, skipped = 0.0, 0.0, {}, None, False
     rows, weight = world.local_rows(rows, cfg.prompts_per_step * cfg.group_size)   # weight 0: a stand-in row
+    device = rollout.prompt_ids.device.type
     for _ in range(cfg.mu if rows.numel() else 0):
-        logp, token_entropy, mask = completion_logprobs(model, rollout, rows, cfg.temperature)
+        with autocast(cfg.autocast, device):
+            logp, token_entropy, mask = completion_logprobs(model, rollout, rows, cfg.temperature)
         old_logp = rollout.logprobs[rows][:, :logp.shape[1]] if cfg.mu > 1 else logp.detach()
         ref_logp = None
         if ref_model is not None:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(cfg.autocast, device):
                 ref_logp = completion_logprobs(ref_model, rollout, rows, cfg.temperature)[0]
         loss, loss_metrics = policy_loss(logp, old_logp, advantages[rows], mask, spec, ref_logp, norm)
         optimizer.zero_grad(set_to_none=True)
