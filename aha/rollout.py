@@ -1,7 +1,11 @@
 """The rollout engine: batched sampling with a KV cache, for RL, evaluation and chat.
 
 - Each prompt is prefilled once; its cache is then repeated for the G samples of its group.
-- Finished rows (EOS or a stop token such as `</answer>`) leave the batch and the cache.
+- The KV cache is preallocated for the whole rollout and written in place (`PreallocatedCache`),
+  not grown by `torch.cat`, which copies the whole cache at every step.
+- Finished rows (EOS or a stop token such as `</answer>`) leave the batch and the cache once an
+  eighth of the batch has finished: reindexing the cache costs about as much as a few steps of
+  carrying a finished row, whose samples are then discarded.
 - Temperature, top-p, top-k. Sampling is an exponential race, argmax(p / E) with E ~ Exp(1),
   on noise drawn for every row of the full batch at every step from one seeded generator: a
   row's tokens depend on (seed, row, step) only, never on which other rows are still running.
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,53 @@ class Rollout:
     @property
     def lengths(self) -> Tensor:
         return self.completion_mask.sum(dim=1)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys/values are views of buffers (B, H, capacity, D) allocated at the first
+    update: each step writes its column in place, where `DynamicLayer` re-copies the whole cache."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.device = key_states.device
+        self._set(key_states.new_empty((*key_states.shape[:2], self.capacity, key_states.shape[-1])),
+                  value_states.new_empty((*value_states.shape[:2], self.capacity, value_states.shape[-1])))
+        self.is_initialized = True
+
+    def _set(self, key_buffer: Tensor, value_buffer: Tensor) -> None:
+        self.key_buffer, self.value_buffer = key_buffer, value_buffer
+        self.keys, self.values = key_buffer[:, :, :self.length], value_buffer[:, :, :self.length]
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, self.length = self.length, self.length + key_states.shape[-2]
+        self.key_buffer[:, :, start:self.length] = key_states
+        self.value_buffer[:, :, start:self.length] = value_states
+        self._set(self.key_buffer, self.value_buffer)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length:
+            self._set(self.key_buffer.repeat_interleave(repeats, dim=0),
+                      self.value_buffer.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.length:
+            self._set(self.key_buffer[indices], self.value_buffer[indices])
+
+
+class PreallocatedCache(DynamicCache):
+    """A `DynamicCache` of `PreallocatedLayer`s, one per attention layer, each for `capacity` positions."""
+
+    def __init__(self, capacity: int):
+        Cache.__init__(self, layer_class_to_replicate=lambda: PreallocatedLayer(capacity))
 
 
 def cache_kwarg(model) -> str:
@@ -118,7 +170,8 @@ def generate(model, prompts: list[list[int]], group_size: int, params: SamplingP
     gen = torch.Generator(device=device).manual_seed(seed)
     vocab = model.config.vocab_size
 
-    cache = DynamicCache()
+    prompt_len = prompt_ids.shape[1]
+    cache = PreallocatedCache(prompt_len + params.max_new_tokens)
     cache_kw = cache_kwarg(model)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
@@ -126,7 +179,8 @@ def generate(model, prompts: list[list[int]], group_size: int, params: SamplingP
     if group_size > 1:
         cache.batch_repeat_interleave(group_size)
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)   # (N, V)
-    attn = prompt_mask.repeat_interleave(group_size, dim=0)            # (N, Lp + t)
+    attn = torch.ones((n, prompt_len + params.max_new_tokens), dtype=torch.long, device=device)
+    attn[:, :prompt_len] = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, Lp + max_new), sliced per step
     next_pos = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
 
     tokens = torch.full((n, params.max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -134,25 +188,29 @@ def generate(model, prompts: list[list[int]], group_size: int, params: SamplingP
     lengths = torch.zeros(n, dtype=torch.long, device=device)
     stopped = torch.zeros(n, dtype=torch.bool, device=device)
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
-    active = torch.arange(n, device=device)                             # rows still running
+    active = torch.arange(n, device=device)                 # (A,) the row in each batch slot
+    running = torch.ones(n, dtype=torch.bool, device=device)  # (A,) False once the slot's row finished
     for step in range(params.max_new_tokens):
         noise = torch.empty((total_rows, vocab), device=device).exponential_(generator=gen)
-        noise = noise[row_offset:row_offset + n][active]                  # (A, V): this slice's running rows
+        noise = noise[row_offset:row_offset + n][active]                  # (A, V): this slice's batch slots
         tok, lp = sample_next(logits[:, :vocab], noise, params)
-        tokens[active, step], logprobs[active, step] = tok, lp
-        lengths[active] += 1
-        done = torch.isin(tok, stop_ids)
-        stopped[active[done]] = True
+        # finished rows still in the batch write what they already hold: pad, log-prob 0
+        tokens[active, step] = torch.where(running, tok, pad_id)
+        logprobs[active, step] = torch.where(running, lp, 0.0)
+        lengths[active] += running
+        done = torch.isin(tok, stop_ids) & running
+        stopped[active] |= done
+        running &= ~done
         if step == params.max_new_tokens - 1:
             break
-        keep = (~done).nonzero().squeeze(1)
-        if keep.numel() == 0:
+        alive = int(running.sum())
+        if alive == 0:
             break
-        if keep.numel() < active.numel():
+        if 8 * (active.numel() - alive) >= active.numel():
+            keep = running.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
-            active, tok, attn, next_pos = active[keep], tok[keep], attn[keep], next_pos[keep]
-        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
-        out = model(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos,
+            active, running, tok, attn, next_pos = active[keep], running[keep], tok[keep], attn[keep], next_pos[keep]
+        out = model(input_ids=tok[:, None], attention_mask=attn[:, :prompt_len + step + 1], position_ids=next_pos,
                     use_cache=True, **{cache_kw: cache})
         logits, next_pos = out.logits[:, -1], next_pos + 1
 

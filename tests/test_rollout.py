@@ -1,4 +1,6 @@
+import pytest
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from aha.model import build_model
 from aha.rollout import SamplingParams, filter_logits, generate, left_pad, sample_next
@@ -49,6 +51,41 @@ def test_kv_cache_sampling_equals_naive_recompute():
         length = int(rollout.completion_mask[row].sum())
         assert rollout.completion_ids[row, :length].tolist() == ref
         assert bool(rollout.truncated[row]) == (ref[-1] != stop)
+
+
+def tiny_model(arch: str, tok, seed: int):
+    if arch in ("llama", "qwen3"):
+        config_class, extra = (LlamaConfig, {}) if arch == "llama" else (Qwen3Config, {"head_dim": 16})
+        config = config_class(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id, tie_word_embeddings=True, **extra)
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return build_model(arch, tok, seed=seed, hidden=64, layers=2).eval()
+
+
+STOP_CHARS = "7e a"   # common characters, so rows finish at several different steps
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3", "deepseek_v3"])
+def test_preallocated_cache_and_lazy_row_removal_equal_naive_recompute(arch):
+    """12 rows finishing at several steps: a row that finishes alone stays in the batch (under an
+    eighth), more trigger the cache reindex; every architecture's attention reads the preallocated
+    cache. Temperature 0.3 so that the random-init model's logits, not the noise alone, pick tokens."""
+    tok = build_char_tokenizer()
+    model = tiny_model(arch, tok, seed=4)
+    prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("3+4", "12+345", "60+7")]
+    stops = tuple(tok.convert_tokens_to_ids(list(STOP_CHARS)))
+    params = SamplingParams(max_new_tokens=16, temperature=0.3, stop_token_ids=stops)
+    rollout = generate(model, prompts, 4, params, tok.pad_token_id, seed=11)
+    reference = naive_generate(model, prompts, 4, params, tok.pad_token_id, seed=11)
+    assert len({len(r) for r in reference if r[-1] in stops}) >= 3, "rows should finish at 3+ different steps"
+    for row, ref in enumerate(reference):
+        length = int(rollout.completion_mask[row].sum())
+        assert rollout.completion_ids[row, :length].tolist() == ref
+        assert (rollout.completion_ids[row, length:] == tok.pad_token_id).all()
+        assert (rollout.logprobs[row, length:] == 0).all() and (rollout.logprobs[row, :length] < 0).all()
+        assert bool(rollout.truncated[row]) == (ref[-1] not in stops)
 
 
 def test_temperature_zero_is_deterministic_and_greedy():
