@@ -224,21 +224,25 @@ def parse_kv(pairs: list[str]) -> dict:
     return out
 
 
+def read_yaml_mapping(path: str) -> dict:
+    """A YAML config file as a dict, or a one-line error saying what is wrong with it."""
+    p = Path(path)
+    if not p.is_file():
+        raise AhaError(f"config file {p} does not exist")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise AhaError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise AhaError(f"config file {p} must be a mapping of key: value")
+    return values
+
+
 def load_config(path: str | None = None, overrides: dict | None = None, base: dict | None = None) -> Config:
     """Defaults → preset of the chosen `algo` → YAML file → overrides; then validated."""
     from aha.presets import PRESETS
     overrides = dict(overrides or {})
-    file_values = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise AhaError(f"config file {p} does not exist")
-        try:
-            file_values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise AhaError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(file_values, dict):
-            raise AhaError(f"config file {p} must be a mapping of key: value")
+    file_values = read_yaml_mapping(path) if path else {}
     cfg = apply_overrides(Config(), dict(base or {}), "defaults")
     algo = overrides.get("algo", file_values.get("algo", cfg.algo))
     if algo not in PRESETS:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from aha.config import Config, _coerce, apply_overrides, load_config
+from aha.config import Config, _coerce, apply_overrides, load_config, read_yaml_mapping
 from aha.errors import AhaError
 
 STAGES = [("base", "base"), ("cold_start", "cold start (≈ R1-Dev1)"), ("reasoning_rl", "reasoning RL (≈ R1-Dev2)"),
@@ -133,17 +133,7 @@ def apply_typed(obj, values: dict, source: str):
 
 def load_pipeline_config(path: str | None = None, overrides: dict | None = None, quick: bool = False) -> PipelineConfig:
     """Defaults → QUICK (with `quick`) → YAML file → overrides; then validated."""
-    values = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise AhaError(f"config file {p} does not exist")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise AhaError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise AhaError(f"config file {p} must be a mapping of key: value")
+    values = read_yaml_mapping(path) if path else {}
     cfg = PipelineConfig()
     if quick:
         apply_typed(cfg, QUICK, "--quick")
