@@ -18,6 +18,10 @@ the step's randomness depends on besides that — the weights, AdamW's moments, 
 and torch's global RNG — is all in the checkpoint, so on CPU the resumed run equals the
 uninterrupted one.
 
+The run folder's records live here too: `prepare_out_dir` (a new run's folder), `open_records`
+(metrics.jsonl and rollouts.jsonl, cut back to the checkpoint on resume) and `Cursor` (the
+task's stream, counting the problems drawn).
+
 The run folder is locked (`OUT/.lock`, flock) while a run writes into it; the kernel drops the
 lock when the process dies, even by SIGKILL, so a crashed run never blocks its own resume.
 
@@ -27,6 +31,7 @@ itself at that point: the crash-resume tests use it to die at exact places.
 
 import errno
 import fcntl
+import json
 import os
 import random
 import shutil
@@ -184,3 +189,65 @@ class StopSignals:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
+
+
+def prepare_out_dir(path: str, force: bool) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise AhaError(f"--out {out} is a file: choose a directory")
+    if out.exists() and any(out.iterdir()):
+        check_not_locked(out)                      # never replace the folder of a live run
+        if not force:
+            raise AhaError(f"--out {out} is not empty: choose another directory, pass --force to replace it, "
+                           f"or --resume {out} to continue its run")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+class Cursor:
+    """The task's training stream, counting the problems drawn: the checkpoint's data position."""
+
+    def __init__(self, problems, skip: int = 0):
+        self.problems, self.consumed = problems, 0
+        for _ in range(skip):
+            next(self)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.consumed += 1
+        return next(self.problems)
+
+
+def open_records(out: Path, history: list[dict]):
+    """metrics.jsonl and rollouts.jsonl for appending, cut back to the steps in `history` (a resumed
+    run drops what the crashed one logged after its last checkpoint)."""
+    steps = len(history)
+    kept = []
+    if (out / "rollouts.jsonl").exists():
+        for line in (out / "rollouts.jsonl").read_text().splitlines():
+            try:
+                if json.loads(line)["step"] < steps:
+                    kept.append(line)
+            except (ValueError, KeyError):
+                pass                                   # a line cut short by the crash
+    for name, lines in [("metrics.jsonl", [json.dumps(r) for r in history]), ("rollouts.jsonl", kept)]:
+        temp = out / f"{name}.tmp"
+        temp.write_text("".join(line + "\n" for line in lines))
+        os.replace(temp, out / name)
+    return open(out / "metrics.jsonl", "a"), open(out / "rollouts.jsonl", "a")
+
+
+def trainer_state(cfg, optimizer, scheduler, cursor: Cursor, bad_steps: int, history, evals, peft_model, ref_model) -> dict:
+    """Everything besides the weights that the next step depends on (aha/checkpoint.py)."""
+    state = {"steps_done": len(history), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "rng": rng_states(),
+             "consumed": cursor.consumed, "bad_steps": bad_steps, "history": history, "evals": evals}
+    if peft_model is not None:
+        from peft import get_peft_model_state_dict
+        state["adapter"] = get_peft_model_state_dict(peft_model)
+    if ref_model is not None:
+        state["ref_model"] = ref_model.state_dict()
+    return state

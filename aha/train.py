@@ -34,8 +34,8 @@ import torch
 
 from aha.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss
 from aha.base import ensure_base_model
-from aha.checkpoint import (RunLock, StopSignals, check_not_locked, complete_checkpoints, latest_checkpoint,
-                            load_trainer_state, maybe_kill, rng_states, save_checkpoint, set_rng_states)
+from aha.checkpoint import (Cursor, RunLock, StopSignals, complete_checkpoints, latest_checkpoint, load_trainer_state,
+                            maybe_kill, open_records, prepare_out_dir, save_checkpoint, set_rng_states, trainer_state)
 from aha.config import Config, parse_reward_weights, save_config
 from aha.distributed import SINGLE, World, init_world, loss_scale
 from aha.dynamic import concat_rollouts, group_spread, kept_groups
@@ -215,61 +215,12 @@ def dump_rollouts(file, step: int, task, batch: Batch, group: int) -> None:
     file.flush()
 
 
-def prepare_out_dir(path: str, force: bool) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise AhaError(f"--out {out} is a file: choose a directory")
-    if out.exists() and any(out.iterdir()):
-        check_not_locked(out)                      # never replace the folder of a live run
-        if not force:
-            raise AhaError(f"--out {out} is not empty: choose another directory, pass --force to replace it, "
-                           f"or --resume {out} to continue its run")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
-class Cursor:
-    """The task's training stream, counting the problems drawn: the checkpoint's data position."""
-
-    def __init__(self, problems, skip: int = 0):
-        self.problems, self.consumed = problems, 0
-        for _ in range(skip):
-            next(self)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Problem:
-        self.consumed += 1
-        return next(self.problems)
-
-
 def build_model(cfg: Config, console, checkpoint: Path | None):
     """(model, tokenizer, peft model or None): the configured model, or a checkpoint's weights."""
     device = detect_device()
     source = checkpoint / "model" if checkpoint is not None and not cfg.lora_rank else None
     model, tokenizer = load_model(source or cfg.model or ensure_base_model(console), device, detect_dtype(device))
     return model, tokenizer
-
-
-def open_records(out: Path, history: list[dict]):
-    """metrics.jsonl and rollouts.jsonl for appending, cut back to the steps in `history` (a resumed
-    run drops what the crashed one logged after its last checkpoint)."""
-    steps = len(history)
-    kept = []
-    if (out / "rollouts.jsonl").exists():
-        for line in (out / "rollouts.jsonl").read_text().splitlines():
-            try:
-                if json.loads(line)["step"] < steps:
-                    kept.append(line)
-            except (ValueError, KeyError):
-                pass                                   # a line cut short by the crash
-    for name, lines in [("metrics.jsonl", [json.dumps(r) for r in history]), ("rollouts.jsonl", kept)]:
-        temp = out / f"{name}.tmp"
-        temp.write_text("".join(line + "\n" for line in lines))
-        os.replace(temp, out / name)
-    return open(out / "metrics.jsonl", "a"), open(out / "rollouts.jsonl", "a")
 
 
 def train(cfg: Config, force: bool = False, console=None, out: Path | None = None, model=None, tokenizer=None,
@@ -321,19 +272,6 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
     finally:
         if lock is not None:
             lock.release()
-
-
-def trainer_state(cfg, optimizer, scheduler, cursor: Cursor, bad_steps: int, history, evals, peft_model, ref_model) -> dict:
-    """Everything besides the weights that the next step depends on (aha/checkpoint.py)."""
-    state = {"steps_done": len(history), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "rng": rng_states(),
-             "consumed": cursor.consumed, "bad_steps": bad_steps, "history": history, "evals": evals}
-    if peft_model is not None:
-        from peft import get_peft_model_state_dict
-        state["adapter"] = get_peft_model_state_dict(peft_model)
-    if ref_model is not None:
-        state["ref_model"] = ref_model.state_dict()
-    return state
 
 
 def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved: dict, console, device,
