@@ -156,6 +156,18 @@ def group_advantages(cfg: Config, rewards: torch.Tensor, scores: list[dict], kep
     return advantages, batch_rows & ~skip, skip
 
 
+def loss_rows(cfg: Config, batch_rows: torch.Tensor, advantages: torch.Tensor, rollout: Rollout) -> tuple[torch.Tensor, Normaliser]:
+    """(indices of the rows that enter the loss (R,), the loss normaliser). overlong=mask takes
+    truncated completions out of the loss, but they still count as rows of the normaliser (TRL);
+    with β = 0 a row whose advantage is 0 carries no gradient and is left out."""
+    in_loss = batch_rows & ~rollout.truncated.cpu() if cfg.overlong == "mask" else batch_rows
+    norm = Normaliser(rows=int(batch_rows.sum()), tokens=int(rollout.completion_mask.cpu()[in_loss].sum()),
+                      max_len=cfg.max_new_tokens)
+    if cfg.beta == 0:
+        in_loss = in_loss & (advantages != 0)
+    return in_loss.nonzero().squeeze(1), norm
+
+
 def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Tensor, advantages: torch.Tensor,
                   spec: LossSpec, norm: Normaliser, cfg: Config, world: World = SINGLE):
     """μ clipped-surrogate updates on `rows`; a non-finite loss or gradient skips the update.
@@ -318,7 +330,7 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
 
     if not saved:
         checkpoint()                                   # step-0: a kill at any step can resume
-    with progress_bar(console) as bar, StopSignals() as stop:
+    with progress_bar(console) as bar, StopSignals() as stop, metrics_file, rollouts_file:
         job = bar.add_task("train", total=cfg.steps, completed=first_step)
         for step in range(first_step, cfg.steps):
             # 1+2. rollout and reward: G samples for each of the step's prompts, rewarded by
@@ -334,17 +346,11 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
             # 3. advantage: group-relative, by the configured estimator, over the kept groups
             advantages, batch_rows, skip = group_advantages(cfg, rewards, scores, kept)
 
-            # 4. loss and update, on the completions that carry a gradient. overlong=mask takes
-            # truncated completions out of the loss; they still count as rows of the normaliser (TRL)
+            # 4. loss and update, on the completions that carry a gradient
             t1 = time.time()
             trained.train()
-            in_loss = batch_rows & ~rollout.truncated.cpu() if cfg.overlong == "mask" else batch_rows
-            norm = Normaliser(rows=int(batch_rows.sum()), tokens=int(rollout.completion_mask.cpu()[in_loss].sum()),
-                              max_len=cfg.max_new_tokens)
-            if cfg.beta == 0:
-                in_loss = in_loss & (advantages != 0)
-            rows = in_loss.nonzero().squeeze(1).to(device)
-            advantages = advantages.to(device)
+            rows, norm = loss_rows(cfg, batch_rows, advantages, rollout)
+            rows, advantages = rows.to(device), advantages.to(device)
             loss_value, grad_norm, loss_metrics, entropy, skipped = policy_update(
                 trained, ref_model, optimizer, rollout, rows, advantages, spec, norm, cfg, world)
             world.sync(trained, model)                 # FSDP: the whole copy takes the new weights
@@ -388,14 +394,10 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
                 saved_at = checkpoint()
                 maybe_kill("after_checkpoint", step + 1)
             if stop.received:
-                metrics_file.close()
-                rollouts_file.close()
                 name = signal.Signals(stop.received).name
                 raise Stopped(stop.received, f"stopped by {name} after step {step + 1} of {cfg.steps}; checkpoint "
                                              f"{saved_at}; continue with: aha train --resume {out}")
 
-    metrics_file.close()
-    rollouts_file.close()
     if peft_model is not None:
         model = merged(peft_model)            # a plain transformers model: loads without peft
     if world.writes:
