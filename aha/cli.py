@@ -183,6 +183,18 @@ def build_parser() -> Parser:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     p.add_argument("--max-new-tokens", type=int, action="append", help="completion length; repeat for several (default 32)")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--memory", action="store_true", help="instead: peak RSS of RL steps at a 151,936-token vocabulary, "
+                                                          "aha vs TRL, each side in its own process")
+    p.add_argument("--completions", default="16,32,64,128", help="--memory: completions per step to measure (multiples of 8)")
+
+    p = sub.add_parser("plan", help="predict the peak memory and time per step of an aha train run, before it runs",
+                       description="Takes the config and flags of aha train and runs nothing: prints the predicted peak "
+                                   "memory (weights, gradients, optimizer, reference model, one micro-batch's activations "
+                                   "and logits, the KV cache), whether it fits this machine, the largest micro-batch "
+                                   "that does, and the time per step from a ~1 s calibration.")
+    add_train_args(p)
+    p.add_argument("--json", help="also write the plan to this JSON file")
+    p.add_argument("--no-time", action="store_true", help="skip the time calibration (it builds the model with random weights)")
 
     p = sub.add_parser("pretrain", help="train the tiny base model on the synthetic corpus",
                        description="Next-token pretraining of the built-in tiny model on a corpus made by the task generator.")
@@ -313,6 +325,20 @@ def cmd_bench(args, console):
         raise AhaError("aha bench needs TRL and psutil: pip install 'aha[bench]'")
     import warnings
     warnings.filterwarnings("ignore")
+    if args.memory:
+        from aha.bench_memory import format_memory_table, run_memory_bench
+        try:
+            counts = tuple(int(c) for c in args.completions.split(","))
+        except ValueError:
+            raise AhaError(f"--completions {args.completions!r}: give multiples of 8 separated by commas, e.g. 16,64") from None
+        if any(c < 8 or c % 8 for c in counts):
+            raise AhaError(f"--completions {args.completions!r}: each must be a multiple of 8 (groups of 8)")
+        out = run_memory_bench(counts, (args.max_new_tokens or [128])[0], say=lambda line: print(line, file=sys.stderr, flush=True))
+        print(format_memory_table(out))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
+        return
     from aha.bench import format_table, run_bench
     lengths = tuple(args.max_new_tokens or ((32, 128) if args.quick else (32,)))
     steps = 1 if args.quick else args.steps
@@ -322,6 +348,15 @@ def cmd_bench(args, console):
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     print(f"speedup_vs_trl: {out['speedup_vs_trl']:.2f}")
+
+
+def cmd_plan(args, console):
+    from aha.plan import format_plan, plan_command
+    result = plan_command(config_from_args(args), calibrate=not args.no_time)
+    print(format_plan(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 def cmd_chat(args, console):
@@ -346,10 +381,12 @@ def cmd_experiment(args, console):
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "chat": cmd_chat, "serve": cmd_serve,
             "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "bench": cmd_bench,
-            "pipeline": cmd_pipeline, "experiment": cmd_experiment}
+            "pipeline": cmd_pipeline, "experiment": cmd_experiment, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from aha.model import return_freed_memory_to_the_os
+    return_freed_memory_to_the_os()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):

@@ -8,8 +8,9 @@ the run folder as `config.yaml`.
 import dataclasses
 import difflib
 import math
+import os
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -66,7 +67,12 @@ class Config:
     lora_rank: int = 0               # 0 = train every weight; R > 0 = LoRA of rank R, merged into model/ on save
     lora_alpha: int = 0              # LoRA scale alpha / rank; 0 = 2 × lora_rank
     gradient_checkpointing: bool = False
-    autocast: str = "auto"           # bf16 autocast of the update's forward: auto (CPUs with AMX/AVX512-BF16) | bf16 | off
+    micro_batch_size: str = "auto"   # completions per forward/backward: auto (from aha plan's estimate) | N
+    micro_batch_tokens: int = 0      # micro_batch_size=auto: tokens per forward/backward; 0 = auto (aha/plan.py)
+    rollout_batch_size: int = 0      # rows generated at once (whole groups); 0 = auto: a KV-cache + sampling budget
+    # bf16 autocast of the update's forward: auto (CPUs with AMX/AVX512-BF16) | bf16 | off; the default
+    # comes from $AHA_AUTOCAST when set (CI forces bf16 on CPUs without fast bf16 to test that path too)
+    autocast: str = field(default_factory=lambda: os.environ.get("AHA_AUTOCAST", "auto"))
     # scale-out (aha/distributed.py, aha/vllm_rollout.py; docs/distributed.md)
     dist_strategy: str = "ddp"       # under torchrun: ddp (whole model per process) | fsdp (FSDP2: sharded per decoder layer)
     rollout: str = "torch"           # sampler: torch (aha/rollout.py) | vllm (colocated vLLM, needs CUDA + pip install 'aha[gpu]')
@@ -120,6 +126,11 @@ class Config:
                 raise AhaError(f"config: {name}={getattr(self, name)} must be at least 1")
         if self.group_size < 2:
             raise AhaError(f"config: group_size={self.group_size} must be at least 2 (advantages compare samples within a group)")
+        if self.micro_batch_size != "auto" and not (self.micro_batch_size.isdigit() and int(self.micro_batch_size) > 0):
+            raise AhaError(f"config: micro_batch_size={self.micro_batch_size!r} must be auto or a whole number ≥ 1")
+        if self.micro_batch_tokens < 0 or self.rollout_batch_size < 0:
+            raise AhaError(f"config: micro_batch_tokens={self.micro_batch_tokens} and rollout_batch_size="
+                           f"{self.rollout_batch_size} must be 0 (auto) or more")
         if self.autocast not in ("auto", "bf16", "off"):
             raise AhaError(f"config: autocast={self.autocast!r} is not one of auto, bf16, off")
         from aha.schedule import SCHEDULES
@@ -176,7 +187,10 @@ def parse_reward_weights(text: str) -> dict[str, float]:
 
 
 def _coerce(key: str, raw, kind):
-    """Parse a YAML/CLI value into the field's type, or a one-line error naming key and type."""
+    """Parse a YAML/CLI value into the field's type, or a one-line error naming key and type. A string
+    field keeps the text as given: `autocast=off` stays "off" (YAML 1.1 would read it as False)."""
+    if kind is str and isinstance(raw, str):
+        return raw
     if isinstance(raw, str):
         try:
             raw = yaml.safe_load(raw) if raw != "" else ""
@@ -191,6 +205,9 @@ def _coerce(key: str, raw, kind):
             pass
     if kind is str and isinstance(raw, (int, float)) and not isinstance(raw, bool):
         raw = str(raw)
+    if kind is str and isinstance(raw, bool):
+        raise AhaError(f"config: {key} expects str, got {raw!r} (YAML reads off/on/yes/no as booleans: "
+                       f"quote the value, e.g. {key}: \"off\")")
     if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
         raise AhaError(f"config: {key} expects {kind.__name__}, got {raw!r}")
     return raw

@@ -9,8 +9,8 @@ W processes compute the step that one process computes with the same seed and gl
 
 1. Rollout and reward. Every rank walks the same seeded problem stream and takes the step's
    P = prompts_per_step prompts; rank r generates and scores the contiguous slice r·P/W … (r+1)·P/W
-   (P % W ≠ 0 is refused). `generate(..., row_offset, total_rows)` draws the sampling noise of the
-   whole batch and keeps this slice's rows, so each row samples as it does in the 1-process run.
+   (P % W ≠ 0 is refused). `generate(..., row_offset)` draws each row's uniforms from (seed, step, global
+   row), so each row samples as it does in the 1-process run.
 2. Gather. The slices (Rollout, texts, reward components, rewards) are all-gathered, so every rank
    then holds the step's whole batch in the 1-process row order. Advantages, DAPO's dynamic-sampling
    stop rule and kept groups, the loss normaliser's counts and every logged batch metric are computed
@@ -25,7 +25,9 @@ W processes compute the step that one process computes with the same seed and gl
    instead give the mean of per-rank means, wrong whenever ranks hold different numbers of
    tokens. Clipping then acts on the averaged, hence global, gradient; its norm is the same on all ranks.
 4. A rank that owns no trainable row while others do still runs forward and backward (DDP's
-   all-reduce needs every rank): on one stand-in row, with weight 0.
+   all-reduce needs every rank): on one stand-in row, with weight 0. With micro-batches, every rank
+   runs as many as the rank with the most (stand-in micro-batches of weight 0 fill the gap), and
+   gradients are reduced once, in the backward of the last one (`gradient_sync`).
 5. Logged loss = Σ_r L_r; entropy, clip_frac and kl are token-weighted means over ranks.
 6. Rank 0 alone writes files (config, metrics, rollouts, checkpoints, model) and evaluates; the
    other ranks wait at a barrier (the process-group timeout, `TIMEOUT`, bounds that wait).
@@ -194,6 +196,28 @@ class World:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(trained, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def most(self, count: int) -> int:
+        """The largest `count` over the ranks (every rank must run as many micro-batches)."""
+        if self.size == 1:
+            return count
+        value = torch.tensor([count], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value.item())
+
+    def gradient_sync(self, trained, sync: bool):
+        """A context for one micro-batch's backward: gradients are reduced over the ranks only when
+        `sync` (the last micro-batch of the step); before, they accumulate locally (DDP's no_sync,
+        FSDP2's set_requires_gradient_sync)."""
+        import contextlib
+        if self.size == 1 or sync:
+            if self.size > 1 and hasattr(trained, "set_requires_gradient_sync"):
+                trained.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if hasattr(trained, "no_sync"):
+            return trained.no_sync()
+        trained.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
 
     def barrier(self) -> None:
         if self.size > 1:

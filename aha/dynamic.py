@@ -13,7 +13,7 @@ that still lacks groups trains on what it has (possibly nothing).
 import torch
 from torch import Tensor
 
-from aha.rollout import Rollout
+from aha.rollout import concat_rollouts  # noqa: F401  (re-exported: dynamic sampling concatenates tries)
 
 
 def group_spread(rewards: Tensor, group_size: int) -> Tensor:
@@ -29,26 +29,3 @@ def kept_groups(spread: Tensor, wanted: int) -> Tensor:
     [True, False, True, False]
     """
     return spread & (spread.long().cumsum(dim=0) <= wanted)
-
-
-def _pad_to(x: Tensor, width: int, value, left: bool) -> Tensor:
-    pad = x.new_full((x.shape[0], width - x.shape[1]), value)
-    return torch.cat([pad, x] if left else [x, pad], dim=1)
-
-
-def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
-    """One Rollout from several with the same group size: prompts re-left-padded, completions
-    re-right-padded to the widest, rows (and so groups) in the order given."""
-    if len(rollouts) == 1:
-        return rollouts[0]
-    prompt_width = max(r.prompt_ids.shape[1] for r in rollouts)
-    width = max(r.completion_ids.shape[1] for r in rollouts)
-    return Rollout(
-        prompt_ids=torch.cat([_pad_to(r.prompt_ids, prompt_width, pad_id, left=True) for r in rollouts]),
-        prompt_mask=torch.cat([_pad_to(r.prompt_mask, prompt_width, 0, left=True) for r in rollouts]),
-        completion_ids=torch.cat([_pad_to(r.completion_ids, width, pad_id, left=False) for r in rollouts]),
-        completion_mask=torch.cat([_pad_to(r.completion_mask, width, 0, left=False) for r in rollouts]),
-        logprobs=torch.cat([_pad_to(r.logprobs, width, 0.0, left=False) for r in rollouts]),
-        truncated=torch.cat([r.truncated for r in rollouts]),
-        group_size=rollouts[0].group_size,
-    )

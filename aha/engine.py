@@ -7,7 +7,7 @@ Used by `aha serve` (aha/server.py) and `aha chat` (aha/chat.py). A background t
    prefilled together (left-padded, one forward pass), each prompt's cache row is repeated for
    its `n` sequences, and the new rows are merged into the running batch's KV cache;
 2. samples one token for every running sequence, each from its own seeded `torch.Generator`
-   (the exponential race of `aha.rollout.sample_next`), and streams the new text to its request;
+   (one uniform per token for `aha.rollout.sample_next`'s inverse-CDF draw), and streams the new text to its request;
 3. drops finished or cancelled sequences from the cache, and trims cache columns that are
    padding for every row left;
 4. runs one decode forward pass for all remaining sequences together.
@@ -257,12 +257,10 @@ class Engine:
         for (temperature, top_p), members in groups.items():
             index = torch.tensor(members, device=self.device)
             logits = self._logits[index]                               # (A, V)
-            if temperature > 0:                                        # Exp(1) noise from each row's generator
-                noise = torch.stack([torch.empty(self.vocab_size, device=self.device).exponential_(
-                    generator=self.rows[i].generator) for i in members])
-            else:
-                noise = logits                                         # greedy: sample_next ignores it
-            tokens[index] = sample_next(logits, noise, SamplingParams(temperature=temperature, top_p=top_p))[0]
+            # one U[0, 1) per row from its own generator (greedy ignores it)
+            uniforms = torch.stack([torch.rand((), dtype=torch.float64, generator=self.rows[i].generator, device=self.device)
+                                    for i in members])
+            tokens[index] = sample_next(logits, uniforms, SamplingParams(temperature=temperature, top_p=top_p))[0]
         return tokens
 
     def _advance(self, row: Sequence, token: int) -> bool:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from aha.errors import AhaError
 from aha.passk import REFLECTION_WORDS, cons_at_k, mean_pass_at_k, reflection_rate
 from aha.progress import progress_bar
-from aha.rollout import SamplingParams, generate, stop_token_ids
+from aha.rollout import SamplingParams, generate, stop_strings, stop_token_ids
 from aha.tasks.base import extract_answer, thought
 
 
@@ -26,7 +26,7 @@ class EvalSpec:
     top_p: float = 0.95
     max_new_tokens: int = 64
     seed: int = 0
-    prompts_per_batch: int = 64
+    rows_per_pass: int = 256                        # rows generated at once (whole problems): the KV-cache budget
     pass_k: tuple[int, ...] = ()                    # extra pass@j to report, each ≤ k (1 and k always are)
     reflection_words: tuple[str, ...] = REFLECTION_WORDS
 
@@ -46,17 +46,21 @@ def sample_metrics(correct: list[list[float]], answers: list[list[str | None]], 
 
 def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=None, label: str = "eval") -> dict:
     problems = task.eval_problems(spec.problems)
-    params = SamplingParams(spec.max_new_tokens, spec.temperature, spec.top_p, 0, stop_token_ids(model, tokenizer))
+    params = SamplingParams(spec.max_new_tokens, spec.temperature, spec.top_p, 0, stop_token_ids(model, tokenizer),
+                            stop_strings(tokenizer))
+    per_pass = max(1, spec.rows_per_pass // spec.k)                 # problems per pass
     correct, answers, texts, lengths, thinking, truncated, samples = [], [], [], [], [], [], []
     was_training = model.training
     model.eval()
     with progress_bar(console) as bar:
         job = bar.add_task(label, total=len(problems))
-        for start in range(0, len(problems), spec.prompts_per_batch):
-            chunk = problems[start:start + spec.prompts_per_batch]
+        for start in range(0, len(problems), per_pass):
+            chunk = problems[start:start + per_pass]
             special = getattr(task, "adds_special_tokens", True)   # a chat template writes its own BOS
             prompts = [tokenizer(task.prompt(p) + prefill, add_special_tokens=special)["input_ids"] for p in chunk]
-            rollout = generate(model, prompts, spec.k, params, tokenizer.pad_token_id, seed=spec.seed + start)
+            # global rows: sample j of problem i draws the same tokens whatever the pass size
+            rollout = generate(model, prompts, spec.k, params, tokenizer.pad_token_id, seed=spec.seed,
+                               row_offset=start * spec.k, total_rows=len(problems) * spec.k, tokenizer=tokenizer)
             decoded = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             for i, text in enumerate(decoded):
                 problem = chunk[i // spec.k]

@@ -13,12 +13,91 @@ plain one-pass forward runs instead.
 
 log p = logit − logsumexp over the kept positions only: no full-vocabulary log-softmax tensor
 is kept, and logits are computed for completion positions only.
+
+A real vocabulary (49k–152k tokens) makes the logits the biggest tensor of the update: (R, T, V)
+in fp32 is 5 GB for 64 completions × 128 tokens × 152k. When the logits of `rows` would exceed
+`LOGIT_BYTES`, the model returns its last hidden states instead (the output head's forward is
+the identity for the duration, `hidden_not_logits`), and the head runs on chunks of `chunk_tokens`
+real completion tokens (padding never reaches it): each chunk's logits are recomputed in the
+backward pass (`torch.utils.checkpoint`), so at most one chunk's logits exist at a time, forward or
+backward. The entropy is taken under no-grad in the same chunk. The result equals the one-shot
+path to float rounding (tests/test_logprobs.py).
 """
 
+from contextlib import contextmanager
+
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache, PreTrainedModel
 
 from aha.rollout import Rollout, cache_kwarg
+
+
+LOGIT_BYTES = 32 * 2**20             # fp32 logits of one forward above this: chunk the output head
+CHUNK_LOGIT_BYTES = 32 * 2**20       # fp32 logits of one chunk
+
+
+def output_head(model):
+    """The output projection (a `torch.nn.Linear`) when the model's logits are exactly head(hidden),
+    else None (models that scale or soft-cap their logits keep the plain path)."""
+    inner = getattr(model, "module", model)                 # DDP
+    config = getattr(inner, "config", None)
+    if config is None or any(getattr(config, name, None) not in (None, 1, 1.0)
+                             for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    get = getattr(inner, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    return head if type(head) is torch.nn.Linear else None
+
+
+@contextmanager
+def hidden_not_logits(head: torch.nn.Linear):
+    """While inside, `head` returns its input: the model's forward gives hidden states (…, H)
+    where it gave logits (…, V)."""
+    head.forward = lambda hidden: hidden
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def chunk_tokens_for(vocab: int) -> int:
+    """Completion tokens per head chunk: CHUNK_LOGIT_BYTES of fp32 logits."""
+    return max(1, CHUNK_LOGIT_BYTES // (4 * vocab))
+
+
+def _chunk_logprobs(hidden, weight, bias, targets, temperature: float):
+    """(log p (K,), entropy (K,)) of `targets` (K,) under logits = head(hidden (K, H)) / temperature."""
+    logits = F.linear(hidden, weight, bias).float()                                   # (K, V)
+    if temperature > 0:
+        logits = logits / temperature
+    logsumexp = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp
+    with torch.no_grad():
+        entropy = logsumexp - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+    return logp, entropy
+
+
+def chunked_logprobs(hidden, head: torch.nn.Linear, targets, mask, temperature: float, chunk_tokens: int):
+    """(log p (R, T), entropy (R, T)) from hidden states (R, T, H): the head applied to the real
+    tokens of `mask` (R, T) only, `chunk_tokens` at a time, each chunk recomputed in backward."""
+    keep = mask.bool()
+    flat_hidden, flat_targets = hidden[keep], targets[keep]                            # (K, H), (K,)
+    logps, entropies = [], []
+    for start in range(0, flat_targets.numel(), chunk_tokens):
+        piece = slice(start, start + chunk_tokens)
+        if torch.is_grad_enabled():
+            logp, entropy = checkpoint(_chunk_logprobs, flat_hidden[piece], head.weight, head.bias,
+                                       flat_targets[piece], temperature, use_reentrant=False)
+        else:
+            logp, entropy = _chunk_logprobs(flat_hidden[piece], head.weight, head.bias, flat_targets[piece], temperature)
+        logps.append(logp)
+        entropies.append(entropy)
+    dtype = torch.float32
+    logp_full = torch.zeros(mask.shape, dtype=dtype, device=hidden.device).masked_scatter(keep, torch.cat(logps))
+    entropy_full = torch.zeros(mask.shape, dtype=dtype, device=hidden.device).masked_scatter(keep, torch.cat(entropies))
+    return logp_full, entropy_full
 
 
 def can_share_prompts(model) -> bool:
@@ -65,21 +144,45 @@ def one_pass_logits(model, prompt_ids, prompt_mask, completion_ids, completion_m
 
 
 def completion_logprobs(model, rollout: Rollout, rows: torch.Tensor, temperature: float,
-                        share_prompts: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        share_prompts: bool = True, chunk_tokens: int | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probs (R, T) of the sampled completion tokens of `rows`, per-token entropy (R, T), and
-    the completion mask (R, T), T trimmed to the longest of these rows' completions."""
+    the completion mask (R, T), T trimmed to the longest of these rows' completions.
+
+    `chunk_tokens`: run the output head on chunks of this many tokens (None: only when the logits
+    would exceed LOGIT_BYTES, in chunks of `chunk_tokens_for(vocabulary)`)."""
     prompt_ids, prompt_mask = rollout.prompt_ids[rows], rollout.prompt_mask[rows]
     completion_ids, completion_mask = rollout.completion_ids[rows], rollout.completion_mask[rows]
     first = int((prompt_mask.sum(dim=0) > 0).nonzero()[0])           # drop all-padding columns
     width = int(completion_mask.sum(dim=1).max())
     prompt_ids, prompt_mask = prompt_ids[:, first:], prompt_mask[:, first:]
     completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]
+    head = output_head(model)
+    vocab = head.out_features if head is not None else 0
+    if chunk_tokens is None and head is not None and 4 * len(rows) * width * vocab > LOGIT_BYTES:
+        chunk_tokens = chunk_tokens_for(vocab)
+    if head is None or chunk_tokens is None:
+        return _full_logits_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows,
+                                     rollout.group_size, temperature, share_prompts)
+    with hidden_not_logits(head):
+        hidden = _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, rollout.group_size,
+                          share_prompts)                                                # (R, T, H)
+    logp, entropy = chunked_logprobs(hidden, head, completion_ids, completion_mask, temperature, chunk_tokens)
+    return logp, entropy, completion_mask
+
+
+def _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, group_size: int, share_prompts: bool):
+    """The model's outputs (R, T, ·) at the positions that predict each completion token."""
     if share_prompts and can_share_prompts(model):
-        groups = torch.div(rows, rollout.group_size, rounding_mode="floor")
-        logits = shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, groups)
-    else:
-        logits = one_pass_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
-    logits = logits.float()                                           # (R, T, V)
+        groups = torch.div(rows, group_size, rounding_mode="floor")
+        return shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, groups)
+    return one_pass_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+
+def _full_logits_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, group_size: int,
+                          temperature: float, share_prompts: bool):
+    logits = _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, group_size,
+                      share_prompts).float()                          # (R, T, V)
     if temperature > 0:
         logits = logits / temperature
     logsumexp = torch.logsumexp(logits, dim=-1)

@@ -123,3 +123,18 @@ def autocast(mode: str, device: str):
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def return_freed_memory_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation above `threshold` bytes with its own mmap, so that freeing it
+    gives the memory back to the OS. By default glibc raises that threshold up to 32 MB as big blocks
+    are freed, and then keeps freed logits-sized blocks in its heap: at a 152k vocabulary the update's
+    per-chunk logits left gigabytes resident that no tensor used any more (measured: 3.5 GB of RSS for
+    64 MB of live tensors). Called once by the `aha` command; False where there is no glibc."""
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, 2 * threshold))

@@ -6,10 +6,14 @@
 - Finished rows (EOS or a stop token such as `</answer>`) leave the batch and the cache once an
   eighth of the batch has finished: reindexing the cache costs about as much as a few steps of
   carrying a finished row, whose samples are then discarded.
-- Temperature, top-p, top-k. Sampling is an exponential race, argmax(p / E) with E ~ Exp(1),
-  on noise drawn for every row of the full batch at every step from one seeded generator: a
-  row's tokens depend on (seed, row, step) only, never on which other rows are still running.
-  So the cached engine and a naive full-recompute loop give the same tokens (tests/test_rollout.py).
+- Temperature, top-p, top-k. Sampling is by inverse CDF: token = the first whose cumulative
+  probability exceeds u, one uniform u per row and step, u a hash of (seed, step, row)
+  (`row_uniforms`): no generator state, no (rows × vocabulary) noise tensor, and a row's tokens
+  depend on (seed, row, step) only, never on which other rows run beside it. So the cached engine,
+  a naive full-recompute loop, a batch cut into chunks (`max_rows`) and a slice of rows on another
+  process (`row_offset`) all give the same tokens (tests/test_rollout.py).
+- Stop strings (`SamplingParams.stop_strings`, e.g. `</answer>` where it is several tokens): a row
+  stops at the token that completes one in its decoded tail; the stop text stays in the completion.
 - temperature 0 is greedy.
 The log-probabilities of the sampled tokens under the policy at the sampling temperature (before
 top-p/top-k) are kept: they are the "old" log-probs of the GRPO ratio.
@@ -31,6 +35,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()   # matched on each row's decoded tail (needs `tokenizer` in generate)
 
 
 @dataclass
@@ -114,8 +119,37 @@ def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(i for i in ids if i is not None))
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    width = max(len(p) for p in prompts)
+def stop_strings(tokenizer) -> tuple[str, ...]:
+    """Stop strings for the R1 answer format: `</answer>` when this tokenizer writes it as several
+    tokens (one token is a stop token already, `stop_token_ids`)."""
+    return () if len(tokenizer.tokenize("</answer>")) == 1 else ("</answer>",)
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) on int64 tensors holding values < 2^32; the
+    multiplications are split in 16-bit halves so that no product overflows int64."""
+    mask = 0xFFFFFFFF
+    for shift, constant in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = x ^ (x >> shift)
+        x = (x * (constant & 0xFFFF) + ((x * (constant >> 16)) << 16)) & mask
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seed: int, step: int, rows: Tensor) -> Tensor:
+    """U[0, 1) (A,) float64 for the global row indices `rows` (A,) at decode step `step`: a hash of
+    (seed, step, row) with 2^-32 resolution, the same on any device, batch or chunk.
+
+    >>> u = row_uniforms(0, 3, torch.arange(4)); bool(((u >= 0) & (u < 1)).all()), u.unique().numel()
+    (True, 4)
+    """
+    x = rows.to(torch.int64) & 0xFFFFFFFF
+    for word in (step, seed, seed >> 32):
+        x = _mix32(x ^ _mix32(torch.full_like(x, word & 0xFFFFFFFF)))
+    return x.double() / 2.0 ** 32
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, width: int = 0) -> tuple[Tensor, Tensor]:
+    width = max(width, *(len(p) for p in prompts))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -138,37 +172,67 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def sample_next(logits: Tensor, noise: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
-    """(tokens (A,), logprobs (A,)) from last-position logits (A, V) and Exp(1) noise (A, V)."""
+def sample_next(logits: Tensor, uniforms: Tensor, params: SamplingParams) -> tuple[Tensor, Tensor]:
+    """(tokens (A,), logprobs (A,)) from last-position logits (A, V) and one U[0, 1) (A,) per row:
+    the first token whose cumulative probability (after temperature, top-k, top-p) exceeds u."""
     logits = logits.float()
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
         return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     scaled = logits / params.temperature
     filtered = filter_logits(scaled, params.top_k, params.top_p)
-    tokens = (torch.softmax(filtered, dim=-1) / noise).argmax(dim=-1)
+    cumulative = torch.softmax(filtered, dim=-1).double().cumsum(dim=-1)                   # (A, V)
+    # u·total < total, so the search stays inside the vocabulary; a token of probability 0 adds
+    # nothing to the sum and so can never be the first to exceed it
+    target = (uniforms.to(cumulative.device) * cumulative[:, -1]).unsqueeze(1)
+    tokens = torch.searchsorted(cumulative, target, right=True).squeeze(1).clamp(max=logits.shape[-1] - 1)
     logprobs = torch.log_softmax(scaled, dim=-1).gather(1, tokens[:, None]).squeeze(1)
     return tokens, logprobs
 
 
-@torch.no_grad()
+def stopped_by_string(tokenizer, tails: list[list[int]], stops: tuple[str, ...]) -> list[bool]:
+    """For each row's last tokens: does their decoded text contain a stop string?"""
+    texts = tokenizer.batch_decode(tails, skip_special_tokens=True)
+    return [any(stop in text for stop in stops) for text in texts]
+
+
 def generate(model, prompts: list[list[int]], group_size: int, params: SamplingParams,
-             pad_id: int, seed: int, row_offset: int = 0, total_rows: int | None = None) -> Rollout:
+             pad_id: int, seed: int, row_offset: int = 0, total_rows: int | None = None,
+             max_rows: int | None = None, tokenizer=None) -> Rollout:
     """Sample `group_size` completions for each prompt (token-id lists).
 
     `row_offset`, `total_rows`: these prompts' rows are rows row_offset … of a batch of `total_rows`
-    rows (one process's slice of the step, aha/distributed.py). The noise is drawn for all
-    `total_rows` rows and only this slice's rows are kept, so every row samples exactly as it would
-    in the whole batch."""
-    device = next(model.parameters()).device
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    rows (one process's slice of the step, aha/distributed.py); each row samples exactly as it would
+    in the whole batch. `max_rows`: at most this many rows (whole groups, at least one) at once, so
+    that the KV cache and the (rows × vocabulary) logits of a big batch need not fit together; the
+    tokens are the same as in one pass. `tokenizer`: needed for `params.stop_strings`."""
     n = len(prompts) * group_size
     total_rows = n if total_rows is None else total_rows
     if not 0 <= row_offset <= total_rows - n:
         raise ValueError(f"rows {row_offset}…{row_offset + n - 1} are not inside a batch of {total_rows} rows")
-    gen = torch.Generator(device=device).manual_seed(seed)
+    if params.stop_strings and tokenizer is None:
+        raise ValueError("stop strings need the tokenizer: generate(..., tokenizer=tokenizer)")
+    per_chunk = max(1, (max_rows or n) // group_size)                  # prompts per pass
+    width = max(len(p) for p in prompts)                               # every chunk padded alike
+    parts = [_generate_rows(model, prompts[start:start + per_chunk], group_size, params, pad_id, seed,
+                            row_offset + start * group_size, width, tokenizer)
+             for start in range(0, len(prompts), per_chunk)]
+    return concat_rollouts(parts, pad_id)
+
+
+@torch.no_grad()
+def _generate_rows(model, prompts: list[list[int]], group_size: int, params: SamplingParams, pad_id: int,
+                   seed: int, row_offset: int, prompt_width: int, tokenizer) -> Rollout:
+    """One pass of `generate`: these prompts' rows, global rows row_offset …, prompts left-padded to
+    `prompt_width`."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, prompt_width)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    n = len(prompts) * group_size
     vocab = model.config.vocab_size
+    # the last tokens that can hold a stop string: a token decodes to ≥ 1 character, except special
+    # tokens (skipped) and pieces of a character (UTF-8 bytes, up to 4 per character)
+    tail = 4 * max((len(s) for s in params.stop_strings), default=0) + 16
 
     prompt_len = prompt_ids.shape[1]
     cache = PreallocatedCache(prompt_len + params.max_new_tokens)
@@ -191,14 +255,17 @@ def generate(model, prompts: list[list[int]], group_size: int, params: SamplingP
     active = torch.arange(n, device=device)                 # (A,) the row in each batch slot
     running = torch.ones(n, dtype=torch.bool, device=device)  # (A,) False once the slot's row finished
     for step in range(params.max_new_tokens):
-        noise = torch.empty((total_rows, vocab), device=device).exponential_(generator=gen)
-        noise = noise[row_offset:row_offset + n][active]                  # (A, V): this slice's batch slots
-        tok, lp = sample_next(logits[:, :vocab], noise, params)
+        tok, lp = sample_next(logits[:, :vocab], row_uniforms(seed, step, row_offset + active), params)
         # finished rows still in the batch write what they already hold: pad, log-prob 0
         tokens[active, step] = torch.where(running, tok, pad_id)
         logprobs[active, step] = torch.where(running, lp, 0.0)
         lengths[active] += running
         done = torch.isin(tok, stop_ids) & running
+        if params.stop_strings and bool(running.any()):
+            start = max(0, step + 1 - tail)
+            slots = running.nonzero().squeeze(1)
+            hits = stopped_by_string(tokenizer, tokens[active[slots], start:step + 1].tolist(), params.stop_strings)
+            done[slots[torch.tensor(hits, dtype=torch.bool, device=device)]] = True
         stopped[active] |= done
         running &= ~done
         if step == params.max_new_tokens - 1:
@@ -221,4 +288,27 @@ def generate(model, prompts: list[list[int]], group_size: int, params: SamplingP
         prompt_mask=prompt_mask.repeat_interleave(group_size, dim=0),
         completion_ids=tokens[:, :width], completion_mask=mask.long(),
         logprobs=logprobs[:, :width] * mask, truncated=~stopped, group_size=group_size,
+    )
+
+
+def _pad_to(x: Tensor, width: int, value, left: bool) -> Tensor:
+    pad = x.new_full((x.shape[0], width - x.shape[1]), value)
+    return torch.cat([pad, x] if left else [x, pad], dim=1)
+
+
+def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
+    """One Rollout from several with the same group size: prompts re-left-padded, completions
+    re-right-padded to the widest, rows (and so groups) in the order given."""
+    if len(rollouts) == 1:
+        return rollouts[0]
+    prompt_width = max(r.prompt_ids.shape[1] for r in rollouts)
+    width = max(r.completion_ids.shape[1] for r in rollouts)
+    return Rollout(
+        prompt_ids=torch.cat([_pad_to(r.prompt_ids, prompt_width, pad_id, left=True) for r in rollouts]),
+        prompt_mask=torch.cat([_pad_to(r.prompt_mask, prompt_width, 0, left=True) for r in rollouts]),
+        completion_ids=torch.cat([_pad_to(r.completion_ids, width, pad_id, left=False) for r in rollouts]),
+        completion_mask=torch.cat([_pad_to(r.completion_mask, width, 0, left=False) for r in rollouts]),
+        logprobs=torch.cat([_pad_to(r.logprobs, width, 0.0, left=False) for r in rollouts]),
+        truncated=torch.cat([r.truncated for r in rollouts]),
+        group_size=rollouts[0].group_size,
     )

@@ -23,7 +23,7 @@ from typing import Callable
 from aha.errors import AhaError
 from aha.progress import progress_bar
 from aha.rewards import language_consistency, repetition_penalty
-from aha.rollout import SamplingParams, generate, stop_token_ids
+from aha.rollout import SamplingParams, generate, stop_strings, stop_token_ids
 from aha.tasks.base import is_well_formed
 
 # (prompt texts, k, seed) → for each prompt × k, grouped by prompt: (text, response tokens, truncated)
@@ -67,11 +67,12 @@ def rejection(text: str, length: int, truncated: bool, scores: dict, cfg: Sample
 
 def model_completer(model, tokenizer, cfg: SampleConfig) -> Completer:
     """Sampling with aha's rollout engine, stopping at EOS or `</answer>`."""
-    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, stop_token_ids(model, tokenizer))
+    params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, stop_token_ids(model, tokenizer),
+                            stop_strings(tokenizer))
 
     def complete(prompts: list[str], k: int, seed: int) -> list[tuple[str, int, bool]]:
         ids = [tokenizer(p)["input_ids"] for p in prompts]
-        rollout = generate(model, ids, k, params, tokenizer.pad_token_id, seed=seed)
+        rollout = generate(model, ids, k, params, tokenizer.pad_token_id, seed=seed, tokenizer=tokenizer)
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         return list(zip(texts, rollout.lengths.tolist(), rollout.truncated.tolist()))
     return complete

@@ -46,7 +46,12 @@ _SHARED_WRITABLE = ("/var/tmp", "/dev/shm", "/run/lock")  # world-writable dirs:
 _SETUP_FAILED = 125
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS = 1, 4, 38
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 4, 38, 22, 2
+CLONE_NEWTIME, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x80, 0x2000000, 0x4000000
+# clone()'s low byte is the exit signal, so CLONE_NEWTIME (0x80) only means a namespace for unshare()
+_CLONE_NAMESPACES = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
+# per architecture: (AUDIT_ARCH_*, syscall numbers of unshare, clone, clone3, setns)
+_SECCOMP_ARCH = {"x86_64": (0xC000003E, 272, 56, 435, 308), "aarch64": (0xC00000B7, 97, 220, 435, 268)}
 
 
 @dataclass(frozen=True)
@@ -255,6 +260,7 @@ def _init(request, libc, features, uid):
         if libc.capset(header, (ctypes.c_uint32 * 6)()) != 0:
             raise OSError(ctypes.get_errno(), "capset")
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # setuid binaries (su, sudo, mount) grant nothing
+    features["seccomp"] = _refuse_new_namespaces(libc)  # after no_new_privs, which an unprivileged filter needs
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)  # test processes cannot ptrace the harness or open its fds
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it: jailer killed => we die
     features["python"] = os.access(os.path.dirname(os.__file__), os.R_OK | os.X_OK)  # the stdlib, for imports
@@ -270,7 +276,8 @@ def _init(request, libc, features, uid):
 
 
 def _private_mounts(libc, request, features, uid):
-    """A private /tmp (also over the other world-writable dirs) and /proc; the Python install stays visible."""
+    """A private /tmp (also over the other world-writable dirs) and /proc; the Python install stays visible,
+    even when it lives under one of the dirs the private /tmp hides (a venv in /tmp)."""
     pythons = {os.path.realpath(path): os.open(path, os.O_PATH) for path in sorted(request["pythons"], key=len)}
     _mount(libc, None, "/", None, MS_REC | MS_PRIVATE)  # nothing below may propagate to the host
     size, inodes = 16 * request["max_file_bytes"], 1024
@@ -278,14 +285,11 @@ def _private_mounts(libc, request, features, uid):
     for path in filter(os.path.isdir, _SHARED_WRITABLE):
         _mount(libc, "/tmp", path, None, MS_BIND)
     for path, fd in pythons.items():  # hidden under our /tmp, or behind a 0700 dir such as /root for the new uid
-        parents = [os.path.dirname(path)]
-        while parents[-1] != "/":
-            parents.append(os.path.dirname(parents[-1]))
-        closed = [parent for parent in reversed(parents) if uid is not None and not os.stat(parent).st_mode & 0o001]
-        if closed:  # an empty tmpfs hides the rest of that dir (e.g. /root/.ssh) and lets us rebuild the path
-            _mount(libc, "tmpfs", closed[0], "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
-        if closed or not os.path.isdir(path):
-            os.makedirs(path, exist_ok=True)
+        if not os.path.isdir(path) or (uid is not None and not _traversable(path)):
+            closed = _first_closed_parent(path) if uid is not None else None
+            if closed:  # an empty tmpfs hides the rest of that dir (e.g. /root/.ssh) and lets us rebuild the path
+                _mount(libc, "tmpfs", closed, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
+            os.makedirs(path, mode=0o755, exist_ok=True)  # under our tmpfs: rebuilt, open to the new uid
             _mount(libc, f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC)
         os.close(fd)
     try:  # a /proc of our pid namespace hides the host's processes; some containers refuse it
@@ -295,6 +299,65 @@ def _private_mounts(libc, request, features, uid):
         features["proc"] = False
     os.mkdir(_WORKDIR_IN_NAMESPACE)
     return _WORKDIR_IN_NAMESPACE
+
+
+def _ancestors(path):
+    """'/a/b/c' → ['/', '/a', '/a/b'], outermost first."""
+    parents = [os.path.dirname(path)]
+    while parents[-1] != "/":
+        parents.append(os.path.dirname(parents[-1]))
+    return parents[::-1]
+
+
+def _first_closed_parent(path):
+    """The outermost existing ancestor that others may not traverse (no o+x), or None. Ancestors that
+    no longer exist (hidden by our /tmp) are rebuilt open, so they need no cover."""
+    for parent in _ancestors(path):
+        if not os.path.isdir(parent):
+            return None
+        if not os.stat(parent).st_mode & 0o001:
+            return parent
+    return None
+
+
+def _traversable(path):
+    return all(os.stat(parent).st_mode & 0o001 for parent in _ancestors(path) if os.path.isdir(parent))
+
+
+def _refuse_new_namespaces(libc):
+    """A seccomp filter: unshare() and clone() with any namespace flag, setns() and foreign-ABI syscalls
+    fail with EPERM, and clone3() (whose flags sit in memory a filter cannot read) with ENOSYS, so that
+    libc falls back to clone(). Sandboxed code can then no longer make a user namespace, which would
+    open kernel paths (mounts, netfilter, …) that the uid and no_new_privs otherwise keep shut.
+    Returns False on an architecture this filter does not know or a kernel without seccomp."""
+    import errno
+    import platform
+    if platform.machine() not in _SECCOMP_ARCH:
+        return False
+    arch, unshare, clone, clone3, setns = _SECCOMP_ARCH[platform.machine()]
+    load_word, jump_eq, jump_set, jump_ge, ret = 0x20, 0x15, 0x45, 0x35, 0x06
+    allow, deny, no_syscall = 0x7FFF0000, 0x00050000 | errno.EPERM, 0x00050000 | errno.ENOSYS
+    # (code, jump if true, jump if false, k); seccomp_data: nr at 0, arch at 4, args[0] (low word) at 16
+    program = [  # jumps are relative: a jump of j from instruction i lands on i + 1 + j
+        (load_word, 0, 0, 4), (jump_eq, 1, 0, arch), (ret, 0, 0, deny),        # 0-2: another ABI (i386, …)
+        (load_word, 0, 0, 0), (jump_ge, 0, 1, 0x40000000), (ret, 0, 0, deny),  # 3-5: x32 syscalls on x86_64
+        (jump_eq, 4, 0, unshare), (jump_eq, 5, 0, clone),                      # 6-7: → 11, → 13
+        (jump_eq, 6, 0, clone3), (jump_eq, 7, 0, setns), (ret, 0, 0, allow),   # 8-10: → 15, → 17
+        (load_word, 0, 0, 16), (jump_set, 4, 3, _CLONE_NAMESPACES | CLONE_NEWTIME),  # 11-12 unshare: → 17 / 16
+        (load_word, 0, 0, 16), (jump_set, 2, 1, _CLONE_NAMESPACES),            # 13-14 clone: → 17 / 16
+        (ret, 0, 0, no_syscall), (ret, 0, 0, allow), (ret, 0, 0, deny),        # 15-17
+    ]
+    filters = (_SockFilter * len(program))(*[_SockFilter(*instruction) for instruction in program])
+    fprog = _SockFprog(len(program), filters)
+    return libc.prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.byref(fprog), 0, 0) == 0
+
+
+class _SockFilter(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_SockFilter))]
 
 
 def _mount(libc, source, target, fstype, flags, data=None):

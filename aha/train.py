@@ -44,10 +44,11 @@ from aha.evaluate import EvalSpec, evaluate
 from aha.health import HealthMonitor
 from aha.logprobs import completion_logprobs
 from aha.lora import add_lora, merged
-from aha.model import autocast, detect_device, detect_dtype, load_model
+from aha.model import autocast, count_parameters, detect_device, detect_dtype, load_model
+from aha.plan import MemoryPlan, check_fits, plan_for as memory_plan_for, process_rss
 from aha.progress import progress_bar
 from aha.rewards import SHAPING, Sample
-from aha.rollout import Rollout, SamplingParams, generate, stop_token_ids
+from aha.rollout import Rollout, SamplingParams, generate, stop_strings, stop_token_ids
 from aha.schedule import lr_factor
 from aha.tasks import get_task
 from aha.tasks.base import Problem, thought
@@ -113,10 +114,10 @@ def fill_skipped(rewards: torch.Tensor, skip: torch.Tensor, group_size: int) -> 
 
 
 def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingParams, step: int,
-           world: World = SINGLE, engine=generate) -> Batch:
+           world: World = SINGLE, engine=generate, rollout_rows: int | None = None) -> Batch:
     """Roll out and score `prompts_per_step` fresh prompts; with dynamic sampling, roll out
     batches of fresh prompts again until `prompts_per_step` groups have a reward spread, or
-    `max_sampling_tries` rollouts were made. Under torchrun each process rolls out and scores its
+    `max_sampling_tries` rollouts were made. `rollout_rows`: rows generated at once (aha/plan.py). Under torchrun each process rolls out and scores its
     slice of the prompts and the slices are gathered: every process gets the whole batch."""
     parts = []
     for attempt in range(cfg.max_sampling_tries if cfg.dynamic_sampling else 1):
@@ -126,7 +127,7 @@ def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingPara
         prompts = [tokenizer(task.prompt(p), add_special_tokens=special)["input_ids"] for p in mine]
         rollout = engine(model, prompts, cfg.group_size, sampling, tokenizer.pad_token_id,
                          step_seed(cfg.seed, step) + attempt, row_offset=first * cfg.group_size,
-                         total_rows=len(chosen) * cfg.group_size)
+                         total_rows=len(chosen) * cfg.group_size, max_rows=rollout_rows, tokenizer=tokenizer)
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         scores, rewards = score(task, cfg, texts, mine, rollout)
         parts.append((chosen, *world.gather(rollout, texts, scores, rewards, tokenizer.pad_token_id)))
@@ -168,30 +169,67 @@ def loss_rows(cfg: Config, batch_rows: torch.Tensor, advantages: torch.Tensor, r
     return in_loss.nonzero().squeeze(1), norm
 
 
+def micro_batches(rows: torch.Tensor, size: int, count: int, weight: float) -> list[tuple[torch.Tensor, float]]:
+    """`rows` (R,) cut into `count` micro-batches of at most `size` rows, in order (a group may span
+    two), each with its weight; micro-batches past this rank's rows are stand-ins (one row, weight 0)
+    so that every rank runs `count` of them.
+
+    >>> [(m.tolist(), w) for m, w in micro_batches(torch.arange(5), 2, 4, 1.0)]
+    [([0, 1], 1.0), ([2, 3], 1.0), ([4], 1.0), ([0], 0.0)]
+    """
+    pieces = [(piece, weight) for piece in rows.split(size)]
+    return pieces + [(rows[:1], 0.0)] * (count - len(pieces))
+
+
+def micro_batch_size(cfg: Config, token_budget: int, rollout: Rollout, rows: torch.Tensor) -> int:
+    """Rows per forward/backward: `micro_batch_size` when it is a number, else as many rows of this
+    step's padded width (prompt + completion) as fit in `token_budget` tokens, at least one."""
+    if cfg.micro_batch_size != "auto":
+        return int(cfg.micro_batch_size)
+    width = int(rollout.prompt_mask[rows].any(dim=0).sum()) + int(rollout.completion_mask[rows].sum(dim=1).max())
+    return max(1, token_budget // max(width, 1))
+
+
 def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Tensor, advantages: torch.Tensor,
-                  spec: LossSpec, norm: Normaliser, cfg: Config, world: World = SINGLE):
-    """μ clipped-surrogate updates on `rows`; a non-finite loss or gradient skips the update.
-    Under torchrun each process takes its own share of `rows` and DDP/FSDP sums the gradients
-    (the loss scaling is derived in aha/distributed.py).
+                  spec: LossSpec, norm: Normaliser, cfg: Config, world: World = SINGLE, token_budget: int = 1 << 62):
+    """μ clipped-surrogate updates on `rows`, each accumulated over micro-batches; a non-finite loss or
+    gradient skips the update. Every micro-batch's loss is divided by the normaliser of the WHOLE batch
+    (`norm`), so the accumulated gradient equals the one-shot step's (tests/test_train.py). Under
+    torchrun each process takes its own share of `rows` and DDP/FSDP sums the gradients once, after
+    the last micro-batch (the loss scaling is derived in aha/distributed.py).
 
     Returns (loss, grad_norm, loss metrics, entropy per token, skipped)."""
     loss_value, grad_norm, loss_metrics, entropy, skipped = 0.0, 0.0, {}, None, False
     rows, weight = world.local_rows(rows, cfg.prompts_per_step * cfg.group_size)   # weight 0: a stand-in row
+    if not rows.numel():
+        return loss_value, grad_norm, loss_metrics, entropy, skipped
+    size = micro_batch_size(cfg, token_budget, rollout, rows)
+    pieces = micro_batches(rows, size, world.most(-(-rows.numel() // size)), weight)
     device = rollout.prompt_ids.device.type
-    for _ in range(cfg.mu if rows.numel() else 0):
-        with autocast(cfg.autocast, device):
-            logp, token_entropy, mask = completion_logprobs(model, rollout, rows, cfg.temperature)
-        old_logp = rollout.logprobs[rows][:, :logp.shape[1]] if cfg.mu > 1 else logp.detach()
-        ref_logp = None
-        if ref_model is not None:
-            with torch.no_grad(), autocast(cfg.autocast, device):
-                ref_logp = completion_logprobs(ref_model, rollout, rows, cfg.temperature)[0]
-        loss, loss_metrics = policy_loss(logp, old_logp, advantages[rows], mask, spec, ref_logp, norm)
+    for _ in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
-        (loss * loss_scale(world.size, weight)).backward()
+        total_loss, entropy_sum, tokens, metric_sums = 0.0, 0.0, 0.0, {}
+        for index, (piece, piece_weight) in enumerate(pieces):
+            with world.gradient_sync(model, sync=index == len(pieces) - 1):
+                with autocast(cfg.autocast, device):
+                    logp, token_entropy, mask = completion_logprobs(model, rollout, piece, cfg.temperature)
+                old_logp = rollout.logprobs[piece][:, :logp.shape[1]] if cfg.mu > 1 else logp.detach()
+                ref_logp = None
+                if ref_model is not None:
+                    with torch.no_grad(), autocast(cfg.autocast, device):
+                        ref_logp = completion_logprobs(ref_model, rollout, piece, cfg.temperature)[0]
+                loss, metrics = policy_loss(logp, old_logp, advantages[piece], mask, spec, ref_logp, norm)
+                (loss * loss_scale(world.size, piece_weight)).backward()
+            count = float(mask.sum()) * piece_weight                    # token-weighted means over the pieces
+            total_loss += loss.item() * piece_weight
+            entropy_sum += float((token_entropy * mask).sum()) * piece_weight
+            tokens += count
+            for name, value in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value * count
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+        means = {name: total / tokens if tokens else 0.0 for name, total in metric_sums.items()}
         loss_value, step_entropy, loss_metrics = world.reduce_update(
-            loss.item(), (token_entropy * mask).sum(), mask.sum(), loss_metrics, weight)
+            total_loss, torch.tensor(entropy_sum), torch.tensor(tokens), means, 1.0)
         skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if skipped:
             optimizer.zero_grad(set_to_none=True)
@@ -267,13 +305,14 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         engine = rollout_engine(cfg, model)            # the sampler: aha's torch engine, or vLLM
+        plan = run_plan(cfg, model, task, tokenizer, world)
         if not resume and world.writes:
             if out is None:
                 out = created = prepare_out_dir(cfg.out, force)   # only once the inputs are known good
             lock = RunLock(out).acquire()
             save_config(cfg, out / "config.yaml")
         return train_loop(cfg, task, model, tokenizer, peft_model, out or Path(cfg.out), saved, console, device,
-                          world, engine)
+                          world, engine, plan)
     except BaseException:
         metrics = created / "metrics.jsonl" if created else None
         if metrics is not None and not (metrics.exists() and metrics.stat().st_size):
@@ -286,8 +325,21 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             lock.release()
 
 
+def run_plan(cfg: Config, model, task, tokenizer, world: World = SINGLE) -> MemoryPlan:
+    """The memory plan of this run (aha/plan.py), with the model already loaded; refuses, before any
+    run folder exists, a run in which one row per micro-batch does not fit."""
+    params = count_parameters(model)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = memory_plan_for(cfg, model.config, task, tokenizer, params=params, trainable=trainable,
+                           device=next(model.parameters()).device.type, world_size=world.size,
+                           process_bytes=max(0, process_rss() - weights))[0]
+    check_fits(plan, cfg)
+    return plan
+
+
 def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved: dict, console, device,
-               world: World = SINGLE, engine=generate) -> dict:
+               world: World = SINGLE, engine=generate, plan: MemoryPlan | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     spec = LossSpec(cfg.ratio_level, cfg.clip_low, cfg.clip_high, cfg.aggregation, cfg.kl, cfg.beta)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
@@ -297,8 +349,11 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
         lr_factor, total=cfg.steps, warmup=cfg.warmup_steps, schedule=cfg.lr_schedule))
-    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, stop_token_ids(model, tokenizer))
-    eval_spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed)
+    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, stop_token_ids(model, tokenizer),
+                              stop_strings(tokenizer))
+    plan = plan or run_plan(cfg, model, task, tokenizer, world)
+    eval_spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed,
+                         rows_per_pass=plan.eval_rows)
     group = cfg.group_size
     health = HealthMonitor(window=cfg.health_window)
     history, evals, bad_steps = saved.get("history", []), saved.get("evals", []), saved.get("bad_steps", 0)
@@ -314,9 +369,6 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
     # only rank 0 writes files; the other ranks write their records nowhere
     metrics_file, rollouts_file = open_records(out, history) if world.writes else (open(os.devnull, "w"), open(os.devnull, "w"))
     say = (console.print if console else print)
-    if len(tokenizer.tokenize("</answer>")) != 1:
-        say("note: </answer> is not one token for this tokenizer: generation stops on EOS only "
-            "(stop strings are not supported), so completions may run on after the answer")
     if first_step:
         say(f"resuming {out} at step {first_step} of {cfg.steps}")
 
@@ -337,7 +389,7 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
             # named components; with dynamic sampling, more prompts until enough groups have spread
             t0 = time.time()
             model.eval()
-            batch = sample(model, tokenizer, task, problems, cfg, sampling, step, world, engine)
+            batch = sample(model, tokenizer, task, problems, cfg, sampling, step, world, engine, plan.rollout_rows)
             rollout, rewards, scores = batch.rollout, batch.rewards, batch.scores
             spread = group_spread(rewards, group)                                       # (P,)
             kept = kept_groups(spread, cfg.prompts_per_step) if cfg.dynamic_sampling else torch.ones_like(spread)
@@ -352,7 +404,7 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
             rows, norm = loss_rows(cfg, batch_rows, advantages, rollout)
             rows, advantages = rows.to(device), advantages.to(device)
             loss_value, grad_norm, loss_metrics, entropy, skipped = policy_update(
-                trained, ref_model, optimizer, rollout, rows, advantages, spec, norm, cfg, world)
+                trained, ref_model, optimizer, rollout, rows, advantages, spec, norm, cfg, world, plan.micro_batch_tokens)
             world.sync(trained, model)                 # FSDP: the whole copy takes the new weights
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()

@@ -94,3 +94,48 @@ def test_bf16_autocast_loss_and_gradient_stay_close_to_fp32():
     assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.999
     with autocast("auto", "cpu"):
         assert torch.is_autocast_enabled("cpu") == cpu_has_fast_bf16()      # auto: only where bf16 is fast
+
+
+def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """‖a − b‖ / ‖b‖ over all tensors together."""
+    num = sum(float(((x.double() - y.double()) ** 2).sum()) for x, y in zip(a, b)) ** 0.5
+    return num / sum(float((y.double() ** 2).sum()) for y in b) ** 0.5
+
+
+@pytest.mark.parametrize("arch, share", [("gpt2", True), ("qwen2", True), ("qwen2", False)])
+def test_head_in_chunks_equals_the_full_logits_and_their_gradient(arch, share):
+    """The large-vocabulary path (hidden states out, the head on 5 real tokens at a time, each chunk
+    recomputed in backward) against full logits: log-probs, entropy and every gradient."""
+    model, tokenizer = build(arch)
+    rollout = rollout_of(model, tokenizer)
+    rows = torch.tensor([0, 2, 3, 5, 8, 11])
+    model.train()
+    results = {}
+    for chunk in (None, 5):
+        model.zero_grad()
+        logp, entropy, mask = completion_logprobs(model, rollout, rows, 0.7, share_prompts=share, chunk_tokens=chunk)
+        advantages = torch.linspace(-1.0, 1.0, len(rows))[:, None]
+        (-(logp * advantages * mask).sum() / mask.sum()).backward()
+        results[chunk] = (logp.detach(), entropy, mask, [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    (a, ea, ma, ga), (b, eb, mb, gb) = results[5], results[None]
+    real = ma.bool()
+    assert torch.equal(ma, mb) and a.shape == b.shape
+    assert relative_difference([a[real]], [b[real]]) < 1e-6 and relative_difference([ea[real]], [eb[real]]) < 1e-6
+    assert len(ga) == len(gb) and relative_difference(ga, gb) < 1e-6
+    assert (a[~real] == 0).all()                                       # padding: 0, as the full path after masking
+
+
+def test_big_logits_switch_to_the_chunked_head(monkeypatch):
+    """Above LOGIT_BYTES the chunked head runs by itself: no (R, T, V) tensor from the model."""
+    import aha.logprobs as logprobs
+    model, tokenizer = build("qwen2")
+    rollout = rollout_of(model, tokenizer)
+    rows = torch.arange(12)
+    shapes = []
+    model.register_forward_hook(lambda m, args, out: shapes.append(out.logits.shape[-1]))
+    completion_logprobs(model, rollout, rows, 1.0)
+    plain = len(shapes)
+    monkeypatch.setattr(logprobs, "LOGIT_BYTES", 1024)
+    completion_logprobs(model, rollout, rows, 1.0)
+    vocab, hidden = model.config.vocab_size, model.config.hidden_size
+    assert set(shapes[:plain]) == {vocab} and set(shapes[plain:]) == {hidden}   # hidden states instead of logits

@@ -3,27 +3,25 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from aha.model import build_model
-from aha.rollout import SamplingParams, filter_logits, generate, left_pad, sample_next
+from aha.rollout import SamplingParams, filter_logits, generate, left_pad, row_uniforms, sample_next
 from aha.tokenizer import build_char_tokenizer
 
 
 def naive_generate(model, prompts, group_size, params, pad_id, seed):
-    """Reference: recompute the whole sequence every step, no KV cache, same noise stream."""
+    """Reference: recompute the whole sequence every step, no KV cache, the same uniforms per (step, row)."""
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
     n, vocab = ids.shape[0], model.config.vocab_size
-    gen = torch.Generator().manual_seed(seed)
     out = [[] for _ in range(n)]
     active = list(range(n))
-    for _ in range(params.max_new_tokens):
-        noise = torch.empty((n, vocab)).exponential_(generator=gen)
+    for step in range(params.max_new_tokens):
         rows = torch.tensor(active)
         seq = torch.cat([ids[rows], torch.tensor([out[r] for r in active], dtype=torch.long).view(len(active), -1)], 1)
         att = torch.cat([mask[rows], torch.ones(len(active), len(out[active[0]]), dtype=torch.long)], 1)
         pos = (att.cumsum(1) - 1).clamp(min=0)
         with torch.no_grad():
             logits = model(input_ids=seq, attention_mask=att, position_ids=pos).logits[:, -1]
-        tokens, _ = sample_next(logits, noise[rows], params)
+        tokens, _ = sample_next(logits, row_uniforms(seed, step, rows), params)
         still = []
         for r, t in zip(active, tokens.tolist()):
             out[r].append(t)
@@ -44,8 +42,8 @@ def test_kv_cache_sampling_equals_naive_recompute():
     prompts = [tok("User: 12+345\nAssistant:")["input_ids"], tok("User: 7+8\nAssistant:")["input_ids"]]  # unequal lengths
     stop = tok.convert_tokens_to_ids("7")   # a common character, so some rows stop early
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, stop_token_ids=(stop,))
-    rollout = generate(model, prompts, 3, params, tok.pad_token_id, seed=5)
-    reference = naive_generate(model, prompts, 3, params, tok.pad_token_id, seed=5)
+    rollout = generate(model, prompts, 3, params, tok.pad_token_id, seed=3)
+    reference = naive_generate(model, prompts, 3, params, tok.pad_token_id, seed=3)
     assert any(len(r) < 12 for r in reference), "the test should exercise rows leaving the batch"
     for row, ref in enumerate(reference):
         length = int(rollout.completion_mask[row].sum())
@@ -127,3 +125,78 @@ def test_top_k_and_top_p_filters_by_hand():
     assert kept.tolist() == [[True, True, False, False]]
     kept = torch.isfinite(filter_logits(logits, top_k=0, top_p=0.5))   # the first token reaches p
     assert kept.tolist() == [[True, False, False, False]]
+
+
+def test_a_batch_cut_into_chunks_samples_the_same_tokens():
+    """max_rows: 3 prompts × 4 rows in passes of 4 (one group) or 8 (groups do not split) rows give
+    the one-pass rollout exactly: each row's uniforms depend on (seed, step, row) only."""
+    tok = build_char_tokenizer()
+    model = tiny_model("qwen2", tok, seed=4)
+    prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("3+4", "12+345", "60+7")]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95,
+                            stop_token_ids=tuple(tok.convert_tokens_to_ids(list(STOP_CHARS))))
+    whole = generate(model, prompts, 4, params, tok.pad_token_id, seed=2)
+    assert len(set(whole.lengths.tolist())) > 1, "rows should finish at different steps"
+    for max_rows in (1, 4, 8):
+        chunked = generate(model, prompts, 4, params, tok.pad_token_id, seed=2, max_rows=max_rows)
+        width = int(whole.lengths.max())
+        assert torch.equal(chunked.completion_ids[:, :width], whole.completion_ids)
+        assert torch.equal(chunked.completion_mask[:, :width], whole.completion_mask)
+        assert torch.equal(chunked.truncated, whole.truncated)
+        torch.testing.assert_close(chunked.logprobs[:, :width], whole.logprobs, atol=1e-6, rtol=0)
+
+
+def naive_stop_string_generate(model, tok, prompt, params, seed):
+    """Reference for stop strings: full recompute, decode the whole completion after every token,
+    stop as soon as it contains a stop string."""
+    ids = list(prompt)
+    out = []
+    for step in range(params.max_new_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids + out])).logits[:, -1]
+        token, _ = sample_next(logits, row_uniforms(seed, step, torch.tensor([0])), params)
+        out.append(int(token))
+        if out[-1] in params.stop_token_ids or any(s in tok.decode(out, skip_special_tokens=True) for s in params.stop_strings):
+            break
+    return out
+
+
+def test_stop_strings_of_several_tokens_end_the_completion_after_the_stop_text():
+    """A tokenizer where `</answer>` is several tokens (the char tokenizer without its tags): the
+    completion ends on the token that completes the stop string, the text is kept, and the tokens
+    equal a naive decode-and-check loop."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    chars = list("</answer>")[:-1] + [">"]            # 9 distinct characters: random text hits 2-char stops often
+    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["[PAD]", "[EOS]", *chars])}, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, special=True) for t in ("[PAD]", "[EOS]")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]")
+    assert len(tok.tokenize("</answer>")) == 9
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=1)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    from aha.rollout import stop_strings
+    assert stop_strings(tok) == ("</answer>",)
+    found = 0
+    for stop in ("</answer>", "an", "e>", "sw"):
+        params = SamplingParams(max_new_tokens=40, temperature=1.0, stop_strings=(stop,))
+        prompt = tok("<answer>")["input_ids"]
+        for seed in range(6):
+            rollout = generate(model, [prompt], 2, params, tok.pad_token_id, seed=seed, tokenizer=tok)
+            for row in range(2):
+                length = int(rollout.lengths[row])
+                got = rollout.completion_ids[row, :length].tolist()
+                text = tok.decode(got, skip_special_tokens=True)
+                if stop in text:
+                    found += 1
+                    assert text.endswith(stop[-1]) and not rollout.truncated[row]      # ends on the stop text
+                    assert stop not in tok.decode(got[:-1], skip_special_tokens=True)   # and no later
+                # row 0 draws the uniforms of global row 0, as the naive loop does
+            length = int(rollout.lengths[0])
+            assert rollout.completion_ids[0, :length].tolist() == naive_stop_string_generate(model, tok, prompt, params, seed)
+    assert found >= 3, "the stop strings should be hit"
+    with pytest.raises(ValueError, match="need the tokenizer"):
+        generate(model, [prompt], 1, params, tok.pad_token_id, seed=0)

@@ -215,6 +215,23 @@ for path in $escapes:
 def answer():
     return 42 if os.geteuid() == 0 else 0
 """,
+    "new_user_namespace": """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+made = []
+CLONE = 56 if os.uname().machine == "x86_64" else 220
+for flags in (0x10000000, 0x10000000 | 0x20000, 0x40000000, 0x20000000):  # user, user+mount, net, pid
+    if libc.unshare(flags) == 0:
+        made.append(("unshare", flags))
+    child = libc.syscall(CLONE, flags | 17, 0, 0, 0, 0)     # raw clone(), SIGCHLD: forks in a new namespace
+    if child == 0:
+        os._exit(0)
+    if child > 0:
+        os.waitpid(child, 0)
+        made.append(("clone", flags))
+def answer():
+    return 42 if made else 0
+""",
     "orphan_outlives_parent": """
 import os, subprocess, time
 subprocess.Popen(["sleep", "1000"], start_new_session=True)
@@ -293,7 +310,7 @@ LIMITS_FOR = {"memory_hog": {"cpu_s": 10, "timeout_s": 10.0}}
 LAYERS_NEEDED = {"write_outside_workdir": ("uid", "mount"), "spawn_shell": ("uid", "mount"),
                  "delete_canary": ("uid",), "read_host_files": ("uid",), "connect_to_host_socket": ("net",),
                  "ctypes_libc": ("uid", "mount"), "fill_the_disk": ("mount",), "orphan_outlives_parent": ("pid",),
-                 "open_sockets": ("net",), "rm_rf_home": ("uid",)}
+                 "open_sockets": ("net",), "rm_rf_home": ("uid",), "new_user_namespace": ("seccomp",)}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=needs(*LAYERS_NEEDED.get(name, ())))

@@ -273,7 +273,10 @@ def test_n_sequences(client):
     assert {c.message.content for c in greedy.choices} == {"7"} and greedy.usage.completion_tokens == 20
     sampled, _ = stream(client, "hello", temperature=1.0, seed=1, n=2)
     assert sorted(sampled) == [0, 1] and all(p["finish"] in ("stop", "length") for p in sampled.values())
-    assert sampled[0] != sampled[1]
+    # sequence i of a request samples from Generator(seed + i): each of the n samples is the
+    # single sample of a request seeded seed + i, whatever the samples happen to say
+    alone = [stream(client, "hello", temperature=1.0, seed=seed, n=1)[0][0] for seed in (1, 2)]
+    assert [sampled[0], sampled[1]] == alone
 
 
 def test_concurrent_requests_all_succeed(client, loaded):
