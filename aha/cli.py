@@ -173,6 +173,8 @@ def build_parser() -> Parser:
     from aha.pipeline import add_pipeline_parser
     add_pipeline_parser(sub)
     add_experiment_parser(sub)
+    from aha.check_reward import add_check_reward_parser
+    add_check_reward_parser(sub)
 
     p = sub.add_parser("bench", help="time aha's GRPO step against TRL's GRPOTrainer on the same work (needs the bench extra)",
                        description="aha and TRL GRPO steps alternating in one process on a random-init 3.2M Qwen2, "
@@ -344,9 +346,14 @@ def cmd_experiment(args, console):
     experiment(args, console)
 
 
+def cmd_check_reward(args, console) -> int:
+    from aha.check_reward import cmd_check_reward as check
+    return check(args, console)
+
+
 COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "chat": cmd_chat, "serve": cmd_serve,
             "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "bench": cmd_bench,
-            "pipeline": cmd_pipeline, "experiment": cmd_experiment}
+            "pipeline": cmd_pipeline, "experiment": cmd_experiment, "check-reward": cmd_check_reward}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)      # for `train --nproc` to re-launch itself
     from aha.progress import console
     try:
-        COMMANDS[args.command](args, console)
+        code = COMMANDS[args.command](args, console)      # None, or an exit code of its own (check-reward)
     except AhaError as exc:
         sys.stderr.write(f"aha {args.command}: error: {exc}\n")
         return 2
@@ -369,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"aha {args.command}: interrupted\n")
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":
