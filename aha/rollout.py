@@ -23,6 +23,8 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from aha.model import check_context, model_context
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -171,6 +173,7 @@ def generate(model, prompts: list[list[int]], group_size: int, params: SamplingP
     vocab = model.config.vocab_size
 
     prompt_len = prompt_ids.shape[1]
+    check_context(prompt_len, params.max_new_tokens, model_context(model), "use a shorter prompt or template, or lower max_new_tokens")
     cache = PreallocatedCache(prompt_len + params.max_new_tokens)
     cache_kw = cache_kwarg(model)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)

@@ -13,7 +13,7 @@ from aha.model import detect_device, load_model
 from aha.report import write_report
 from aha.tasks import get_task
 from aha.templates import apply_template
-from aha.train import prepare_out_dir, train
+from aha.train import check_prompt_lengths, prepare_out_dir, train
 
 
 def run(cfg: Config, force: bool = False, console=None) -> dict:
@@ -21,6 +21,7 @@ def run(cfg: Config, force: bool = False, console=None) -> dict:
     task = get_task(cfg.task, **cfg.task_options())
     model, tokenizer = load_model(cfg.model or ensure_base_model(console), detect_device())
     eval_task = apply_template(task, tokenizer, cfg.template, cfg.think_prefill)   # as train() prompts
+    check_prompt_lengths(cfg, eval_task, tokenizer, model)                         # before the run folder exists
     out = prepare_out_dir(cfg.out, force)
     spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed)
     before = evaluate(model, tokenizer, eval_task, spec, console=console, label="eval before RL")
