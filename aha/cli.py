@@ -1,4 +1,4 @@
-"""The `aha` command line: pretrain, train, eval, run, chat, serve, sft, sample, distill, bench.
+"""The `aha` command line: pretrain, train, eval, run, chat, serve, sft, sample, distill, bench, check-reward.
 
 Bad input ends in one line on stderr — what is wrong, where, what to do — and exit code 2.
 """
