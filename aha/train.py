@@ -11,7 +11,8 @@ they never enter the forward/backward pass; with one update per rollout (μ = 1)
 log-probs equal the current ones, so no extra forward pass computes them.
 
 DAPO's extras are config switches, not branches of the algorithm: `dynamic_sampling` (rolls out
-fresh prompts until `prompts_per_step` groups have a reward spread; aha/dynamic.py),
+fresh prompts until `prompts_per_step` groups have a spread in `dynamic_sampling_metric`, accuracy
+by default; aha/dynamic.py),
 `overlong=mask|soft` (truncated completions out of the loss, or a length penalty as a reward
 component). `ref_refresh_every` copies the policy into the reference model, as R1 did every 400 steps.
 
@@ -44,13 +45,13 @@ from aha.health import HealthMonitor
 from aha.logprobs import completion_logprobs
 from aha.lora import add_lora, merged
 from aha.model import autocast, check_context, detect_device, detect_dtype, disable_dropout, load_model, model_context
+from aha.passk import passed
 from aha.progress import progress_bar
 from aha.rewards import SHAPING, Sample
 from aha.rollout import Rollout, SamplingParams, generate, stop_token_ids
 from aha.schedule import lr_factor
 from aha.tasks import get_task
 from aha.tasks.base import Problem, thought
-from aha.passk import passed
 from aha.templates import apply_template, prompt_prefill
 from aha.vllm_rollout import rollout_engine
 
