@@ -12,8 +12,9 @@ in a registry, so the training loop never branches on a variant.
   with clip_high > clip_low and `token_mean_aggregate`: the DAPO objective (arXiv 2503.14476).
 - `sequence_log_ratio`: GSPO (arXiv 2507.18071) s_i = (π_θ/π_old)^(1/|o_i|), as GSPO-token.
 
-Departures from the papers: the std gets + 1e-4 (all-equal groups give 0, not 0/0) and is the
-unbiased one; log-ratios are clamped to ±20 before exp (verl does the same) so the loss stays
+Departures from the papers: a group whose rewards are all equal (max == min) gets advantage
+exactly 0 under every estimator (float32 rounds the mean of `[0.1] * 8`, which leaves a −7e-9 residue
+that the std division would blow up to −7e-5); the std gets + 1e-4 and is the unbiased one; log-ratios are clamped to ±20 before exp (verl does the same) so the loss stays
 finite; the aggregation divides by a `Normaliser` counted over the whole batch, so rows skipped
 for zero advantage change nothing. tests/test_trl_parity.py checks the loss against TRL 1.16.
 
@@ -31,34 +32,49 @@ from torch import Tensor
 GRPO_STD_EPS = 1e-4
 
 
+def tied_rows(rewards: Tensor, group_size: int) -> Tensor:
+    """(B,) bool: the rows of groups whose rewards are all equal (max == min, exactly).
+
+    >>> tied_rows(torch.tensor([0.1, 0.1, 1.0, 0.0]), 2).tolist()
+    [True, True, False, False]
+    """
+    groups = rewards.view(-1, group_size)
+    tied = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)      # (P, 1)
+    return tied.expand_as(groups).reshape(-1)
+
+
 def grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
-    """A_i = (r_i − mean(r)) / (std(r) + 1e-4) within each group.
+    """A_i = (r_i − mean(r)) / (std(r) + 1e-4) within each group; exactly 0 in a tied group.
 
     Std convention: unbiased (Bessel-corrected, as torch.std, TRL and verl); rewards [1,0,1,0]
-    give ±0.866. The 1e-4 keeps all-equal groups at exactly 0 instead of 0/0.
+    give ±0.866.
     """
     groups = rewards.view(-1, group_size)
     centered = groups - groups.mean(dim=1, keepdim=True)
-    return (centered / (groups.std(dim=1, keepdim=True) + GRPO_STD_EPS)).view(-1)
+    advantages = (centered / (groups.std(dim=1, keepdim=True) + GRPO_STD_EPS)).view(-1)
+    return advantages.masked_fill(tied_rows(rewards, group_size), 0.0)
 
 
 def dr_grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     """A_i = r_i − mean(r): Dr. GRPO drops the std division (it over-weights easy/hard groups)."""
     groups = rewards.view(-1, group_size)
-    return (groups - groups.mean(dim=1, keepdim=True)).view(-1)
+    advantages = (groups - groups.mean(dim=1, keepdim=True)).view(-1)
+    return advantages.masked_fill(tied_rows(rewards, group_size), 0.0)
 
 
 def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     """A_i = r_i − mean_{j≠i} r_j: the leave-one-out baseline (= G/(G−1) × Dr. GRPO's)."""
     groups = rewards.view(-1, group_size)
     others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - others).view(-1)
+    return (groups - others).view(-1).masked_fill(tied_rows(rewards, group_size), 0.0)
 
 
 def reinforce_pp_advantages(rewards: Tensor, group_size: int) -> Tensor:
-    """REINFORCE++ (baseline variant): group mean removed, then normalised over the whole batch."""
+    """REINFORCE++ (baseline variant): group mean removed, then normalised over the whole batch;
+    a tied group stays at 0 (its rows would otherwise take −mean/std of the batch)."""
     centered = dr_grpo_advantages(rewards, group_size)
-    return (centered - centered.mean()) / (centered.std() + GRPO_STD_EPS)
+    advantages = (centered - centered.mean()) / (centered.std() + GRPO_STD_EPS)
+    return advantages.masked_fill(tied_rows(rewards, group_size), 0.0)
 
 
 ADVANTAGES: dict[str, Callable[[Tensor, int], Tensor]] = {

@@ -240,9 +240,10 @@ def open_records(out: Path, history: list[dict]):
     return open(out / "metrics.jsonl", "a"), open(out / "rollouts.jsonl", "a")
 
 
-def trainer_state(cfg, optimizer, scheduler, cursor: Cursor, bad_steps: int, history, evals, peft_model, ref_model) -> dict:
-    """Everything besides the weights that the next step depends on (aha/checkpoint.py)."""
-    state = {"steps_done": len(history), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+def trainer_state(cfg, optimizer, cursor: Cursor, bad_steps: int, history, evals, peft_model, ref_model) -> dict:
+    """Everything besides the weights that the next step depends on (aha/checkpoint.py). The learning
+    rate needs no state: it is a function of the step (aha/schedule.py)."""
+    state = {"steps_done": len(history), "optimizer": optimizer.state_dict(),
              "rng": rng_states(),
              "consumed": cursor.consumed, "bad_steps": bad_steps, "history": history, "evals": evals}
     if peft_model is not None:

@@ -1,4 +1,4 @@
-"""The `aha` command line: pretrain, train, eval, run, chat, serve, sft, sample, distill, bench.
+"""The `aha` command line: pretrain, train, eval, run, chat, serve, sft, sample, distill, bench, check-reward.
 
 Bad input ends in one line on stderr — what is wrong, where, what to do — and exit code 2.
 """
@@ -143,25 +143,8 @@ def build_parser() -> Parser:
     p.add_argument("--nproc", type=int, default=0, metavar="N",
                    help="train on N local processes: re-launches itself through torchrun (docs/distributed.md)")
 
-    p = sub.add_parser("eval", help="pass@1, pass@k, cons@k on held-out problems with R1's sampling protocol",
-                       description="k samples per held-out problem at temperature 0.6, top-p 0.95; pass@1 = mean correctness, "
-                                   "unbiased pass@j for each --pass-k, cons@k = majority vote of the k answers. "
-                                   "Several --model: a side-by-side table.")
-    p.add_argument("--model", action="append", metavar="DIR",
-                   help="model dir or run folder (its model/); repeat to compare (default: the built-in base model)")
-    p.add_argument("--task", default="addition")
-    p.add_argument("--digits", type=int, default=3, help="addition: digits per operand")
-    p.add_argument("--data", help="data file for file-backed tasks (gsm8k, math, py:…)")
-    p.add_argument("--problems", type=int, default=200)
-    p.add_argument("--k", type=int, help="samples per problem (default: 4, or the largest --pass-k)")
-    p.add_argument("--pass-k", default="", metavar="J,J,…", help="also report unbiased pass@J for these J ≤ k, e.g. 1,2,4")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--prefill", default="", help='force the response to start so, e.g. " <think>"')
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", help="also write the result to this JSON file (a list when several models)")
-    p.add_argument("--markdown", help="also write the comparison table to this markdown file")
+    from aha.eval_cli import add_eval_parser
+    add_eval_parser(sub)
 
     add_data_parsers(sub)
 
@@ -173,6 +156,8 @@ def build_parser() -> Parser:
     from aha.pipeline import add_pipeline_parser
     add_pipeline_parser(sub)
     add_experiment_parser(sub)
+    from aha.check_reward import add_check_reward_parser
+    add_check_reward_parser(sub)
 
     p = sub.add_parser("bench", help="time aha's GRPO step against TRL's GRPOTrainer on the same work (needs the bench extra)",
                        description="aha and TRL GRPO steps alternating in one process on a random-init 3.2M Qwen2, "
@@ -239,42 +224,9 @@ def cmd_train(args, console):
         console.print(f"done: {len(result['history'])} steps; metrics in {result['out'] / 'metrics.jsonl'}, model in {result['out'] / 'model'}")
 
 
-def parse_pass_k(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise AhaError(f"--pass-k {text!r}: give whole numbers separated by commas, e.g. 1,2,4") from None
-    if any(v < 1 for v in values):
-        raise AhaError(f"--pass-k {text!r}: every k must be at least 1")
-    return values
-
-
 def cmd_eval(args, console):
-    from aha.base import ensure_base_model
-    from aha.evaluate import EvalSpec, evaluate, markdown_table, resolve_model_dir, rich_table
-    from aha.model import detect_device, load_model
-    from aha.tasks import get_task
-    pass_k = parse_pass_k(args.pass_k)
-    k = args.k or max((4, *pass_k))
-    task = get_task(args.task, **({"digits": args.digits} if args.task == "addition" else {}),
-                    **({"data": args.data} if args.data else {}))
-    spec = EvalSpec(args.problems, k, args.temperature, args.top_p, args.max_new_tokens, args.seed, pass_k=pass_k)
-    results = []
-    for path in args.model or [None]:
-        model_dir = resolve_model_dir(path) if path else ensure_base_model(console)
-        model, tokenizer = load_model(model_dir, detect_device())
-        result = evaluate(model, tokenizer, task, spec, prefill=args.prefill, console=console, label=f"eval {path or 'base'}")
-        results.append({"model": path or "base", **result})
-    if len(results) > 1:
-        console.print(rich_table(results, f"{args.task}: {spec.problems} problems × {k} samples"))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results[0] if len(results) == 1 else results, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown_table(results))
-    for result in results:
-        print(json.dumps({key: v for key, v in result.items() if key != "samples"}))
+    from aha.eval_cli import cmd_eval as evaluate
+    evaluate(args, console)
 
 
 def task_options(args) -> dict:
@@ -379,9 +331,14 @@ def cmd_experiment(args, console):
     experiment(args, console)
 
 
+def cmd_check_reward(args, console) -> int:
+    from aha.check_reward import cmd_check_reward as check
+    return check(args, console)
+
+
 COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "chat": cmd_chat, "serve": cmd_serve,
             "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "bench": cmd_bench,
-            "pipeline": cmd_pipeline, "experiment": cmd_experiment, "plan": cmd_plan}
+            "pipeline": cmd_pipeline, "experiment": cmd_experiment, "plan": cmd_plan, "check-reward": cmd_check_reward}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -396,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)      # for `train --nproc` to re-launch itself
     from aha.progress import console
     try:
-        COMMANDS[args.command](args, console)
+        code = COMMANDS[args.command](args, console)      # None, or an exit code of its own (check-reward)
     except AhaError as exc:
         sys.stderr.write(f"aha {args.command}: error: {exc}\n")
         return 2
@@ -406,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"aha {args.command}: interrupted\n")
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -59,10 +59,12 @@ class Config:
     mu: int = 1                      # inner updates per rollout
     dynamic_sampling: bool = False   # DAPO: drop groups with equal rewards, refill from new prompts
     max_sampling_tries: int = 4      # dynamic sampling: rollouts per step at most
+    dynamic_sampling_metric: str = "accuracy"   # what a kept group must have a spread in: a component, or "reward" (the total)
     overlong: str = "none"           # truncated completions: none | mask (no loss) | soft (DAPO's length penalty)
     overlong_cache: int = 16         # soft: the penalty ramps 0 → −1 over the last this-many tokens
     ref_refresh_every: int = 0       # β > 0: copy the policy into the reference every N steps (R1: 400); 0 = never
     max_bad_steps: int = 5           # NaN/inf losses in a row before the run stops
+    disable_dropout: bool = True     # dropout off in the policy (TRL's default): on-policy ratio 1, KL 0 at step 0
     # memory: LoRA adapters (aha/lora.py, needs peft) and activation recomputation
     lora_rank: int = 0               # 0 = train every weight; R > 0 = LoRA of rank R, merged into model/ on save
     lora_alpha: int = 0              # LoRA scale alpha / rank; 0 = 2 × lora_rank

@@ -2,7 +2,10 @@
 
 A group whose rewards are all equal has zero advantage, hence no gradient when β = 0. DAPO
 over-samples: it keeps rolling out fresh prompts, drops such groups, and trains on the first
-`prompts_per_step` groups that have a reward spread. The loop in aha/train.py rolls out one
+`prompts_per_step` groups that have a spread in `dynamic_sampling_metric`: accuracy by default,
+as DAPO and verl (`filter_groups.metric=acc`) do, so that with a format or overlong term a group
+of answers that are all wrong but differ in length or form is not counted as informative
+("reward", the weighted total, is the other choice). The loop in aha/train.py rolls out one
 batch of prompts per try, concatenates the tries with `concat_rollouts`, and picks the groups
 to train on with `kept_groups`.
 
@@ -20,6 +23,16 @@ def group_spread(rewards: Tensor, group_size: int) -> Tensor:
     """(P,) bool: does group p (rows p·G … p·G+G−1 of rewards (N,)) hold two different rewards?"""
     grouped = rewards.view(-1, group_size)
     return (grouped.max(dim=1).values - grouped.min(dim=1).values) > 0
+
+
+def filter_values(scores: list[dict], rewards: Tensor, metric: str) -> Tensor:
+    """(N,) what the filter compares within each group: one reward component by name (DAPO and
+    verl's `filter_groups.metric=acc` use accuracy), or "reward", the weighted total.
+
+    >>> filter_values([{"accuracy": 0.0, "format": 1.0}, {"accuracy": 0.0, "format": 0.0}], torch.tensor([0.1, 0.0]), "accuracy").tolist()
+    [0.0, 0.0]
+    """
+    return rewards if metric == "reward" else torch.tensor([float(s.get(metric, 0.0)) for s in scores])
 
 
 def kept_groups(spread: Tensor, wanted: int) -> Tensor:

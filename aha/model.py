@@ -86,6 +86,34 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     return model, tokenizer
 
 
+def disable_dropout(model) -> None:
+    """Dropout off everywhere in `model`, as TRL's `disable_dropout_in_model` does (every
+    `nn.Dropout` gets p = 0), and the attention dropout that some architectures keep as a float
+    (Qwen2, Llama: `attention_dropout`). The policy then scores its own samples as the sampler
+    (eval mode) and the reference model do: the on-policy ratio is 1 and the KL is 0 at step 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+
+
+def model_context(model) -> int | None:
+    """The positions the model can attend over (`max_position_embeddings`; GPT-2 calls it
+    `n_positions`); None when its config does not say."""
+    config = getattr(model, "config", None)
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return int(context) if context else None
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, context: int | None, fix: str) -> None:
+    """Stop, in one line, before a prompt plus its completion would run past the model's positions
+    (learned positions then fail deep in torch.embedding with a bare IndexError)."""
+    if context is not None and prompt_tokens + max_new_tokens > context:
+        raise AhaError(f"the longest prompt has {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
+                       f"{prompt_tokens + max_new_tokens} positions, more than this model's context of {context}; {fix}")
+
+
 def detect_device() -> str:
     if torch.cuda.is_available():
         return "cuda"

@@ -2,6 +2,7 @@
 
 Pure functions of counts and strings, used by `aha eval` (aha/evaluate.py).
 
+- `passed(accuracy)`: a sample is correct at full accuracy; pass@1, pass@k and cons@k all use it.
 - pass@k is the unbiased estimator of Chen et al. 2021 (Codex): from n ≥ k samples of which c
   are correct, 1 − C(n−c, k) / C(n, k), computed as the product 1 − Π_{i=n−c+1..n} (1 − k/i),
   which never forms the huge binomials.
@@ -17,6 +18,17 @@ from collections import Counter
 from typing import Iterable, Sequence
 
 REFLECTION_WORDS = ("wait", "check", "verify", "recheck", "re-check", "double-check", "mistake", "hmm")
+
+
+def passed(accuracy: float) -> bool:
+    """The one definition of "correct" that pass@1, pass@k and cons@k share: full accuracy.
+    Partial credit (code's share of tests, some reasoning-gym scores) is not a pass, and a `py:`
+    reward above 1 is one pass, not more.
+
+    >>> passed(1.0), passed(0.5), passed(3.0)
+    (True, False, True)
+    """
+    return accuracy >= 1.0
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -38,7 +50,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 def mean_pass_at_k(correct_per_problem: Sequence[Sequence[float]], k: int) -> float:
     """Mean pass@k over problems; each item lists the correctness of that problem's samples
     (a sample counts as correct at 1.0: partial credit is not a pass)."""
-    values = [pass_at_k(len(row), sum(x >= 1.0 for x in row), k) for row in correct_per_problem]
+    values = [pass_at_k(len(row), sum(map(passed, row)), k) for row in correct_per_problem]
     return sum(values) / len(values) if values else 0.0
 
 
@@ -69,7 +81,7 @@ def cons_at_k(answers: Sequence[str | None], correct: Sequence[float], k: int) -
     winner = majority_answer(answers[:k])
     if winner is None:
         return 0.0
-    return float(any(ok >= 1.0 for a, ok in zip(answers[:k], correct[:k]) if a == winner))
+    return float(any(passed(ok) for a, ok in zip(answers[:k], correct[:k]) if a == winner))
 
 
 def reflection_pattern(words: Sequence[str] = REFLECTION_WORDS) -> re.Pattern:

@@ -14,7 +14,7 @@ from aha.report import write_report
 from aha.tasks import get_task
 from aha.templates import apply_template
 from aha.checkpoint import prepare_out_dir
-from aha.train import run_plan, train
+from aha.train import check_prompt_lengths, run_plan, train
 
 
 def run(cfg: Config, force: bool = False, console=None) -> dict:
@@ -22,6 +22,7 @@ def run(cfg: Config, force: bool = False, console=None) -> dict:
     task = get_task(cfg.task, **cfg.task_options())
     model, tokenizer = load_model(cfg.model or ensure_base_model(console), detect_device())
     eval_task = apply_template(task, tokenizer, cfg.template, cfg.think_prefill)   # as train() prompts
+    check_prompt_lengths(cfg, eval_task, tokenizer, model)                         # before the run folder exists
     plan = run_plan(cfg, model, eval_task, tokenizer)              # refuses a run that cannot fit, before --out
     out = prepare_out_dir(cfg.out, force)
     spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed,

@@ -1,10 +1,13 @@
-"""Learning-rate schedules: a factor of `lr` for each RL step, as torch's LambdaLR takes it.
+"""Learning-rate schedules: a factor of `lr` for each RL step.
 
     lr_schedule=constant|linear|cosine warmup_steps=N     (aha train key=value)
 
 Linear warm-up from lr/(N+1) over the first N steps, then constant, linear decay to 0, or cosine
 decay to 0 at the last step — TRL's and transformers' schedules, one step per RL step (not per
-inner μ update). The scheduler's state is part of every checkpoint.
+inner μ update). aha/train.py sets the optimizer's lr from `lr_factor(step)` at the start of each
+step, with no scheduler object: a step that makes no optimizer step (every advantage 0) still
+advances the schedule, without torch's "lr_scheduler.step() before optimizer.step()" warning, and
+a resumed run needs no scheduler state to continue exactly.
 """
 
 import math

@@ -6,7 +6,8 @@
     PATH      a text file holding `{question}`
 
 `think_prefill=true` appends `<think>` to the prompt, so every completion starts inside the
-reasoning; the reward then scores `<think>` + completion, so the format reward still sees the tag.
+reasoning; the reward then scores `<think>` + completion, so the format reward still sees the tag,
+and so do the think rates of training and evaluation (`prompt_prefill`).
 
     aha train --model DIR --task gsm8k data=train.jsonl template=chat think_prefill=true
 """
@@ -91,6 +92,13 @@ class TemplatedTask:
         if name == "task":            # not yet set (copy, pickle): no recursion
             raise AttributeError(name)
         return getattr(self.task, name)
+
+
+def prompt_prefill(task, problem: Problem) -> str:
+    """What the prompt itself opened the response with (`<think>` under think_prefill, else ""):
+    the metrics that read a whole response (think rate, reflection) must see it, and the decoded
+    completion alone lacks it."""
+    return task.prefill(problem) if isinstance(task, TemplatedTask) else ""
 
 
 def apply_template(task, tokenizer, template: str = "task", think_prefill: bool = False):

@@ -11,7 +11,8 @@ they never enter the forward/backward pass; with one update per rollout (μ = 1)
 log-probs equal the current ones, so no extra forward pass computes them.
 
 DAPO's extras are config switches, not branches of the algorithm: `dynamic_sampling` (rolls out
-fresh prompts until `prompts_per_step` groups have a reward spread; aha/dynamic.py),
+fresh prompts until `prompts_per_step` groups have a spread in `dynamic_sampling_metric`, accuracy
+by default; aha/dynamic.py),
 `overlong=mask|soft` (truncated completions out of the loss, or a length penalty as a reward
 component). `ref_refresh_every` copies the policy into the reference model, as R1 did every 400 steps.
 
@@ -20,7 +21,6 @@ component). `ref_refresh_every` copies the policy into the reference model, as R
 """
 
 import copy
-import functools
 import json
 import math
 import os
@@ -38,13 +38,15 @@ from aha.checkpoint import (Cursor, RunLock, StopSignals, complete_checkpoints, 
                             maybe_kill, open_records, prepare_out_dir, save_checkpoint, set_rng_states, trainer_state)
 from aha.config import Config, parse_reward_weights, save_config
 from aha.distributed import SINGLE, World, init_world, loss_scale
-from aha.dynamic import concat_rollouts, group_spread, kept_groups
+from aha.dynamic import concat_rollouts, filter_values, group_spread, kept_groups
 from aha.errors import AhaError, Stopped
 from aha.evaluate import EvalSpec, evaluate
 from aha.health import HealthMonitor
 from aha.logprobs import completion_logprobs
 from aha.lora import add_lora, merged
-from aha.model import autocast, count_parameters, detect_device, detect_dtype, load_model
+from aha.model import (autocast, check_context, count_parameters, detect_device, detect_dtype, disable_dropout, load_model,
+                       model_context)
+from aha.passk import passed
 from aha.plan import MemoryPlan, check_fits, plan_for as memory_plan_for, process_rss
 from aha.progress import progress_bar
 from aha.rewards import SHAPING, Sample
@@ -52,7 +54,7 @@ from aha.rollout import Rollout, SamplingParams, generate, stop_strings, stop_to
 from aha.schedule import lr_factor
 from aha.tasks import get_task
 from aha.tasks.base import Problem, thought
-from aha.templates import apply_template
+from aha.templates import apply_template, prompt_prefill
 from aha.vllm_rollout import rollout_engine
 
 def step_seed(seed: int, step: int) -> int:
@@ -97,6 +99,21 @@ def check_component_names(cfg: Config, task) -> None:
     if unknown:
         raise AhaError(f"reward_weights names {', '.join(sorted(unknown))}, but task {cfg.task!r} gives the components "
                        f"{', '.join(k for k in given if k != 'skip')} and aha/rewards.py {', '.join(SHAPING)}")
+    metric = cfg.dynamic_sampling_metric
+    if cfg.dynamic_sampling and metric != "reward" and metric not in set(given) | set(parse_reward_weights(cfg.reward_weights)):
+        raise AhaError(f"dynamic_sampling_metric={metric!r} is neither 'reward' nor a component of task {cfg.task!r} "
+                       f"({', '.join(k for k in given if k != 'skip')}) or of reward_weights")
+
+
+def check_prompt_lengths(cfg: Config, task, tokenizer, model) -> None:
+    """Before anything runs: the held-out prompts and the first step's, plus max_new_tokens, must fit
+    the model's context (a later prompt that does not is caught by aha/rollout.py)."""
+    stream = task.train_problems(cfg.seed)
+    problems = task.eval_problems(cfg.eval_problems) + [next(stream) for _ in range(cfg.prompts_per_step)]
+    special = getattr(task, "adds_special_tokens", True)
+    longest = max(len(tokenizer(task.prompt(p), add_special_tokens=special)["input_ids"]) for p in problems)
+    check_context(longest, cfg.max_new_tokens, model_context(model),
+                  f"use a shorter prompt than template={cfg.template}, lower max_new_tokens, or a model with a longer context")
 
 
 def fill_skipped(rewards: torch.Tensor, skip: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -131,7 +148,8 @@ def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingPara
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         scores, rewards = score(task, cfg, texts, mine, rollout)
         parts.append((chosen, *world.gather(rollout, texts, scores, rewards, tokenizer.pad_token_id)))
-        if sum(int(group_spread(p[4], cfg.group_size).sum()) for p in parts) >= cfg.prompts_per_step:
+        informative = [group_spread(filter_values(p[3], p[4], cfg.dynamic_sampling_metric), cfg.group_size) for p in parts]
+        if sum(int(spread.sum()) for spread in informative) >= cfg.prompts_per_step:
             break
     return Batch(problems=[p for part in parts for p in part[0]],
                  rollout=concat_rollouts([part[1] for part in parts], tokenizer.pad_token_id),
@@ -239,15 +257,17 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
     return loss_value, grad_norm, loss_metrics, entropy, skipped
 
 
-def step_record(step: int, batch: Batch, spread, kept, skip, rows, loss_value, grad_norm, entropy, skipped,
+def step_record(step: int, task, batch: Batch, spread, kept, skip, rows, loss_value, grad_norm, entropy, skipped,
                 loss_metrics: dict, t_generate: float, t_update: float) -> dict:
-    """The step's line of metrics.jsonl: GRPO's health signals (STYLE.md §12)."""
+    """The step's line of metrics.jsonl: GRPO's health signals (STYLE.md §12). pass_rate counts
+    full passes (aha/passk.py `passed`); reward_accuracy is the mean, partial credit included."""
     scores, texts, rewards, rollout = batch.scores, batch.texts, batch.rewards, batch.rollout
     return {
         "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
         **{f"reward_{k}": sum(s[k] for s in scores) / len(scores) for k in scores[0]},
-        "pass_rate": sum(s["accuracy"] for s in scores) / len(scores),
-        "think_rate": sum(thought(t) for t in texts) / len(texts),
+        "pass_rate": sum(passed(s["accuracy"]) for s in scores) / len(scores),
+        "think_rate": sum(thought(prompt_prefill(task, batch.problems[i * len(batch.problems) // len(texts)]) + t)
+                          for i, t in enumerate(texts)) / len(texts),
         "response_tokens": rollout.lengths.float().mean().item(), "truncation_rate": rollout.truncated.float().mean().item(),
         "zero_spread_frac": 1.0 - spread.float().mean().item(), "sampling_tries": batch.tries,
         "groups_kept": int(kept.sum()), "skipped_samples": int(skip.sum()), "loss": loss_value,
@@ -292,12 +312,15 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
         device = next(model.parameters()).device
         task = apply_template(task, tokenizer, cfg.template, cfg.think_prefill)
         check_component_names(cfg, task)
+        check_prompt_lengths(cfg, task, tokenizer, model)
         peft_model = None
         if cfg.lora_rank:
             peft_model, model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)   # `model`: the same modules, adapters inside
             if saved:
                 from peft import set_peft_model_state_dict
                 set_peft_model_state_dict(peft_model, saved["adapter"])
+        if cfg.disable_dropout:
+            disable_dropout(model)                     # after LoRA: its adapters' dropout too
         if cfg.gradient_checkpointing:
             # recompute activations in the backward pass (transformers ≥ 5.x renamed the method)
             if hasattr(model, "activation_checkpointing_enable"):
@@ -347,8 +370,6 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
     # kept whole and refreshed after each update, generates, evaluates and is saved)
     trained = world.wrap(model, cfg.dist_strategy)
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        lr_factor, total=cfg.steps, warmup=cfg.warmup_steps, schedule=cfg.lr_schedule))
     sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, stop_token_ids(model, tokenizer),
                               stop_strings(tokenizer))
     plan = plan or run_plan(cfg, model, task, tokenizer, world)
@@ -360,7 +381,6 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
     problems = Cursor(task.train_problems(cfg.seed), skip=saved.get("consumed", 0))
     if saved:
         world.load_optimizer_state(trained, optimizer, saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
         set_rng_states(saved["rng"])
         if ref_model is not None:
             ref_model.load_state_dict(saved["ref_model"])
@@ -373,7 +393,7 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
         say(f"resuming {out} at step {first_step} of {cfg.steps}")
 
     def checkpoint() -> Path | None:
-        state = trainer_state(cfg, optimizer, scheduler, problems, bad_steps, history, evals, peft_model, ref_model)
+        state = trainer_state(cfg, optimizer, problems, bad_steps, history, evals, peft_model, ref_model)
         state["optimizer"] = world.optimizer_state(trained, optimizer)      # FSDP: gathered, so every rank calls it
         plain = model if peft_model is None else merged(peft_model, copy=True)    # training goes on unmerged
         path = save_checkpoint(out, len(history), plain, tokenizer, state, cfg.keep_checkpoints) if world.writes else None
@@ -392,29 +412,32 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
             batch = sample(model, tokenizer, task, problems, cfg, sampling, step, world, engine, plan.rollout_rows)
             rollout, rewards, scores = batch.rollout, batch.rewards, batch.scores
             spread = group_spread(rewards, group)                                       # (P,)
-            kept = kept_groups(spread, cfg.prompts_per_step) if cfg.dynamic_sampling else torch.ones_like(spread)
+            informative = group_spread(filter_values(scores, rewards, cfg.dynamic_sampling_metric), group)
+            kept = kept_groups(informative, cfg.prompts_per_step) if cfg.dynamic_sampling else torch.ones_like(spread)
             t_generate = time.time() - t0
 
             # 3. advantage: group-relative, by the configured estimator, over the kept groups
             advantages, batch_rows, skip = group_advantages(cfg, rewards, scores, kept)
 
-            # 4. loss and update, on the completions that carry a gradient
+            # 4. loss and update, on the completions that carry a gradient; the learning rate is a
+            # pure function of the step, so a step without an optimizer step still advances it
             t1 = time.time()
+            lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_steps, cfg.lr_schedule)
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
             trained.train()
             rows, norm = loss_rows(cfg, batch_rows, advantages, rollout)
             rows, advantages = rows.to(device), advantages.to(device)
             loss_value, grad_norm, loss_metrics, entropy, skipped = policy_update(
                 trained, ref_model, optimizer, rollout, rows, advantages, spec, norm, cfg, world, plan.micro_batch_tokens)
             world.sync(trained, model)                 # FSDP: the whole copy takes the new weights
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
             if ref_model is not None and cfg.ref_refresh_every and (step + 1) % cfg.ref_refresh_every == 0:
                 ref_model.load_state_dict(model.state_dict())     # R1: the reference follows the policy
             t_update = time.time() - t1
             bad_steps = bad_steps + 1 if skipped else 0
 
             # 5. log: one JSON line per step, a console line, health warnings
-            record = step_record(step, batch, spread, kept, skip, rows, loss_value, grad_norm, entropy, skipped,
+            record = step_record(step, task, batch, spread, kept, skip, rows, loss_value, grad_norm, entropy, skipped,
                                  loss_metrics, t_generate, t_update)
             record["lr"] = lr
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:

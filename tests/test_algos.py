@@ -57,6 +57,19 @@ def test_reinforce_pp_normalises_over_the_whole_batch():
     assert abs(adv[4].item() - 0.866) > 0.1
 
 
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+@pytest.mark.parametrize("group_size", [8, 16])
+def test_a_tied_group_gets_exactly_zero_advantage(name, group_size):
+    # format_weight=0.1: a group of well-formed wrong answers has rewards [0.1] * G. float32 rounds
+    # their mean, so r − mean is −7.45e-9, not 0, and the std division made that −7.45e-5.
+    tied = torch.full((group_size,), 0.1)
+    spread = torch.tensor([1.1] + [0.1] * (group_size - 1))
+    adv = ADVANTAGES[name](torch.cat([tied, spread, tied]), group_size)
+    assert adv[:group_size].tolist() == [0.0] * group_size
+    assert adv[2 * group_size:].tolist() == [0.0] * group_size
+    assert adv[group_size].item() > 0.1 and (adv[group_size + 1:2 * group_size] < 0).all()
+
+
 @settings(max_examples=60, deadline=None)
 @given(name=st.sampled_from(["grpo", "dr_grpo", "rloo"]), group_size=st.integers(2, 6), groups=st.integers(1, 3),
        data=st.data())

@@ -38,6 +38,12 @@ def test_run_smoke_writes_the_report(tiny_model_dir, tmp_path):
         assert key in report
     assert report["steps"] == 2 and 0 <= report["after_pass1"] <= 1
     assert (out / "report.md").is_file() and (out / "curves.png").stat().st_size > 1000
+    # aha eval RUN_DIR takes the run's settings from its config.yaml and reproduces its "after" figures
+    evaluated = aha("eval", str(out))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert (result["pass@1"], result["think_rate"]) == (report["after_pass1"], report["after_think_rate"])
+    assert (result["problems"], result["k"]) == (report["eval_problems"], report["eval_k"]) == (8, 2)
     # a non-empty --out is refused without --force, and nothing in it is touched
     again = aha("run", "--model", str(tiny_model_dir), "--steps", "2", "--out", str(out), *SMALL)
     assert again.returncode == 2 and "--force" in again.stderr

@@ -40,7 +40,8 @@ def test_doctests():
     (f"<answer>{RIGHT}</answer>", RIGHT),
     (f"<think>```python\nx = 1\n```</think> <answer>\n```python\n{RIGHT}\n```\n</answer>", RIGHT),
     (f"<answer>\n    {RIGHT.replace(chr(10), chr(10) + '    ')}\n</answer>", RIGHT),       # indented as a block
-    (f"<answer>x = 1</answer> then <answer>{RIGHT}</answer>", RIGHT),                  # the last answer
+    (f"<answer>x = 1</answer> then <answer>{RIGHT}</answer>", None),                   # several answers: none
+    (f"<answer><answer>{RIGHT}</answer></answer>", None),                              # nested tags
     (f"Here it is:\n```py\n{RIGHT}\n```\nand ```\nprint(1)\n```", "print(1)"),          # no tag: the last fence
     (RIGHT, None),                                                                     # no tag, no fence
     ("<answer>   </answer>", None),

@@ -61,7 +61,16 @@ def test_sample_metrics_hand_values():
     correct = [[1.0, 0.0], [0.0, 0.0]]
     answers = [["5", "4"], ["3", "3"]]
     metrics = sample_metrics(correct, answers, ["wait 5", "4", "3", "3"], spec)
-    assert metrics == {"pass@2": 0.5, "cons@2": 0.5, "reflection_rate": 0.25}
+    assert metrics == {"pass@1": 0.25, "mean_accuracy": 0.25, "pass@2": 0.5, "cons@2": 0.5, "reflection_rate": 0.25}
+
+
+def test_pass_at_1_pass_at_k_and_cons_share_one_definition_of_correct():
+    # partial credit (0.5) is not a pass for any of them, and a py: reward of 3 is one pass, not three;
+    # the mean accuracy, partial credit included, is its own figure
+    metrics = sample_metrics([[0.5, 0.5], [3.0, 0.0]], [["1", "1"], ["2", "9"]], ["a", "b", "c", "d"], EvalSpec(k=2))
+    assert metrics["pass@1"] == 0.25 and metrics["pass@2"] == 0.5 and metrics["cons@2"] == 0.5
+    assert metrics["mean_accuracy"] == 1.0
+    assert metrics["pass@1"] <= metrics["pass@2"] <= 1.0
 
 
 def test_pass_k_above_k_is_refused():

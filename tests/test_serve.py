@@ -352,6 +352,7 @@ def chat_body(**fields) -> bytes:
     (chat_body(stop=5), 400, "stop"),
     (chat_body(stream="maybe"), 400, "stream"),
     (chat_body(messages=[{"role": "user", "content": "x" * 600}]), 400, "messages"),   # context is 512
+    (chat_body(max_tokens=505), 400, "max_tokens"),         # ≤ the cap of 511, but the prompt + 505 > 512
 ])
 def test_malformed_requests_get_openai_errors(server, body, status, param):
     got_status, payload = raw(server, "POST", "/v1/chat/completions", body)

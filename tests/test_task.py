@@ -21,7 +21,10 @@ def test_worked_solution_and_sloppy_sum_by_hand():
 @pytest.mark.parametrize("text, expected", [
     (" <answer>42</answer>", "42"),
     (" <think>x</think> <answer> 42 </answer>", "42"),
-    ("<answer>1</answer><answer>2</answer>", "2"),          # several answers: the last one
+    ("<answer>1</answer><answer>2</answer>", None),         # several answers: none counts
+    ("<answer><answer>2</answer></answer>", None),           # nested
+    ("<answer>\n2\n</answer>", "2"),                         # newlines inside the tags
+    ("<think>a\nb</think>\n<answer>\n12\n3\n</answer>\n", "12\n3"),
     ("<answer>42", None),                                    # not closed
     ("42", None),                                            # no tags
     ("junk <answer></answer>", ""),
@@ -41,6 +44,9 @@ def test_extract_answer(text, expected):
     ("<think>unclosed <answer>2</answer>", False),
     ("<think><think>x</think></think><answer>2</answer>", False),    # nested
     ("", False),
+    ("<answer></answer>", False),                                    # an empty answer is no answer
+    ("<think>4</think> <answer> \n </answer>", False),
+    ("<think>a\nb</think>\n<answer>\n2\n</answer>", True),           # newlines anywhere
 ])
 def test_is_well_formed(text, ok):
     assert is_well_formed(text) is ok
@@ -57,6 +63,10 @@ def test_scores_by_hand():
     assert task.score("<answer>" + "9" * 5000 + "</answer>", problem)["accuracy"] == 0.0
     assert task.score("<answer>8798.0</answer>", problem)["accuracy"] == 0.0
     assert task.score("<answer>-8798</answer>", problem)["accuracy"] == 0.0
+    assert task.score("<answer>\n8798\n</answer>", problem) == {"accuracy": 1.0, "format": 1.0}
+    for digits in ("８７９８", "٨٧٩٨", "⁸⁷⁹⁸"):        # fullwidth, Arabic-Indic, superscript: not ASCII digits
+        assert task.score(f"<answer>{digits}</answer>", problem) == {"accuracy": 0.0, "format": 1.0}
+    assert task.score("<answer>²</answer>", problem)["accuracy"] == 0.0      # '²'.isdigit(), int('²') raises
 
 
 def test_thought():

@@ -50,7 +50,7 @@ NUMBERS, TARGET = [1, 2, 19, 44], 51
     ("(" * 99 + "1" + ")" * 99, 0.1),          # deep, under the length cap
     ("-" * 199 + "1", 0.1),
     ("9" * 5000, 0.1),                          # huge number, over the length cap
-    ("", 0.1),
+    ("", 0.0),                                 # an empty answer is no answer
     ("ünïcødé ☃ 𝟙+𝟚", 0.1),
 ])
 def test_countdown_reward(answer, reward):

@@ -14,6 +14,7 @@ never contain one (checked in tests/test_task.py).
 """
 
 import random
+import re
 from typing import Iterator
 
 from aha.errors import AhaError
@@ -21,6 +22,7 @@ from aha.tasks.base import Problem, extract_answer, is_well_formed
 
 HELDOUT_MOD = 10
 EVAL_SEED = 1234
+ASCII_NUMBER_RE = re.compile(r"[0-9]{1,39}")
 
 
 def is_heldout(a: int, b: int) -> bool:
@@ -99,5 +101,6 @@ class AdditionTask:
 
     def score(self, completion: str, problem: Problem) -> dict[str, float]:
         answer = extract_answer(completion)
-        correct = answer is not None and answer.isdigit() and len(answer) < 40 and int(answer) == int(problem.answer)
+        # ASCII digits only: str.isdigit() also takes '²', which int() refuses, and int() takes '١٢٣'
+        correct = answer is not None and ASCII_NUMBER_RE.fullmatch(answer) is not None and int(answer) == int(problem.answer)
         return {"accuracy": float(correct), "format": float(is_well_formed(completion))}

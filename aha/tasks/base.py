@@ -29,17 +29,25 @@ class Task(Protocol):
 
 
 def extract_answer(completion: str) -> str | None:
-    """The text of the last complete `<answer>…</answer>`, stripped; None if there is none."""
-    found = ANSWER_RE.findall(completion)
-    return found[-1].strip() if found else None
+    """The text of the completion's one `<answer>…</answer>` (newlines inside allowed), stripped;
+    None when there is none, or more than one `<answer>` or `</answer>` tag (several answers,
+    nested or repeated tags earn nothing: otherwise a model could hedge with one of each).
+
+    >>> extract_answer("<think>2+2</think> <answer>\\n4\\n</answer>"), extract_answer("<answer>3</answer><answer>4</answer>")
+    ('4', None)
+    """
+    if completion.count("<answer>") != 1 or completion.count("</answer>") != 1:
+        return None
+    found = ANSWER_RE.search(completion)
+    return found.group(1).strip() if found else None
 
 
 def is_well_formed(completion: str) -> bool:
-    """An optional `<think>…</think>`, then exactly one `<answer>…</answer>`, and nothing after.
+    """An optional `<think>…</think>`, then exactly one non-empty `<answer>…</answer>`, and nothing after.
 
     Thinking is allowed, not required: the format reward must not pay for reasoning, so that RL
     has to discover by itself that reasoning raises accuracy (departure from R1, whose format
-    reward asks for the `<think>` tags).
+    reward asks for the `<think>` tags). An empty answer is no answer: it earns no format credit.
     """
     text = completion.strip()
     think = THINK_RE.match(text)
@@ -48,7 +56,7 @@ def is_well_formed(completion: str) -> bool:
         return False
     rest = rest.strip()
     return (rest.startswith("<answer>") and rest.endswith("</answer>")
-            and rest.count("<answer>") == 1 and rest.count("</answer>") == 1)
+            and rest.count("<answer>") == 1 and rest.count("</answer>") == 1 and bool(rest[8:-9].strip()))
 
 
 def thought(completion: str) -> bool:

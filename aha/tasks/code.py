@@ -3,7 +3,7 @@
     get_task("code")                           # ~60 generated function-writing problems, 10% held out
     get_task("code", data="problems.jsonl")    # rows: prompt, tests (list of assert strings), entry_point?
 
-The code is the last `<answer>…</answer>`, unwrapped when it holds a ``` fence; with no answer tag,
+The code is the one `<answer>…</answer>`, unwrapped when it holds a ``` fence; with no answer tag,
 the last fenced block of the completion. It runs against the row's tests in `aha.sandbox` (a
 throwaway jailed subprocess per completion, each test in its own process; docs/sandbox.md) with
 short limits, 3 s wall and 2 s CPU. Components: `accuracy` = tests passed / tests, `format` = the
@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aha.errors import AhaError
 from aha.sandbox import run_tests
-from aha.tasks.base import ANSWER_RE, Problem, is_well_formed
+from aha.tasks.base import ANSWER_RE, Problem, extract_answer, is_well_formed
 from aha.tasks.data import BadRow, RowTask, in_heldout, require
 
 FENCE_RE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
@@ -34,19 +34,23 @@ BUILTIN_SEED = 4242
 
 
 def extract_code(completion: str) -> str | None:
-    """The code of the last `<answer>` (its last fence, if it has one), else of the last fence.
+    """The code of the one `<answer>` (its last fence, if it has one), else of the last fence; None
+    when the completion holds several answers or a stray answer tag.
 
     >>> extract_code("<think>hm</think> <answer>def f(x):\\n    return x</answer>")
     'def f(x):\\n    return x'
     >>> extract_code("<answer>```python\\ndef f(): pass\\n```</answer>"), extract_code("def f(): pass")
     ('def f(): pass', None)
     """
-    answers = ANSWER_RE.findall(completion)
-    text = answers[-1] if answers else completion
-    fences = FENCE_RE.findall(text)
+    text = None
+    if "<answer>" in completion or "</answer>" in completion:
+        if extract_answer(completion) is None:     # several answers or a broken tag: no code
+            return None
+        text = ANSWER_RE.search(completion).group(1)
+    fences = FENCE_RE.findall(completion if text is None else text)
     if fences:
         text = fences[-1]
-    elif not answers:
+    elif text is None:
         return None
     code = textwrap.dedent(text.strip("\n")).strip()
     return code or None

@@ -4,7 +4,7 @@ Problems are generated: draw the numbers (1..99), combine them in a random order
 operations (division only when exact, subtraction only when positive) and keep the result as the
 target when it lies in 1..100, so every target is reachable with all the numbers.
 
-Reward, as TinyZero (`tinyzero` component): 0.0 when no `<answer>` can be extracted, 0.1 when
+Reward, as TinyZero (`tinyzero` component): 0.0 when no `<answer>` can be extracted or it is empty, 0.1 when
 there is one but it does not use each number exactly once or has the wrong value (or is no
 arithmetic at all), 1.0 when it is right. `accuracy` is 1.0 only when right; `format` is the shared
 well-formedness check. Weights accuracy 0, format 0, tinyzero 1 reproduce TinyZero's reward.
@@ -81,10 +81,10 @@ def tinyzero_reward(answer: str | None, numbers: list[int], target: int) -> floa
 
     >>> tinyzero_reward("(44 - 19) * 2 + 1", [1, 2, 19, 44], 51)
     1.0
-    >>> tinyzero_reward("44 + 7", [1, 2, 19, 44], 51), tinyzero_reward(None, [1, 2, 19, 44], 51)
-    (0.1, 0.0)
+    >>> tinyzero_reward("44 + 7", [1, 2, 19, 44], 51), tinyzero_reward(None, [1, 2, 19, 44], 51), tinyzero_reward("", [1], 1)
+    (0.1, 0.0, 0.0)
     """
-    if answer is None:
+    if not answer:                   # no answer, or an empty one: TinyZero's 0.1 would pay for `<answer></answer>`
         return 0.0
     parsed = parse_expression(answer)
     if parsed is None:

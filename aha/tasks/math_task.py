@@ -3,7 +3,8 @@
 Rows have `problem` and `solution`; the gold is the last `\\boxed{…}` of the solution. The model's
 `<answer>` is parsed by math-verify (wrapped in `$…$` unless it already holds `$` or `\\boxed`)
 and compared with `verify(gold, predicted)`, gold first: `0.5`, `1/2` and `\\frac12` all match
-`\\frac{1}{2}`.
+`\\frac{1}{2}`. The answer must be one line: math-verify grades the last line of several, so a list of
+candidates, one a line, would earn credit.
 
 Grading runs in a small pool of worker processes kept alive between calls: math-verify's own
 timeouts use signals, which work only in a main thread, and a hostile answer (`9^{9^{9}}`) can
@@ -133,5 +134,7 @@ class MathTask(RowTask):
 
     def score(self, completion: str, problem: Problem) -> dict[str, float]:
         answer = extract_answer(completion)
-        correct = bool(answer) and len(answer) <= MAX_ANSWER_CHARS and self.grader.verify(problem.answer, answer)
+        # one line: math-verify reads "0\n\\frac{1}{2}" as its last line, so listing candidates would pay
+        correct = (bool(answer) and len(answer) <= MAX_ANSWER_CHARS and "\n" not in answer
+                   and self.grader.verify(problem.answer, answer))
         return {"accuracy": float(correct), "format": float(is_well_formed(completion))}

@@ -5,6 +5,10 @@
 
 Problems are generated locally, nothing is downloaded. The score is the dataset's own
 `score_answer(answer, entry)` (some tasks give partial credit in [0, 1]) on the `<answer>` text.
+Departure: reasoning-gym's default scorer, which about a third of its datasets keep, pays
+len(gold)/len(answer) to any answer that contains the gold ("0 or 162", a list of every number);
+those datasets are scored by exact match here. Datasets with a scorer of their own keep it:
+`aha check-reward rg:NAME` shows whether it can be gamed (rg:spell_backward's prefix credit can).
 
 Held-out split: the evaluation set is the first `eval_size` items of the dataset built with a
 seed of its own; the training stream is built from seeds derived from the training seed, and
@@ -34,6 +38,8 @@ class ReasoningGymTask:
         self.name, self.dataset_name, self.config = f"rg:{dataset}", dataset, dict(config or {})
         self.eval_size = eval_size
         self._create = reasoning_gym.create_dataset
+        from reasoning_gym.dataset import ProceduralDataset
+        self.exact_match = DATASETS[dataset][0].score_answer is ProceduralDataset.score_answer
         try:
             self.eval_dataset = self._create(dataset, size=eval_size, seed=EVAL_SEED, **self.config)
         except Exception as exc:       # bad config keys or values
@@ -64,7 +70,12 @@ class ReasoningGymTask:
     def score(self, completion: str, problem: Problem) -> dict[str, float]:
         answer = extract_answer(completion)
         try:
-            accuracy = float(self.eval_dataset.score_answer(answer, problem.meta["entry"])) if answer is not None else 0.0
+            if answer is None:
+                accuracy = 0.0
+            elif self.exact_match:                 # the default scorer's substring credit is gameable
+                accuracy = float(answer == str(problem.meta["entry"]["answer"]))
+            else:
+                accuracy = float(self.eval_dataset.score_answer(answer, problem.meta["entry"]))
         except Exception:      # a scorer that chokes on hostile text: that answer is wrong
             accuracy = 0.0
         if not 0.0 <= accuracy <= 1.0:       # NaN included
