@@ -159,6 +159,7 @@ def build_parser() -> Parser:
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--prefill", default="", help='force the response to start so, e.g. " <think>"')
+    p.add_argument("--template", default="task", help="prompt template: task (default), r1_zero, chat, or a file with {question}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the result to this JSON file (a list when several models)")
     p.add_argument("--markdown", help="also write the comparison table to this markdown file")
@@ -242,7 +243,9 @@ def cmd_eval(args, console):
     from aha.evaluate import EvalSpec, evaluate, markdown_table, resolve_model_dir, rich_table
     from aha.model import detect_device, load_model
     from aha.tasks import get_task
+    from aha.templates import apply_template, read_template
     pass_k = parse_pass_k(args.pass_k)
+    read_template(args.template)
     k = args.k or max((4, *pass_k))
     task = get_task(args.task, **({"digits": args.digits} if args.task == "addition" else {}),
                     **({"data": args.data} if args.data else {}))
@@ -251,7 +254,8 @@ def cmd_eval(args, console):
     for path in args.model or [None]:
         model_dir = resolve_model_dir(path) if path else ensure_base_model(console)
         model, tokenizer = load_model(model_dir, detect_device())
-        result = evaluate(model, tokenizer, task, spec, prefill=args.prefill, console=console, label=f"eval {path or 'base'}")
+        shown = apply_template(task, tokenizer, args.template)
+        result = evaluate(model, tokenizer, shown, spec, prefill=args.prefill, console=console, label=f"eval {path or 'base'}")
         results.append({"model": path or "base", **result})
     if len(results) > 1:
         console.print(rich_table(results, f"{args.task}: {spec.problems} problems × {k} samples"))

@@ -4,7 +4,9 @@ k samples per problem at temperature 0.6, top-p 0.95 (greedy decoding is avoided
 has high variance); pass@1 = mean correctness over all k samples of all problems. Also: unbiased
 pass@j for each j of `spec.pass_k` (j ≤ k; aha/passk.py), cons@k (majority vote over the k
 extracted answers), the share of answers that reasoned in `<think>`, the share that use a
-reflection word ("wait", "verify", …), mean response tokens, truncation rate.
+reflection word ("wait", "verify", …), mean response tokens, truncation rate. A sample passes
+only at accuracy 1: for tasks with partial credit (`code`, `humaneval`: the share of tests passed)
+pass@1 is the share of samples that pass every test and `mean_accuracy` the mean credit.
 `prefill` forces the start of every response (e.g. " <think>" or " <answer>") to measure how
 well the model does when it does or does not reason.
 """
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from aha.errors import AhaError
 from aha.passk import REFLECTION_WORDS, cons_at_k, mean_pass_at_k, reflection_rate
 from aha.progress import progress_bar
-from aha.rollout import SamplingParams, generate, stop_token_ids
+from aha.rollout import SamplingParams, encode_prompt, generate, prompt_limit, stop_token_ids
 from aha.tasks.base import extract_answer, thought
 
 
@@ -37,47 +39,77 @@ class EvalSpec:
 
 
 def sample_metrics(correct: list[list[float]], answers: list[list[str | None]], texts: list[str], spec: EvalSpec) -> dict:
-    """pass@j (j > 1: pass@1 is the mean accuracy), cons@k and reflection rate from per-problem lists of k correctness values/answers."""
+    """pass@j for j > 1 (a sample passes at accuracy 1: partial credit is not a pass), cons@k and
+    reflection rate from per-problem lists of k accuracies/answers."""
     metrics = {f"pass@{j}": mean_pass_at_k(correct, j) for j in sorted({spec.k, *spec.pass_k} - {1})}
     metrics[f"cons@{spec.k}"] = sum(cons_at_k(a, c, spec.k) for a, c in zip(answers, correct)) / len(correct)
     metrics["reflection_rate"] = reflection_rate(texts, spec.reflection_words)
     return metrics
 
 
+def score_all(task, texts: list[str], problems: list) -> list[dict]:
+    """The task's scores of texts[i] on problems[i]; in one batch where the task grades batches
+    (the sandbox tasks run them in parallel)."""
+    batch = getattr(task, "score_batch", None)
+    return batch(texts, problems) if batch else [task.score(t, p) for t, p in zip(texts, problems)]
+
+
+def readable_prompts(tokenizer, task, problems: list, prefill: str, limit: int | None) -> list[list[int] | None]:
+    """Each problem's prompt ids, or None where the model cannot read it (aha/rollout.py encode_prompt)."""
+    special = getattr(task, "adds_special_tokens", True)   # a chat template writes its own BOS
+    encoded = []
+    for problem in problems:
+        try:
+            encoded.append(encode_prompt(tokenizer, task.prompt(problem) + prefill, special, limit))
+        except AhaError:
+            encoded.append(None)
+    return encoded
+
+
 def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=None, label: str = "eval") -> dict:
+    """R1's protocol on the task's first `spec.problems` held-out problems. A problem whose prompt
+    the model cannot read (too long for its context, or characters its tokenizer lacks) counts as
+    k wrong answers and is counted in `unreadable_prompts`; the length, think, truncation and
+    reflection figures are over the samples actually generated."""
     problems = task.eval_problems(spec.problems)
     params = SamplingParams(spec.max_new_tokens, spec.temperature, spec.top_p, 0, stop_token_ids(model, tokenizer))
+    limit = prompt_limit(model, spec.max_new_tokens)
     correct, answers, texts, lengths, thinking, truncated, samples = [], [], [], [], [], [], []
+    unreadable = 0
     was_training = model.training
     model.eval()
     with progress_bar(console) as bar:
         job = bar.add_task(label, total=len(problems))
         for start in range(0, len(problems), spec.prompts_per_batch):
             chunk = problems[start:start + spec.prompts_per_batch]
-            special = getattr(task, "adds_special_tokens", True)   # a chat template writes its own BOS
-            prompts = [tokenizer(task.prompt(p) + prefill, add_special_tokens=special)["input_ids"] for p in chunk]
-            rollout = generate(model, prompts, spec.k, params, tokenizer.pad_token_id, seed=spec.seed + start)
-            decoded = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-            for i, text in enumerate(decoded):
-                problem = chunk[i // spec.k]
-                text = prefill + text
-                if i % spec.k == 0:
-                    correct.append([])
-                    answers.append([])
-                correct[-1].append(task.score(text, problem)["accuracy"])
-                answers[-1].append(extract_answer(text))
-                texts.append(text)
-                thinking.append(float(thought(text)))
-                if len(samples) < 8 and i % spec.k == 0:
-                    samples.append({"prompt": task.prompt(problem), "completion": text, "answer": problem.answer, "correct": correct[-1][-1]})
-            lengths += rollout.lengths.tolist()
-            truncated += rollout.truncated.float().tolist()
+            encoded = readable_prompts(tokenizer, task, chunk, prefill, limit)
+            readable = [p for p, ids in zip(chunk, encoded) if ids is not None]
+            unreadable += len(chunk) - len(readable)
+            correct += [[0.0] * spec.k for _ in range(len(chunk) - len(readable))]
+            answers += [[None] * spec.k for _ in range(len(chunk) - len(readable))]
+            if readable:
+                rollout = generate(model, [ids for ids in encoded if ids is not None], spec.k, params,
+                                   tokenizer.pad_token_id, seed=spec.seed + start)
+                decoded = [prefill + t for t in tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)]
+                scores = score_all(task, decoded, [p for p in readable for _ in range(spec.k)])
+                for i in range(0, len(decoded), spec.k):
+                    problem, group = readable[i // spec.k], decoded[i:i + spec.k]
+                    correct.append([s["accuracy"] for s in scores[i:i + spec.k]])
+                    answers.append([extract_answer(text) for text in group])
+                    if len(samples) < 8:
+                        samples.append({"prompt": task.prompt(problem), "completion": group[0], "answer": problem.answer,
+                                        "correct": correct[-1][0]})
+                texts += decoded
+                thinking += [float(thought(text)) for text in decoded]
+                lengths += rollout.lengths.tolist()
+                truncated += rollout.truncated.float().tolist()
             bar.update(job, advance=len(chunk))
     model.train(was_training)
-    n = len(texts)
-    return {"pass@1": sum(map(sum, correct)) / n, "think_rate": sum(thinking) / n,
-            "mean_response_tokens": sum(lengths) / n, "truncation_rate": sum(truncated) / n,
-            "problems": len(problems), "k": spec.k, "temperature": spec.temperature,
+    n, generated = len(problems) * spec.k, max(1, len(texts))
+    return {"pass@1": sum(a >= 1.0 for row in correct for a in row) / n,
+            "mean_accuracy": sum(map(sum, correct)) / n, "think_rate": sum(thinking) / generated,
+            "mean_response_tokens": sum(lengths) / generated, "truncation_rate": sum(truncated) / generated,
+            "problems": len(problems), "unreadable_prompts": unreadable, "k": spec.k, "temperature": spec.temperature,
             "top_p": spec.top_p, **sample_metrics(correct, answers, texts, spec), "samples": samples}
 
 

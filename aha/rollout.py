@@ -23,6 +23,8 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from aha.errors import AhaError
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -112,6 +114,30 @@ def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
     if isinstance(answer_close, int) and answer_close != tokenizer.unk_token_id:
         ids.add(answer_close)
     return tuple(sorted(i for i in ids if i is not None))
+
+
+def prompt_limit(model, max_new_tokens: int) -> int | None:
+    """The longest prompt that leaves `max_new_tokens` of the model's positions to answer in
+    (`max_position_embeddings`, or GPT-2's `n_positions`); None when the config states no limit."""
+    for name in ("max_position_embeddings", "n_positions"):
+        positions = getattr(model.config, name, None)
+        if isinstance(positions, int) and positions > 0:
+            return positions - max_new_tokens
+    return None
+
+
+def encode_prompt(tokenizer, text: str, add_special_tokens: bool, limit: int | None) -> list[int]:
+    """The prompt's token ids; an AhaError when the tokenizer cannot spell it (a character outside a
+    vocabulary without an unknown token) or it is longer than `limit` (`prompt_limit`)."""
+    try:
+        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+    except Exception as exc:   # tokenizers raises a bare Exception on characters it has no token for
+        raise AhaError(f"the tokenizer cannot encode the prompt {text[:50]!r}… ({str(exc).splitlines()[0][:80]}): "
+                       "use a model whose tokenizer covers the task's text") from None
+    if limit is not None and len(ids) > limit:
+        raise AhaError(f"the prompt {text[:50]!r}… is {len(ids)} tokens, but the model reads {limit} before the "
+                       "max_new_tokens of its answer: use a model with a longer context, or fewer max_new_tokens")
+    return ids
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -47,7 +47,7 @@ from aha.lora import add_lora, merged
 from aha.model import autocast, detect_device, detect_dtype, load_model
 from aha.progress import progress_bar
 from aha.rewards import SHAPING, Sample
-from aha.rollout import Rollout, SamplingParams, generate, stop_token_ids
+from aha.rollout import Rollout, SamplingParams, encode_prompt, generate, prompt_limit, stop_token_ids
 from aha.schedule import lr_factor
 from aha.tasks import get_task
 from aha.tasks.base import Problem, thought
@@ -122,8 +122,8 @@ def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingPara
     for attempt in range(cfg.max_sampling_tries if cfg.dynamic_sampling else 1):
         chosen = [next(problems) for _ in range(cfg.prompts_per_step)]
         mine, first = world.shard(chosen)                  # this process's prompts (all of them on one)
-        special = getattr(task, "adds_special_tokens", True)
-        prompts = [tokenizer(task.prompt(p), add_special_tokens=special)["input_ids"] for p in mine]
+        special, limit = getattr(task, "adds_special_tokens", True), prompt_limit(model, cfg.max_new_tokens)
+        prompts = [encode_prompt(tokenizer, task.prompt(p), special, limit) for p in mine]
         rollout = engine(model, prompts, cfg.group_size, sampling, tokenizer.pad_token_id,
                          step_seed(cfg.seed, step) + attempt, row_offset=first * cfg.group_size,
                          total_rows=len(chosen) * cfg.group_size)
