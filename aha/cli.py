@@ -1,4 +1,4 @@
-"""The `aha` command line: pretrain, train, eval, run, chat, serve, sft, sample, distill, bench.
+"""The `aha` command line: pretrain, train, eval, run, report, chat, serve, sft, sample, distill, bench.
 
 Bad input ends in one line on stderr — what is wrong, where, what to do — and exit code 2.
 """
@@ -166,6 +166,11 @@ def build_parser() -> Parser:
 
     add_data_parsers(sub)
 
+    p = sub.add_parser("report", help="redraw curves.png and report.md of a run folder, running or finished",
+                       description="Reads the run folder's metrics.jsonl, config.yaml, rollouts.jsonl and report.json "
+                                   "(aha run) and writes curves.png and report.md there; safe while the run goes on.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of aha train or aha run")
+
     from aha.chat import add_chat_parser
     from aha.serve_cli import add_serve_parser
     add_chat_parser(sub)
@@ -328,6 +333,11 @@ def cmd_bench(args, console):
     print(f"speedup_vs_trl: {out['speedup_vs_trl']:.2f}")
 
 
+def cmd_report(args, console):
+    from aha.report import write_report
+    console.print(f"wrote {write_report(args.run_dir)} and curves.png")
+
+
 def cmd_chat(args, console):
     from aha.chat import cmd_chat as chat
     chat(args, console)
@@ -350,7 +360,7 @@ def cmd_experiment(args, console):
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "chat": cmd_chat, "serve": cmd_serve,
             "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "bench": cmd_bench,
-            "pipeline": cmd_pipeline, "experiment": cmd_experiment}
+            "pipeline": cmd_pipeline, "experiment": cmd_experiment, "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)      # for `train --nproc` to re-launch itself
+    from aha.card import record_command
+    record_command(args.argv)                                      # the model cards name the command
     from aha.progress import console
     try:
         COMMANDS[args.command](args, console)

@@ -20,6 +20,7 @@ component). `ref_refresh_every` copies the policy into the reference model, as R
 """
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -34,6 +35,7 @@ import torch
 
 from aha.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss
 from aha.base import ensure_base_model
+from aha.card import rl_card, save_model
 from aha.checkpoint import (Cursor, RunLock, StopSignals, complete_checkpoints, latest_checkpoint, load_trainer_state,
                             maybe_kill, open_records, prepare_out_dir, save_checkpoint, set_rng_states, trainer_state)
 from aha.config import Config, parse_reward_weights, save_config
@@ -52,6 +54,7 @@ from aha.schedule import lr_factor
 from aha.tasks import get_task
 from aha.tasks.base import Problem, thought
 from aha.templates import apply_template
+from aha.trackers import trackers_for
 from aha.vllm_rollout import rollout_engine
 
 def step_seed(seed: int, step: int) -> int:
@@ -236,9 +239,10 @@ def build_model(cfg: Config, console, checkpoint: Path | None):
 
 
 def train(cfg: Config, force: bool = False, console=None, out: Path | None = None, model=None, tokenizer=None,
-          resume: bool = False) -> dict:
+          resume: bool = False, trackers=None) -> dict:
     """RL on `cfg`. `resume`: continue the run in `cfg.out` from its latest checkpoint. Under torchrun,
-    one of several processes: rank 0 alone locks and writes the run folder (aha/distributed.py)."""
+    one of several processes: rank 0 alone locks and writes the run folder (aha/distributed.py).
+    `trackers`: live dashboards opened by the caller (aha/trackers.py); by default the run opens `report_to`'s."""
     world = init_world(cfg.prompts_per_step)
     console = world.console(console)
     lock = RunLock(Path(cfg.out)).acquire() if resume and world.writes else None    # before anything is loaded
@@ -273,7 +277,7 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             lock = RunLock(out).acquire()
             save_config(cfg, out / "config.yaml")
         return train_loop(cfg, task, model, tokenizer, peft_model, out or Path(cfg.out), saved, console, device,
-                          world, engine)
+                          world, engine, trackers)
     except BaseException:
         metrics = created / "metrics.jsonl" if created else None
         if metrics is not None and not (metrics.exists() and metrics.stat().st_size):
@@ -287,7 +291,7 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
 
 
 def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved: dict, console, device,
-               world: World = SINGLE, engine=generate) -> dict:
+               world: World = SINGLE, engine=generate, trackers=None) -> dict:
     torch.manual_seed(cfg.seed)
     spec = LossSpec(cfg.ratio_level, cfg.clip_low, cfg.clip_high, cfg.aggregation, cfg.kl, cfg.beta)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
@@ -324,13 +328,15 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
         state = trainer_state(cfg, optimizer, scheduler, problems, bad_steps, history, evals, peft_model, ref_model)
         state["optimizer"] = world.optimizer_state(trained, optimizer)      # FSDP: gathered, so every rank calls it
         plain = model if peft_model is None else merged(peft_model, copy=True)    # training goes on unmerged
-        path = save_checkpoint(out, len(history), plain, tokenizer, state, cfg.keep_checkpoints) if world.writes else None
+        card = rl_card(cfg, len(history), evals)
+        path = save_checkpoint(out, len(history), plain, tokenizer, state, cfg.keep_checkpoints, card) if world.writes else None
         world.barrier()                                # the others wait for rank 0's checkpoint
         return path
 
     if not saved:
         checkpoint()                                   # step-0: a kill at any step can resume
-    with progress_bar(console) as bar, StopSignals() as stop, metrics_file, rollouts_file:
+    live = trackers_for(cfg.report_to, out, dataclasses.asdict(cfg), first_step, trackers, world.writes)
+    with progress_bar(console) as bar, StopSignals() as stop, metrics_file, rollouts_file, live as trackers:
         job = bar.add_task("train", total=cfg.steps, completed=first_step)
         for step in range(first_step, cfg.steps):
             # 1+2. rollout and reward: G samples for each of the step's prompts, rewarded by
@@ -374,6 +380,9 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            trackers.log_step(record)
+            if "eval_pass@1" in record:
+                trackers.log_eval(step + 1, evals[-1])     # after the step's own line: W&B steps only go forward
             if step % cfg.dump_rollouts_every == 0:
                 dump_rollouts(rollouts_file, step, task, batch, group)
             for warning in health.update(record):
@@ -401,7 +410,6 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
     if peft_model is not None:
         model = merged(peft_model)            # a plain transformers model: loads without peft
     if world.writes:
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+        save_model(model, tokenizer, out / "model", rl_card(cfg, len(history), evals))
     world.barrier()
     return {"history": history, "evals": evals, "model": model, "tokenizer": tokenizer, "out": out}

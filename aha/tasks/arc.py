@@ -29,7 +29,9 @@ ROW_RE = re.compile(r"[\d\s,\[\]]+")
 
 
 def grid_text(grid: list[list[int]]) -> str:
-    """>>> grid_text([[0, 7], [7, 0]])
+    """Rows on lines, cells by spaces.
+
+    >>> grid_text([[0, 7], [7, 0]])
     '0 7\\n7 0'
     """
     return "\n".join(" ".join(str(cell) for cell in row) for row in grid)

@@ -71,7 +71,7 @@ def to_latex(plain: str) -> str | None:
     factorial, juxtaposition a product); None when SymPy cannot read it.
 
     >>> to_latex("n(n+1)*2^(n-2)"), to_latex("C(10, 5)"), to_latex("[-1, 1]")
-    ('2^{n - 2} n \\\\left(n + 1\\\\right)', '252', '\\\\left[ -1, \\\\  1\\\\right]')
+    ('2^{n - 2} n \\\\left(n + 1\\\\right)', '252', '\\\\left[-1, 1\\\\right]')
     """
     import sympy
     from sympy.parsing.sympy_parser import (convert_xor, factorial_notation, implicit_multiplication_application,
