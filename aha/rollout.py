@@ -130,7 +130,7 @@ def encode_prompt(tokenizer, text: str, add_special_tokens: bool, limit: int | N
     """The prompt's token ids; an AhaError when the tokenizer cannot spell it (a character outside a
     vocabulary without an unknown token) or it is longer than `limit` (`prompt_limit`)."""
     try:
-        ids = tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]   # the length is checked below
     except Exception as exc:   # tokenizers raises a bare Exception on characters it has no token for
         raise AhaError(f"the tokenizer cannot encode the prompt {text[:50]!r}… ({str(exc).splitlines()[0][:80]}): "
                        "use a model whose tokenizer covers the task's text") from None

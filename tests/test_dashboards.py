@@ -55,7 +55,7 @@ def test_tensorboard_reads_back_metrics_jsonl(tb_run):
             logged = {e.step: e.value for e in events.Scalars(f"train/{key}")}
             assert logged[record["step"]] == pytest.approx(float(value), rel=1e-6, abs=1e-12), key   # float32 on disk
             compared += 1
-    assert compared >= 3 * 20
+    assert compared >= 3 * 15                               # reward components, pass rate, lengths, loss, times, …
     assert {e.step: e.value for e in events.Scalars("eval/pass@1")} == {2: pytest.approx(history[1]["eval_pass@1"])}
 
 
