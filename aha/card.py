@@ -80,7 +80,8 @@ def rl_card(cfg, steps: int, evals: list | None = None, pass1_before: float | No
 
 def front_matter(info: CardInfo) -> str:
     from huggingface_hub import EvalResult, ModelCardData
-    name = f"aha-{re.sub(r'[^A-Za-z0-9]+', '-', info.task).strip('-')}-{info.method}"
+    task_slug = re.sub(r"[^A-Za-z0-9]+", "-", info.task).strip("-").lower()
+    name = f"aha-{task_slug}-{info.method}"
     results = [EvalResult(task_type="text-generation", dataset_type=f"aha/{info.task}", dataset_name=f"{info.task} (held out)",
                           metric_type="pass@1", metric_value=value, metric_name=label)
                for label, value in (("pass@1 before", info.pass1_before), ("pass@1 after", info.pass1_after)) if value is not None]
@@ -90,7 +91,7 @@ def front_matter(info: CardInfo) -> str:
               "pass1_after": info.pass1_after, "eval_protocol": info.eval_protocol, "evals": info.evals,
               "hyperparameters": info.hyperparameters, "aha_version": aha.__version__, "command": command_line()}
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", base_model=hub_base,
-                         tags=["aha", "reasoning", info.method, info.task], model_name=name if results else None,
+                         tags=["aha", "reasoning", info.method, task_slug], model_name=name if results else None,
                          eval_results=results or None, aha=record)
     return data.to_yaml()
 
