@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aha.card import read_card, summary
+from aha.cli import main
 from aha.errors import AhaError
 from aha.trackers import parse_report_to
 
@@ -86,19 +87,20 @@ def test_transformers_loads_a_carded_dir_unchanged(tb_run, tmp_path):
     assert AutoTokenizer.from_pretrained(model_dir)("12+3")["input_ids"] == AutoTokenizer.from_pretrained(bare)("12+3")["input_ids"]
 
 
-def test_aha_report_redraws_a_running_run(tb_run, tmp_path):
+def test_aha_report_redraws_a_running_run(tb_run, tmp_path, capsys):
     running = tmp_path / "running"
     running.mkdir()
     text = (tb_run / "metrics.jsonl").read_text().splitlines()
     (running / "metrics.jsonl").write_text("\n".join(text[:2]) + "\n" + text[2][:30])   # a line being written
     (running / "config.yaml").write_text((tb_run / "config.yaml").read_text())
-    result = aha("report", str(running))
-    assert result.returncode == 0, result.stderr
+    assert main(["report", str(running)]) == 0
     report = (running / "report.md").read_text()
     assert "2 of 3 steps logged" in report and "| 2 | " in report
     assert (running / "curves.png").stat().st_size > 1000
-    empty = aha("report", str(tmp_path / "nothing"))
-    assert empty.returncode == 2 and len(empty.stderr.strip().splitlines()) == 1 and "metrics.jsonl" in empty.stderr
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "nothing")]) == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and "metrics.jsonl" in stderr
 
 
 def test_aha_run_card_names_pass1_before_and_after(tiny_model_dir, tmp_path):
@@ -114,7 +116,7 @@ def test_aha_run_card_names_pass1_before_and_after(tiny_model_dir, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out / "model").config.model_type == "qwen2"
     # report.md is redrawn from report.json alone, the same as aha run wrote it
     first = (out / "report.md").read_text()
-    assert aha("report", str(out)).returncode == 0 and (out / "report.md").read_text() == first
+    assert main(["report", str(out)]) == 0 and (out / "report.md").read_text() == first
 
 
 def test_wandb_runs_offline_and_logs_the_metrics(tiny_model_dir, tmp_path):
@@ -134,12 +136,13 @@ def test_wandb_runs_offline_and_logs_the_metrics(tiny_model_dir, tmp_path):
             assert f"train/{key}".encode() in data and json.dumps(record[key]).encode() in data
 
 
-def test_report_to_names_are_checked():
+def test_report_to_names_are_checked(capsys):
     assert parse_report_to("tensorboard, wandb,tensorboard") == ("tensorboard", "wandb")
     with pytest.raises(AhaError, match="choose from tensorboard, wandb"):
         parse_report_to("mlflow")
-    result = aha("train", "report_to=mlflow", "--steps", "1")
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert main(["train", "report_to=mlflow", "--steps", "1"]) == 2
+    stderr = capsys.readouterr().err
+    assert len(stderr.strip().splitlines()) == 1 and "report_to names 'mlflow'" in stderr
 
 
 def test_chat_and_serve_show_the_card_summary(tb_run):
