@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rich.console import Console
+from rich.markup import escape
 
 from aha.engine import Engine, GenerationParams, encode_chat, load_engine
 from aha.reasoning import ReasoningSplitter
@@ -141,6 +142,14 @@ def add_chat_parser(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda or mps (default: detected)")
 
 
+def model_summary(path: str) -> str:
+    """": " + the model card's one-line summary (aha/card.py), or "" for a model without one."""
+    from aha.card import summary
+    from aha.evaluate import resolve_model_dir
+    line = summary(resolve_model_dir(path))
+    return f": {line}" if line else ""
+
+
 def cmd_chat(args, console: Console) -> None:
     from aha.errors import AhaError
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1:
@@ -148,7 +157,7 @@ def cmd_chat(args, console: Console) -> None:
     settings = ChatSettings(args.temperature, args.top_p, args.max_tokens, args.seed, not args.hide_thinking)
     engine = load_engine(args.model, args.device, max_batch=1).start()
     out = Console(highlight=False)
-    console.print(f"[dim]chatting with {args.model} ({HELP})[/]")
+    console.print(f"[dim]chatting with {escape(args.model + model_summary(args.model))} ({HELP})[/]")
     try:
         chat_loop(engine, settings, lambda: out.input("[bold cyan]you>[/] "), out)
     finally:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from transformers.utils.logging import disable_progress_bar
 
+from aha.card import write_card
 from aha.errors import AhaError
 
 CHECKPOINTS = "checkpoints"
@@ -84,9 +85,10 @@ def complete_checkpoints(out: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def save_checkpoint(out: Path, steps_done: int, model, tokenizer, trainer_state: dict, keep: int) -> Path:
+def save_checkpoint(out: Path, steps_done: int, model, tokenizer, trainer_state: dict, keep: int, card=None) -> Path:
     """Write `out/checkpoints/step-{steps_done}` atomically; keep the newest `keep`. A write that
-    fails (a full disk) removes its temp dir and leaves every earlier checkpoint as it was."""
+    fails (a full disk) removes its temp dir and leaves every earlier checkpoint as it was.
+    `card`: the model card (aha/card.py `CardInfo`) written into its model/."""
     root = out / CHECKPOINTS
     root.mkdir(exist_ok=True)
     for stale in root.glob("step-*.tmp-*"):           # left by a crash mid-write
@@ -97,6 +99,8 @@ def save_checkpoint(out: Path, steps_done: int, model, tokenizer, trainer_state:
         disable_progress_bar()                         # transformers' "Writing model shards" bar
         model.save_pretrained(temp / "model")
         tokenizer.save_pretrained(temp / "model")
+        if card is not None:
+            write_card(temp / "model", card)
         maybe_kill("during_checkpoint", steps_done)
         torch.save(trainer_state, temp / "trainer.pt")
         _fsync_tree(temp)

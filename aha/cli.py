@@ -1,4 +1,5 @@
-"""The `aha` command line: pretrain, train, eval, run, chat, serve, sft, sample, distill, bench, check-reward.
+"""The `aha` command line: pretrain, train, plan, eval, run, report, chat, serve, sft, sample, distill, bench,
+pipeline, experiment, check-reward.
 
 Bad input ends in one line on stderr — what is wrong, where, what to do — and exit code 2.
 """
@@ -147,6 +148,11 @@ def build_parser() -> Parser:
     add_eval_parser(sub)
 
     add_data_parsers(sub)
+
+    p = sub.add_parser("report", help="redraw curves.png and report.md of a run folder, running or finished",
+                       description="Reads the run folder's metrics.jsonl, config.yaml, rollouts.jsonl and report.json "
+                                   "(aha run) and writes curves.png and report.md there; safe while the run goes on.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of aha train or aha run")
 
     from aha.chat import add_chat_parser
     from aha.serve_cli import add_serve_parser
@@ -311,6 +317,11 @@ def cmd_plan(args, console):
             json.dump(result, f, indent=2)
 
 
+def cmd_report(args, console):
+    from aha.report import write_report
+    console.print(f"wrote {write_report(args.run_dir)} and curves.png")
+
+
 def cmd_chat(args, console):
     from aha.chat import cmd_chat as chat
     chat(args, console)
@@ -338,7 +349,8 @@ def cmd_check_reward(args, console) -> int:
 
 COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "chat": cmd_chat, "serve": cmd_serve,
             "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "bench": cmd_bench,
-            "pipeline": cmd_pipeline, "experiment": cmd_experiment, "plan": cmd_plan, "check-reward": cmd_check_reward}
+            "pipeline": cmd_pipeline, "experiment": cmd_experiment, "plan": cmd_plan, "check-reward": cmd_check_reward,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)      # for `train --nproc` to re-launch itself
+    from aha.card import record_command
+    record_command(args.argv)                                      # the model cards name the command
     from aha.progress import console
     try:
         code = COMMANDS[args.command](args, console)      # None, or an exit code of its own (check-reward)

@@ -97,6 +97,7 @@ class Config:
     checkpoint_every: int = 50       # steps between checkpoints (also on the last step and on SIGTERM/SIGINT); 0 = those only
     keep_checkpoints: int = 2        # the newest this-many are kept
     health_window: int = 10          # steps a symptom must last before the run warns
+    report_to: str = ""              # live dashboards, comma-separated: tensorboard, wandb (offline); aha/trackers.py
 
     def task_options(self) -> dict:
         """The options `get_task` takes for this task: only those that apply to it."""
@@ -160,6 +161,8 @@ class Config:
         if not (0 < self.top_p <= 1) or self.temperature < 0 or self.lr <= 0:
             raise AhaError("config: need 0 < top_p <= 1, temperature >= 0 and lr > 0")
         parse_reward_weights(self.reward_weights)
+        from aha.trackers import parse_report_to
+        parse_report_to(self.report_to)
         from aha.templates import read_template
         read_template(self.template)
         return self

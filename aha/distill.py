@@ -13,6 +13,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from aha.card import CardInfo, write_card
 from aha.errors import AhaError
 from aha.sample import SampleConfig, sample
 from aha.sft import SFTConfig, sft
@@ -28,6 +29,11 @@ def distill(sample_cfg: SampleConfig, sft_cfg: SFTConfig, console=None) -> dict:
         raise AhaError(f"distill: the teacher {sample_cfg.model} got no sample right out of {sampled['samples']}; "
                        "nothing to learn from (try more --prompts, a larger --k or a stronger teacher)")
     trained = sft(replace(sft_cfg, data=str(samples)), console=console)
+    hyper = {"teacher": str(sample_cfg.model), "prompts": sample_cfg.prompts, "k": sample_cfg.k,
+             "temperature": sample_cfg.temperature, "top_p": sample_cfg.top_p, "epochs": sft_cfg.epochs, "lr": sft_cfg.lr}
+    write_card(out, CardInfo(str(sft_cfg.model), sample_cfg.task, "distill", trained["steps"], sft_cfg.seed, hyper,
+                             note=f"Distilled from `{sample_cfg.model}`: SFT on its {sampled['kept']} verified samples "
+                                  f"of {sampled['samples']}."))
     stats = {"teacher": str(sample_cfg.model), "student": str(sft_cfg.model), "sample": sampled, "sft": trained}
     (out / "distill.json").write_text(json.dumps(stats, indent=2))
     return stats

@@ -49,6 +49,9 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, help="completion budget (default: the run's, else 64)")
     p.add_argument("--prefill", default="", help='force the response to start so, e.g. " <think>"')
     p.add_argument("--seed", type=int, help="sampling seed (default: the run's, else 0)")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="score a prompt the model cannot read (too long for its context, or characters its tokenizer "
+                        "lacks) as k failures, counted in unreadable_prompts, instead of stopping")
     p.add_argument("--json", help="also write the result to this JSON file (a list when several models)")
     p.add_argument("--markdown", help="also write the comparison table to this markdown file")
 
@@ -105,6 +108,7 @@ def cmd_eval(args, console):
     from aha.base import ensure_base_model
     from aha.evaluate import EvalSpec, evaluate, markdown_table, resolve_model_dir, rich_table
     from aha.model import detect_device, load_model
+    from aha.plan import rollout_rows_for
     from aha.tasks import get_task
     from aha.templates import apply_template
     pass_k = parse_pass_k(args.pass_k)
@@ -116,11 +120,12 @@ def cmd_eval(args, console):
         if plan.note:
             console.print(f"note: {plan.note}")
         k = max((cfg.eval_k, *pass_k)) if args.k is None else cfg.eval_k     # --k is cfg.eval_k
-        spec = EvalSpec(cfg.eval_problems, k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed,
-                        pass_k=pass_k)
         model_dir = resolve_model_dir(path) if path else ensure_base_model(console)
         model, tokenizer = load_model(model_dir, detect_device())
         task = apply_template(get_task(cfg.task, **cfg.task_options()), tokenizer, cfg.template, cfg.think_prefill)
+        rows = rollout_rows_for(model, 256, cfg.max_new_tokens, k, cfg.eval_problems * k)   # the KV-cache budget
+        spec = EvalSpec(cfg.eval_problems, k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed,
+                        pass_k=pass_k, rows_per_pass=rows, skip_unreadable=args.skip_unreadable)
         result = evaluate(model, tokenizer, task, spec, prefill=args.prefill, console=console, label=f"eval {path or 'base'}")
         results.append({"model": path or "base", "task": cfg.task, "template": cfg.template,
                         "think_prefill": cfg.think_prefill, "max_new_tokens": cfg.max_new_tokens, **result})

@@ -8,6 +8,12 @@ pass@j for each j of `spec.pass_k` (j ≤ k; aha/passk.py), cons@k (majority vot
 extracted answers), the share of answers that reasoned in `<think>`, the share that use a
 reflection word ("wait", "verify", …), mean response tokens, truncation rate. Under
 `think_prefill` the prompt's `<think>` counts as part of the response for these rates.
+A sample passes only at accuracy 1: for tasks with partial credit (`code`, `humaneval`: the share
+of tests passed) pass@1 is the share of samples that pass every test and `mean_accuracy` the mean
+credit. A prompt longer than the model's context (or with characters its tokenizer cannot spell)
+stops the eval in one line, or, with `skip_unreadable` (`aha eval --skip-unreadable`, for public
+benchmarks a small model cannot read whole), scores k wrong answers and is counted in
+`unreadable_prompts`.
 `prefill` forces the start of every response (e.g. " <think>" or " <answer>") to measure how
 well the model does when it does or does not reason.
 """
@@ -18,7 +24,7 @@ from aha.errors import AhaError
 from aha.model import check_context, model_context
 from aha.passk import REFLECTION_WORDS, cons_at_k, mean_pass_at_k, passed, reflection_rate
 from aha.progress import progress_bar
-from aha.rollout import SamplingParams, generate, stop_strings, stop_token_ids
+from aha.rollout import SamplingParams, encode_prompt, generate, prompt_limit, stop_strings, stop_token_ids
 from aha.tasks.base import extract_answer, thought
 from aha.templates import prompt_prefill
 
@@ -32,6 +38,7 @@ class EvalSpec:
     max_new_tokens: int = 64
     seed: int = 0
     rows_per_pass: int = 256                        # rows generated at once (whole problems): the KV-cache budget
+    skip_unreadable: bool = False                   # a prompt the model cannot read: score 0 (True) or stop (False)
     pass_k: tuple[int, ...] = ()                    # extra pass@j to report, each ≤ k (1 and k always are)
     reflection_words: tuple[str, ...] = REFLECTION_WORDS
 
@@ -53,49 +60,81 @@ def sample_metrics(correct: list[list[float]], answers: list[list[str | None]], 
     return metrics
 
 
+def score_all(task, texts: list[str], problems: list) -> list[dict]:
+    """The task's scores of texts[i] on problems[i]; in one batch where the task grades batches
+    (the sandbox tasks run them in parallel)."""
+    batch = getattr(task, "score_batch", None)
+    return batch(texts, problems) if batch else [task.score(t, p) for t, p in zip(texts, problems)]
+
+
+def readable_prompts(tokenizer, task, problems: list, prefill: str, limit: int | None,
+                     skip: bool = False) -> list[list[int] | None]:
+    """Each problem's prompt ids; where the model cannot read one (aha/rollout.py encode_prompt), an
+    AhaError, or None when `skip`."""
+    special = getattr(task, "adds_special_tokens", True)   # a chat template writes its own BOS
+    encoded = []
+    for problem in problems:
+        try:
+            encoded.append(encode_prompt(tokenizer, task.prompt(problem) + prefill, special, limit))
+        except AhaError as exc:
+            if not skip:
+                raise AhaError(f"{exc} (or --skip-unreadable to score such prompts as failures)") from None
+            encoded.append(None)
+    return encoded
+
+
 def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=None, label: str = "eval") -> dict:
+    """R1's protocol on the task's first `spec.problems` held-out problems. A problem whose prompt
+    the model cannot read (too long for its context, or characters its tokenizer lacks) counts as
+    k wrong answers and is counted in `unreadable_prompts`; the length, think, truncation and
+    reflection figures are over the samples actually generated."""
     problems = task.eval_problems(spec.problems)
     params = SamplingParams(spec.max_new_tokens, spec.temperature, spec.top_p, 0, stop_token_ids(model, tokenizer),
                             stop_strings(tokenizer))
     per_pass = max(1, spec.rows_per_pass // spec.k)                 # problems per pass
-    special = getattr(task, "adds_special_tokens", True)   # a chat template writes its own BOS
-    prompts = [tokenizer(task.prompt(p) + prefill, add_special_tokens=special)["input_ids"] for p in problems]
-    check_context(max(map(len, prompts), default=0), spec.max_new_tokens, model_context(model),
-                  "use a shorter template, or lower max_new_tokens (--max-new-tokens)")
-    correct, answers, texts, lengths, thinking, truncated, samples = [], [], [], [], [], [], []
+    encoded = readable_prompts(tokenizer, task, problems, prefill, prompt_limit(model, spec.max_new_tokens),
+                               spec.skip_unreadable)
+    correct: list = [None] * len(problems)            # per problem: its k accuracies
+    answers: list = [None] * len(problems)
+    texts, lengths, thinking, truncated, samples = [], [], [], [], []
+    unreadable = 0
     was_training = model.training
     model.eval()
     with progress_bar(console) as bar:
         job = bar.add_task(label, total=len(problems))
         for start in range(0, len(problems), per_pass):
-            chunk = problems[start:start + per_pass]
-            # global rows: sample j of problem i draws the same tokens whatever the pass size
-            rollout = generate(model, prompts[start:start + per_pass], spec.k, params, tokenizer.pad_token_id,
-                               seed=spec.seed, row_offset=start * spec.k, total_rows=len(problems) * spec.k,
-                               tokenizer=tokenizer)
-            decoded = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-            for i, text in enumerate(decoded):
-                problem = chunk[i // spec.k]
-                text = prefill + text                     # what the task scores (it adds its own prefill)
-                response = prompt_prefill(task, problem) + text     # the whole response, as a reader sees it
-                if i % spec.k == 0:
-                    correct.append([])
-                    answers.append([])
-                correct[-1].append(task.score(text, problem)["accuracy"])
-                answers[-1].append(extract_answer(response))
-                texts.append(response)
-                thinking.append(float(thought(response)))
-                if len(samples) < 8 and i % spec.k == 0:
-                    samples.append({"prompt": task.prompt(problem), "completion": response, "answer": problem.answer,
-                                    "correct": correct[-1][-1]})
-            lengths += rollout.lengths.tolist()
-            truncated += rollout.truncated.float().tolist()
+            chunk, chunk_ids = problems[start:start + per_pass], encoded[start:start + per_pass]
+            readable = [p for p, ids in zip(chunk, chunk_ids) if ids is not None]
+            rows = [i for i, ids in enumerate(chunk_ids) if ids is not None]
+            unreadable += len(chunk) - len(readable)
+            for i, ids in enumerate(chunk_ids):
+                if ids is None:
+                    correct[start + i], answers[start + i] = [0.0] * spec.k, [None] * spec.k
+            if readable:
+                # global rows: sample j of problem i draws the same tokens whatever the pass size
+                rollout = generate(model, [ids for ids in chunk_ids if ids is not None], spec.k, params,
+                                   tokenizer.pad_token_id, seed=spec.seed, row_offset=start * spec.k,
+                                   total_rows=len(problems) * spec.k, tokenizer=tokenizer)
+                decoded = [prefill + t for t in tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)]
+                scores = score_all(task, decoded, [p for p in readable for _ in range(spec.k)])
+                for i in range(0, len(decoded), spec.k):
+                    problem, group = readable[i // spec.k], decoded[i:i + spec.k]
+                    responses = [prompt_prefill(task, problem) + text for text in group]   # as a reader sees them
+                    correct[start + rows[i // spec.k]] = [s["accuracy"] for s in scores[i:i + spec.k]]
+                    answers[start + rows[i // spec.k]] = [extract_answer(text) for text in responses]
+                    if len(samples) < 8:
+                        samples.append({"prompt": task.prompt(problem), "completion": responses[0],
+                                        "answer": problem.answer, "correct": scores[i]["accuracy"]})
+                    texts += responses
+                    thinking += [float(thought(text)) for text in responses]
+                lengths += rollout.lengths.tolist()
+                truncated += rollout.truncated.float().tolist()
             bar.update(job, advance=len(chunk))
     model.train(was_training)
-    n = len(texts)
-    return {**sample_metrics(correct, answers, texts, spec), "think_rate": sum(thinking) / n,
-            "mean_response_tokens": sum(lengths) / n, "truncation_rate": sum(truncated) / n,
-            "problems": len(problems), "k": spec.k, "temperature": spec.temperature,
+    generated = max(1, len(texts))
+    return {**sample_metrics(correct, answers, texts, spec), "think_rate": sum(thinking) / generated,
+            "mean_response_tokens": sum(lengths) / generated, "truncation_rate": sum(truncated) / generated,
+            "problems": len(problems), "unreadable_prompts": unreadable, "k": spec.k, "temperature": spec.temperature,
             "top_p": spec.top_p, "samples": samples}
 
 

@@ -112,6 +112,14 @@ def rows_that_fit(budget: int, per_row: int, group: int, total: int) -> int:
     return min(total, groups * group)
 
 
+def rollout_rows_for(model, prompt_tokens: int, max_new_tokens: int, group: int, total: int) -> int:
+    """Rows to generate at once for a loaded `model` (aha eval, aha sample): AUTO_ROLLOUT_BYTES of KV
+    cache and sampling buffers, whole groups."""
+    shape = ModelShape.of(model.config, sum(p.numel() for p in model.parameters()))
+    weight_bytes = next(model.parameters()).element_size()
+    return rows_that_fit(AUTO_ROLLOUT_BYTES, rollout_bytes(shape, 1, prompt_tokens, max_new_tokens, weight_bytes), group, total)
+
+
 @dataclass
 class MemoryPlan:
     process: int

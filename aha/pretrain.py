@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from aha.card import CardInfo, save_model
 from aha.model import build_model, count_parameters
 from aha.progress import progress_bar
 from aha.tasks import get_task
@@ -110,11 +111,14 @@ def pretrain(cfg: PretrainConfig, console=None) -> dict:
         val_loss = float(lm_loss(model, val_input, val_mask))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     stats = {"arch": cfg.arch, "parameters": count_parameters(model), "steps": step + 1,
              "seconds": round(elapsed, 1), "tokens_per_second": round(tokens / elapsed),
              "train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "val_loss": round(val_loss, 4),
              "think_frac": cfg.think_frac, "digits": cfg.digits, "seed": cfg.seed}
     (out / "pretrain.json").write_text(__import__("json").dumps(stats, indent=2))
+    hyper = {"arch": cfg.arch, "hidden": cfg.hidden, "layers": cfg.layers, "batch_size": cfg.batch_size, "lr": cfg.lr,
+             "warmup": cfg.warmup, "think_frac": cfg.think_frac}
+    save_model(model, tokenizer, out, CardInfo(
+        "random initialisation", f"{cfg.digits}-digit addition corpus", "pretrain", stats["steps"], cfg.seed, hyper,
+        note=f"Next-token pretraining, {stats['parameters']:,} parameters: validation loss {stats['val_loss']}."))
     return stats

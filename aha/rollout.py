@@ -27,6 +27,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from aha.errors import AhaError
 from aha.model import check_context, model_context
 
 
@@ -119,6 +120,29 @@ def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
     if isinstance(answer_close, int) and answer_close != tokenizer.unk_token_id:
         ids.add(answer_close)
     return tuple(sorted(i for i in ids if i is not None))
+
+
+def prompt_limit(model, max_new_tokens: int) -> int | None:
+    """The longest prompt that leaves `max_new_tokens` of the model's positions (aha.model.model_context)
+    to answer in; None when the config states no limit."""
+    context = model_context(model)
+    return None if context is None else context - max_new_tokens
+
+
+def encode_prompt(tokenizer, text: str, add_special_tokens: bool, limit: int | None) -> list[int]:
+    """The prompt's token ids; an AhaError when the tokenizer cannot spell it (a character outside a
+    vocabulary without an unknown token) or it is longer than `limit` (`prompt_limit`)."""
+    try:
+        ids = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]   # the length is checked below
+    except Exception as exc:   # tokenizers raises a bare Exception on characters it has no token for
+        raise AhaError(f"the tokenizer cannot encode the prompt {text[:50]!r}… ({str(exc).splitlines()[0][:80]}): "
+                       "use a model whose tokenizer covers the task's text") from None
+    if limit is not None and len(ids) > limit:
+        raise AhaError(f"the prompt {text[:50]!r}… is {len(ids)} tokens, but the model reads {limit} before the "
+                       "max_new_tokens of its answer: use a model with a longer context, or fewer max_new_tokens")
+    return ids
+
+
 
 
 def stop_strings(tokenizer) -> tuple[str, ...]:

@@ -1,12 +1,16 @@
 """`aha run`: the whole demonstration in one command.
 
 base model (shipped, or pretrained once and cached) → held-out eval before → GRPO training →
-held-out eval after → `report.json`, `report.md`, `curves.png` in `--out`.
+held-out eval after → `report.json`, `report.md`, `curves.png` in `--out`; the model card of
+`model/` names the pass@1 before and after (aha/card.py); `report_to` dashboards get both evals.
 """
 
+import dataclasses
+import json
 import time
 
 from aha.base import ensure_base_model
+from aha.card import rl_card, write_card
 from aha.config import Config
 from aha.evaluate import EvalSpec, evaluate
 from aha.model import detect_device, load_model
@@ -14,6 +18,7 @@ from aha.report import write_report
 from aha.tasks import get_task
 from aha.templates import apply_template
 from aha.checkpoint import prepare_out_dir
+from aha.trackers import open_trackers
 from aha.train import check_prompt_lengths, run_plan, train
 
 
@@ -27,11 +32,15 @@ def run(cfg: Config, force: bool = False, console=None) -> dict:
     out = prepare_out_dir(cfg.out, force)
     spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed,
                     rows_per_pass=plan.eval_rows)
-    before = evaluate(model, tokenizer, eval_task, spec, console=console, label="eval before RL")
-    result = train(cfg, console=console, out=out, model=model, tokenizer=tokenizer)
-    after = evaluate(model, tokenizer, eval_task, spec, console=console, label="eval after RL")
+    with open_trackers(cfg.report_to, out, dataclasses.asdict(cfg)) as trackers:
+        before = evaluate(model, tokenizer, eval_task, spec, console=console, label="eval before RL")
+        trackers.log_eval(0, before)
+        result = train(cfg, console=console, out=out, model=model, tokenizer=tokenizer, trackers=trackers)
+        after = evaluate(model, tokenizer, eval_task, spec, console=console, label="eval after RL")
+        trackers.log_eval(cfg.steps, after)
     history = result["history"]
     evals = [{"step": 0, **before}] + result["evals"] + [{"step": cfg.steps, **after}]
+    write_card(out / "model", rl_card(cfg, cfg.steps, result["evals"], before["pass@1"], after["pass@1"]))
     first, last = history[: max(1, len(history) // 10)], history[-max(1, len(history) // 10):]
     report = {
         "before_pass1": before["pass@1"], "after_pass1": after["pass@1"],
@@ -43,7 +52,8 @@ def run(cfg: Config, force: bool = False, console=None) -> dict:
         "steps": cfg.steps, "seed": cfg.seed, "task": cfg.task, "eval_problems": before["problems"], "eval_k": before["k"],
         "eval_curve": [{"step": e["step"], "pass@1": e["pass@1"]} for e in evals],
         "time_generate": sum(r["time_generate"] for r in history), "time_update": sum(r["time_update"] for r in history),
-        "wall_seconds": time.time() - start,
+        "wall_seconds": time.time() - start, "before": before, "after": after,
     }
-    write_report(out, report, before, after, history, evals)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_report(out)
     return report

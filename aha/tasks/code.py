@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aha.errors import AhaError
 from aha.sandbox import run_tests
 from aha.tasks.base import ANSWER_RE, Problem, extract_answer, is_well_formed
-from aha.tasks.data import BadRow, RowTask, in_heldout, require
+from aha.tasks.data import BadRow, RowTask, require, split_heldout
 
 FENCE_RE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
 MAX_CODE_CHARS = 20_000
@@ -136,9 +136,7 @@ class CodeTask(RowTask):
         if not 0.0 < eval_fraction < 1.0:
             raise AhaError(f"code: eval_fraction={eval_fraction} must be in (0, 1) for the built-in problems")
         self.skip_bad_rows, self.skipped_rows = skip_bad_rows, 0
-        problems = builtin_problems()
-        self.heldout = [p for p in problems if in_heldout(p.question, eval_fraction)]
-        self.train = [p for p in problems if not in_heldout(p.question, eval_fraction)]
+        self.train, self.heldout = split_heldout(builtin_problems(), eval_fraction)
 
     def parse_row(self, row: dict) -> Problem:
         question, tests = require(row, "prompt"), row.get("tests")
@@ -151,6 +149,10 @@ class CodeTask(RowTask):
         if entry_point is not None and not (isinstance(entry_point, str) and entry_point.isidentifier()):
             raise BadRow(f"'entry_point' must be a function name, got {entry_point!r:.40}")
         return Problem(question=question, answer="\n".join(tests), meta={"tests": list(tests), "entry_point": entry_point})
+
+    def program(self, code: str, problem: Problem) -> str:
+        """The program the tests run after: the answer's code itself (humaneval puts the problem's prompt first)."""
+        return code
 
     def runnable(self, code: str | None, problem: Problem) -> bool:
         """Worth a sandbox: code that parses and names the entry point (when the row gives one)."""
@@ -167,7 +169,7 @@ class CodeTask(RowTask):
 
     def score_batch(self, completions: list[str], problems: list[Problem]) -> list[dict[str, float]]:
         """Scores of completions[i] on problems[i], the sandbox runs spread over `workers` threads."""
-        jobs = [(code, tuple(p.meta["tests"])) if self.runnable(code, p) else None
+        jobs = [(self.program(code, p), tuple(p.meta["tests"])) if self.runnable(code, p) else None
                 for code, p in zip(map(extract_code, completions), problems)]
         unique = list(dict.fromkeys(job for job in jobs if job is not None))   # identical samples run once
         passed = {}

@@ -36,6 +36,12 @@ def in_heldout(key: str, fraction: float) -> bool:
     return stable_hash(key) < fraction * HASH_RANGE
 
 
+def split_heldout(problems: list[Problem], fraction: float) -> tuple[list[Problem], list[Problem]]:
+    """(training problems, held-out problems), each in the given order, split by `in_heldout` of the question."""
+    heldout = [p for p in problems if in_heldout(p.question, fraction)]
+    return [p for p in problems if not in_heldout(p.question, fraction)], heldout
+
+
 def load_rows(path: str | Path) -> list[dict]:
     """All rows of a JSONL / Parquet file or a saved HF dataset directory, as dicts, in file order."""
     path = Path(path)
@@ -94,8 +100,7 @@ class RowTask:
             held = {p.question for p in self.heldout}
             self.train = [p for p in problems if p.question not in held]
         else:
-            self.heldout = [p for p in problems if in_heldout(p.question, eval_fraction)]
-            self.train = [p for p in problems if not in_heldout(p.question, eval_fraction)]
+            self.train, self.heldout = split_heldout(problems, eval_fraction)
         if not self.train:
             raise AhaError(f"{self.name}: {data} has no training rows left after the held-out split")
 
