@@ -20,7 +20,7 @@ def test_sampling_params_map_one_to_one():
     params = SamplingParams(max_new_tokens=48, temperature=0.7, top_p=0.9, top_k=20, stop_token_ids=(2, 9))
     assert sampling_kwargs(params, group_size=8, seed=1234) == {
         "n": 8, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "max_tokens": 48, "stop_token_ids": [2, 9],
-        "seed": 1234, "logprobs": 0, "detokenize": False}
+        "ignore_eos": True, "seed": 1234, "logprobs": 0, "detokenize": False}
 
 
 def test_outputs_become_the_torch_engines_rollout():
@@ -164,7 +164,7 @@ def test_the_gpu_extra_pins_trls_tested_vllm_range():
     extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     pin = Requirement(next(r for r in extra if r.startswith("vllm")))
     assert str(pin.specifier) == str(Requirement(f"vllm{VLLM_VERIFIED}").specifier)
-    assert f"vLLM {VLLM_VERIFIED}" in (root / "README.md").read_text()
+    assert f"vllm{VLLM_VERIFIED}" in (root / "README.md").read_text()
     for version in ("0.10.2", "0.21.0", "0.22.0", "0.26.1", "0.31.0", "0.31.1", "0.33.0"):
         original = import_utils._is_package_available
         import_utils._is_package_available = lambda name, return_version=False: (True, version)
