@@ -8,7 +8,7 @@ Phases, cheapest first (bench/gpu_phases.py): device facts and versions; the bf1
 engine tokens/s at 64 and 256 rows and the sampler/trainer log-prob gap at T 1 and at T 0.7 /
 top-p 0.9 (0.5B model); RL steps of aha's trainer at 8 prompts × 8 samples × 512 new tokens, with
 the update's MFU against the measured peak and peak memory against `aha plan`'s prediction (0.5B);
-the same two for the 1.5B model; then vLLM and TRL (bench/gpu_trl.py), each skipped in one line
+the same two for the 1.5B model; then vLLM and TRL (bench/gpu_optional.py), each skipped in one line
 where it is not installed. Models are random-init Qwen2s of Qwen2.5-0.5B's and -1.5B's shapes.
 
 Each phase runs in its own process (a CUDA error or an out-of-memory in one cannot take the others
@@ -28,6 +28,7 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent                       # aha itself: importable from any working directory, installed or not
 PHASES = (("device", 60), ("matmul", 60), ("engine_0.5b", 150), ("rl_0.5b", 180), ("engine_1.5b", 150),
           ("rl_1.5b", 180), ("vllm", 240), ("trl", 200))          # (name, timeout in seconds), cheapest first
 MIN_PHASE_S = 15                                                   # no phase starts with less time than this left
@@ -51,7 +52,7 @@ def parse_args(argv=None):
 
 def run_child(args) -> int:
     """One phase, in this process: its function from bench/gpu_phases.py, results in OUT/parts."""
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE), str(ROOT)]
     import gpu_phases
     part = gpu_phases.Part(Path(args.out) / "parts" / f"{args.phase}.json")
     ctx = gpu_phases.Ctx(device=args.device, tiny=args.tiny, scratch=Path(args.scratch), part=part,
@@ -73,11 +74,11 @@ def run_child(args) -> int:
 
 
 def phase_function(gpu_phases, name: str):
-    if name == "trl":
-        import gpu_trl
-        return gpu_trl.phase_trl
+    if name in ("vllm", "trl"):
+        import gpu_optional
+        return getattr(gpu_optional, f"phase_{name}")
     kind, _, size = name.partition("_")
-    return {"device": gpu_phases.phase_device, "matmul": gpu_phases.phase_matmul, "vllm": gpu_phases.phase_vllm,
+    return {"device": gpu_phases.phase_device, "matmul": gpu_phases.phase_matmul,
             "engine": gpu_phases.engine_phase(size) if size else None, "rl": gpu_phases.rl_phase(size) if size else None}[kind]
 
 
@@ -98,7 +99,8 @@ def run_phase(name: str, timeout: float, args, peak_flops: float | None) -> dict
     command = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--out", str(out), "--device", args.device,
                "--scratch", str(scratch)] + (["--tiny"] if args.tiny else []) + \
               (["--peak-flops", str(peak_flops)] if peak_flops else [])
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     start = time.monotonic()
     with open(log_file, "w") as log:
         try:

@@ -1,5 +1,6 @@
 """The phases of bench/gpu_check.py: each a function of one `Ctx`, run in its own process, writing
-its results into `ctx.part` (OUT/parts/NAME.json) as they come.
+its results into `ctx.part` (OUT/parts/NAME.json) as they come; the vLLM and TRL phases, which need
+an optional package, are in bench/gpu_optional.py.
 
 Models are random-init Qwen2s built on the device from the shapes of Qwen2.5-0.5B and -1.5B
 (bf16 on CUDA, fp32 on CPU; 151,936-token vocabulary, tied embeddings): nothing is downloaded.
@@ -15,9 +16,7 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,9 +185,9 @@ def phase_device(ctx: Ctx) -> None:
         props = torch.cuda.get_device_properties(0)
         facts.update(gpu=props.name, capability=f"{props.major}.{props.minor}", memory_bytes=props.total_memory,
                      sms=props.multi_processor_count, cudnn=torch.backends.cudnn.version(),
-                     bf16=torch.cuda.is_bf16_supported(), sdpa={"flash": torch.backends.cuda.flash_sdp_enabled(),
-                                                                "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
-                                                                "cudnn": torch.backends.cuda.cudnn_sdp_enabled()})
+                     bf16=torch.cuda.is_bf16_supported(),
+                     sdpa={name: getattr(torch.backends.cuda, f"{name}_sdp_enabled", lambda: None)()
+                           for name in ("flash", "mem_efficient", "cudnn", "math")})
         try:
             smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm",
                                   "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
@@ -366,36 +365,3 @@ def rl_phase(size: str):
                                 f"{mean['update_s']:.2f}){mfu}{peak}")
     phase.__doc__ = f"RL steps of aha's trainer on the {size} model"
     return phase
-
-
-def phase_vllm(ctx: Ctx) -> None:
-    """The vLLM backend on the 0.5B model, where vLLM is installed: tokens/s at 64 and 256 rows
-    (weight sync, wake/sleep timed apart from generation), the log-prob gap at both settings, and
-    two RL steps with rollout=vllm."""
-    if importlib.util.find_spec("vllm") is None:
-        raise Skip("vLLM is not installed (pip install 'aha[gpu]' on a machine with a network)")
-    from aha.config import Config
-    from aha.vllm_rollout import rollout_engine
-    model = build(ctx, "0.5b")
-    folder = ctx.scratch / "vllm_model"
-    model.config.save_pretrained(folder)                 # load_format="dummy": the config alone, weights come from model
-    model.name_or_path = model.config._name_or_path = str(folder)
-    ctx.part.put("model", model_facts(model))
-    import vllm
-    ctx.part.put("versions", {"vllm": getattr(vllm, "__version__", version_of("vllm")),
-                              "attention_backend": os.environ.get("VLLM_ATTENTION_BACKEND", "vLLM's default")})
-    engine = rollout_engine(Config(rollout="vllm", vllm_gpu_memory=ctx.sizes.vllm_memory), model)
-    ctx.part.put("device_used_bytes_after_init", device_used_bytes(ctx))
-    measure_sampler(ctx, model, engine, "vllm")
-    rl_steps(ctx, model, engine, "rl_vllm")
-    rates = [ctx.part.data[f"vllm_rows_{r}"]["tokens_per_s"] for r in ctx.sizes.engine_rows]
-    ctx.part.put("summary", "vLLM " + ", ".join(f"{r:.0f}" for r in rates) + " tokens/s; gap T1 "
-                 f"{ctx.part.data['vllm_logp_gap_t1']['mean']:.2e}, T0.7/p0.9 {ctx.part.data['vllm_logp_gap_t0.7_p0.9']['mean']:.2e}")
-
-
-def device_used_bytes(ctx: Ctx) -> int | None:
-    """Memory in use on the device by every allocator (vLLM's own pool is invisible to torch's stats)."""
-    if ctx.device != "cuda":
-        return None
-    free, total = torch.cuda.mem_get_info()
-    return total - free

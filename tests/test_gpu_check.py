@@ -108,9 +108,10 @@ def tiny_ctx(tmp_path, name):
 
 def test_the_vllm_phase_against_the_fake_vllm(tmp_path, monkeypatch):
     import fake_vllm
+    import gpu_optional
     fake = fake_vllm.install(monkeypatch)
     ctx = tiny_ctx(tmp_path, "vllm")
-    gpu_phases.phase_vllm(ctx)
+    gpu_optional.phase_vllm(ctx)
     data = json.loads(ctx.part.path.read_text())
     for rows in gpu_phases.TINY_SIZES.engine_rows:
         run = data[f"vllm_rows_{rows}"]
@@ -128,9 +129,9 @@ def test_the_vllm_phase_against_the_fake_vllm(tmp_path, monkeypatch):
 def test_the_trl_phase_with_trl(tmp_path):
     pytest.importorskip("trl")
     pytest.importorskip("datasets")
-    import gpu_trl
+    import gpu_optional
     ctx = tiny_ctx(tmp_path, "trl")
-    gpu_trl.phase_trl(ctx)
+    gpu_optional.phase_trl(ctx)
     data = json.loads(ctx.part.path.read_text())
     assert len(data["trl_steps"]) == 2 and data["trl_mean"]["seconds"] > 0
     assert all(s["generated_tokens"] > 0 for s in data["trl_steps"])
