@@ -3,6 +3,7 @@ on a Python where only torch and transformers (and what they need) can be import
 timed-out phase is recorded and the next one runs; the update's FLOP count by hand; the vLLM
 phase against the fake vLLM of tests/fake_vllm.py, the TRL phase against TRL itself."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -135,3 +136,21 @@ def test_the_trl_phase_with_trl(tmp_path):
     data = json.loads(ctx.part.path.read_text())
     assert len(data["trl_steps"]) == 2 and data["trl_mean"]["seconds"] > 0
     assert all(s["generated_tokens"] > 0 for s in data["trl_steps"])
+
+
+def test_aha_plans_prediction_is_recorded_where_it_exists(monkeypatch):
+    import importlib.machinery
+    import types
+    from aha.config import Config
+    seen = []
+    plan = types.ModuleType("aha.plan")
+    plan.__spec__ = importlib.machinery.ModuleSpec("aha.plan", None)
+    plan.plan = lambda cfg, model_config: seen.append((cfg.group_size, model_config)) or {"peak_bytes": 123, "parts": {}}
+    monkeypatch.setitem(sys.modules, "aha.plan", plan)
+    assert gpu_phases.plan_prediction(Config(group_size=4), "the model config") == {"peak_bytes": 123}
+    assert seen == [(4, "the model config")]
+    plan.plan = lambda cfg, model_config: {}                       # another API than expected: said, not raised
+    assert "KeyError" in gpu_phases.plan_prediction(Config(), None)["why"]
+    monkeypatch.delitem(sys.modules, "aha.plan")
+    if importlib.util.find_spec("aha.plan") is None:
+        assert gpu_phases.plan_prediction(Config(), None) == {"peak_bytes": None, "why": "aha.plan is not in this tree"}
