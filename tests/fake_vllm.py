@@ -45,7 +45,7 @@ class SamplingParams:
         self.kwargs = kwargs
 
 
-def _install_module(recorder: Recorder) -> types.ModuleType:
+def _install_module(recorder: Recorder, process_group: bool) -> types.ModuleType:
     class FakeModel:
         def load_weights(self, weights):
             weights = list(weights)
@@ -56,6 +56,10 @@ def _install_module(recorder: Recorder) -> types.ModuleType:
     class LLM:
         def __init__(self, **kwargs):
             recorder.calls.append(("LLM", kwargs, {name: os.environ.get(name) for name in WATCHED_ENV}))
+            if process_group and not torch.distributed.is_initialized():
+                # as vLLM's external_launcher does: the default group from torchrun's variables (env://),
+                # whose TCP store holds MASTER_PORT for as long as this process lives
+                torch.distributed.init_process_group("gloo", init_method="env://")
             self.vocab = json.loads((Path(kwargs["model"]) / "config.json").read_text())["vocab_size"]
             runner = types.SimpleNamespace(model=FakeModel())
             self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
@@ -97,16 +101,28 @@ def _install_module(recorder: Recorder) -> types.ModuleType:
     return vllm
 
 
-def install(monkeypatch) -> Recorder:
+def install(monkeypatch, process_group: bool = False, clear_env: bool = True) -> Recorder:
     """Put the fake `vllm` in sys.modules, report a CUDA GPU, record `torch.cuda.empty_cache`;
-    every change is undone by pytest's monkeypatch at the end of the test."""
+    every change is undone by pytest's monkeypatch at the end of the test (a process group made
+    with `process_group=True` is the caller's to destroy). `clear_env`: start without RANK …
+    MASTER_PORT (a child process that checks what it inherited keeps them)."""
     recorder = Recorder()
-    vllm = _install_module(recorder)
+    vllm = _install_module(recorder, process_group)
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.inputs", vllm.inputs)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: recorder.calls.append(("empty_cache",)))
-    for name in WATCHED_ENV:          # absent now, and put back as they were after the test,
-        monkeypatch.setenv(name, "")  # also if the code under test leaves them set
+    for name in WATCHED_ENV if clear_env else ():   # absent now, and put back as they were after the test,
+        monkeypatch.setenv(name, "")                 # also if the code under test leaves them set
         monkeypatch.delenv(name)
     return recorder
+
+
+class Patch:
+    """pytest's monkeypatch, for a child process: the same calls, never undone (the process ends)."""
+
+    def setitem(self, mapping, key, value):
+        mapping[key] = value
+
+    def setattr(self, target, name, value):
+        setattr(target, name, value)

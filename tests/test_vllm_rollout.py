@@ -119,6 +119,47 @@ def test_llm_gets_rendezvous_variables_and_the_environment_is_put_back(fake, tin
     assert child.stdout.strip() == "None"
 
 
+CHILD = """
+import sys
+sys.path.insert(0, {tests!r})
+import fake_vllm
+from aha.config import Config
+from aha.model import load_model
+from aha.vllm_rollout import rollout_engine
+fake_vllm.install(fake_vllm.Patch(), process_group=True, clear_env=False)
+rollout_engine(Config(rollout="vllm"), load_model({model!r})[0])
+print("child engine up")
+"""
+
+
+@pytest.fixture
+def group_fake(monkeypatch):
+    fake = fake_vllm.install(monkeypatch, process_group=True)
+    yield fake
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_a_child_rollout_vllm_run_starts_while_this_one_holds_its_port(group_fake, tiny, tiny_model_dir):
+    """Item 1, end to end: this process's engine made its process group on MASTER_PORT (env://, as
+    vLLM does); a child that started another engine with the inherited MASTER_PORT would fail with
+    "address already in use"."""
+    from pathlib import Path
+    engine_for(tiny[0])
+    assert torch.distributed.is_initialized()
+    child = subprocess.run([sys.executable, "-c", CHILD.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir))],
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0 and "child engine up" in child.stdout, child.stderr[-2000:]
+
+
+def test_prompt_sharing_stays_on_after_vllm_made_its_one_process_group(group_fake, tiny):
+    """Item 4: vLLM's engine leaves a 1-process default group; that is not a distributed wrapper."""
+    from aha.logprobs import can_share_prompts
+    engine_for(tiny[0])
+    assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
+    assert can_share_prompts(tiny[0])
+
+
 def test_torchruns_own_variables_are_used_and_kept(fake, tiny, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29533")
     monkeypatch.setenv("RANK", "0")
@@ -176,19 +217,6 @@ def test_the_gpu_extra_pins_trls_tested_vllm_range():
             import_utils._is_package_available = original
         trl_supports = not any("supports vLLM versions" in str(w.message) for w in caught)
         assert pin.specifier.contains(version) == trl_supports, version
-
-
-def test_prompt_sharing_stays_on_under_a_one_process_group(tiny, tmp_path):
-    """Item 4: vLLM creates a 1-process default group; that is not a distributed wrapper."""
-    import torch.distributed as dist
-    from aha.logprobs import can_share_prompts
-    model = tiny[0]
-    assert can_share_prompts(model)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        assert can_share_prompts(model)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_weights_move_one_parameter_at_a_time_as_trls_colocated_path(fake, tiny):
