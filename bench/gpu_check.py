@@ -21,6 +21,7 @@ recorded with the tail of its log and the next one runs. Logs and model files st
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -103,9 +104,12 @@ def run_phase(name: str, timeout: float, args, peak_flops: float | None) -> dict
            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     start = time.monotonic()
     with open(log_file, "w") as log:
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
-            returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
+            returncode = child.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)         # the phase and whatever it started
+            child.wait()
             returncode = None
     return phase_result(part_file, log_file, returncode, start, timeout)
 

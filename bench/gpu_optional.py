@@ -22,7 +22,7 @@ from gpu_phases import Ctx, Skip, build, measure_sampler, model_facts, random_pr
 def phase_vllm(ctx: Ctx) -> None:
     """The vLLM backend on the 0.5B model, where vLLM is installed: tokens/s at 64 and 256 rows
     (weight sync, wake/sleep timed apart from generation), the log-prob gap at both settings, and
-    two RL steps with rollout=vllm."""
+    the RL phase's steps with rollout=vllm."""
     if importlib.util.find_spec("vllm") is None:
         raise Skip("vLLM is not installed (pip install 'aha[gpu]' on a machine with a network)")
     from aha.config import Config
@@ -52,8 +52,6 @@ def device_used_bytes(ctx: Ctx) -> int | None:
     return total - free
 
 
-
-
 def word_tokenizer(vocab: int):
     """A tokenizer with one word per id ("t0" … "t{V-1}"), so that TRL can tokenise prompts and
     decode completions of a model whose vocabulary matches no real tokenizer on this machine."""
@@ -65,6 +63,7 @@ def word_tokenizer(vocab: int):
 
 
 def phase_trl(ctx: Ctx) -> None:
+    """TRL's GRPOTrainer on the RL phase's work: s/step and its generate / rest split, peak memory."""
     missing = [name for name in ("trl", "datasets") if importlib.util.find_spec(name) is None]
     if missing:
         raise Skip(f"{' and '.join(missing)} not installed: TRL's GRPOTrainer is not measured")
