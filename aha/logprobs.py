@@ -8,8 +8,8 @@ once (`shared_prompt_logits`): its keys and values are computed with gradients, 
 rows, and the completions attend to them through the KV cache. The backward pass sums the rows'
 gradients into the one prompt forward, so the gradient is the same as the per-row forward's (up
 to float rounding: the matmuls have other shapes), and a step computes P instead of P × G prompt
-passes. With gradient checkpointing (which turns the cache off) or a distributed wrapper, the
-plain one-pass forward runs instead.
+passes. With gradient checkpointing (which turns the cache off) or a distributed wrapper (world size
+above 1), the plain one-pass forward runs instead.
 
 log p = logit − logsumexp over the kept positions only: no full-vocabulary log-softmax tensor
 is kept, and logits are computed for completion positions only.
@@ -101,12 +101,14 @@ def chunked_logprobs(hidden, head: torch.nn.Linear, targets, mask, temperature: 
 
 
 def can_share_prompts(model) -> bool:
-    """A plain transformers model without activation checkpointing (which turns the cache off)."""
+    """A plain transformers model without activation checkpointing (which turns the cache off), in
+    a process that is not one of several: the one-process group vLLM creates leaves sharing on."""
     checkpointing = getattr(model, "is_activation_checkpointing", None)       # transformers ≥ 5.x
     if checkpointing is None:
         checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    return (isinstance(model, PreTrainedModel) and not checkpointing
-            and not (torch.distributed.is_available() and torch.distributed.is_initialized()))
+    several = (torch.distributed.is_available() and torch.distributed.is_initialized()
+               and torch.distributed.get_world_size() > 1)
+    return isinstance(model, PreTrainedModel) and not checkpointing and not several
 
 
 def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, completion_mask, groups) -> torch.Tensor:

@@ -58,7 +58,7 @@ from aha.tasks import get_task
 from aha.tasks.base import Problem, thought
 from aha.templates import apply_template, prompt_prefill
 from aha.trackers import trackers_for
-from aha.vllm_rollout import rollout_engine
+from aha.vllm_rollout import engine_metrics, rollout_engine
 
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919) % 2**62
@@ -446,6 +446,7 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
             record = step_record(step, task, batch, spread, kept, skip, rows, loss_value, grad_norm, entropy, skipped,
                                  loss_metrics, t_generate, t_update)
             record["lr"] = lr
+            record.update(engine_metrics(engine))      # rollout=vllm: the sampler/trainer log-prob gap, timings
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 if world.writes:                       # rank 0 evaluates; the others wait
                     result = evaluate(model, tokenizer, task, eval_spec, console=console, label=f"eval @ {step + 1}")
