@@ -60,7 +60,7 @@ def fixed_engine(tokenizer, text):
     """A rollout engine whose every completion is `text` (then EOS)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
-    def engine(model, prompts, group_size, params, pad_id, seed, row_offset=0, total_rows=None):
+    def engine(model, prompts, group_size, params, pad_id, seed, row_offset=0, total_rows=None, **kwargs):
         prompt_ids, prompt_mask = left_pad(prompts, pad_id)
         n = len(prompts) * group_size
         completion = torch.tensor([ids] * n)
