@@ -186,6 +186,10 @@ def build_parser() -> Parser:
     add_train_args(p)
     p.add_argument("--json", help="also write the plan to this JSON file")
     p.add_argument("--no-time", action="store_true", help="skip the time calibration (it builds the model with random weights)")
+    p.add_argument("--device", help="plan for this device kind (cpu, cuda, mps) instead of this machine's")
+    p.add_argument("--device-memory", type=float, metavar="GIB", help="memory of the device planned for, in GiB")
+    p.add_argument("--prompt-tokens", type=int, metavar="N",
+                   help="the longest prompt in tokens, instead of measuring it (then no data or tokenizer is read)")
 
     p = sub.add_parser("pretrain", help="train the tiny base model on the synthetic corpus",
                        description="Next-token pretraining of the built-in tiny model on a corpus made by the task generator.")
@@ -310,7 +314,8 @@ def cmd_bench(args, console):
 
 def cmd_plan(args, console):
     from aha.plan import format_plan, plan_command
-    result = plan_command(config_from_args(args), calibrate=not args.no_time)
+    result = plan_command(config_from_args(args), calibrate=not args.no_time, device=args.device,
+                          device_gib=args.device_memory, prompt_tokens=args.prompt_tokens)
     print(format_plan(result))
     if args.json:
         with open(args.json, "w") as f:

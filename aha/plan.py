@@ -36,8 +36,9 @@ from aha.config import Config
 from aha.errors import AhaError
 from aha.logprobs import CHUNK_LOGIT_BYTES, LOGIT_BYTES
 
-AUTO_MAX_TOKENS = 8192               # micro_batch_tokens=auto: at most this many tokens per forward/backward
-AUTO_UPDATE_BYTES = 2 * 2**30        # … and at most this much activation + logit memory
+AUTO_MAX_TOKENS = 8192               # micro_batch_tokens=auto on a CPU: at most this many tokens per forward/backward
+AUTO_UPDATE_BYTES = 2 * 2**30        # … and at most this much activation + logit memory (bigger buys a CPU nothing)
+GPU_AUTO_MAX_TOKENS = 65_536         # on a GPU bigger micro-batches run faster: up to half the free memory
 AUTO_ROLLOUT_BYTES = 256 * 2**20     # rollout_batch_size=auto: sampling buffers + KV cache of one pass
 SAMPLING_BYTES_PER_LOGIT = 28        # per row and vocabulary entry, per decode step: fp32 logits, scaled,
                                      # filtered, softmax, log-softmax and the fp64 cumulative sum
@@ -80,10 +81,13 @@ def count_parameters_of(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def activation_bytes_per_token(shape: ModelShape, sequence: int, value_bytes: int) -> int:
-    """Bytes autograd keeps per token for the backward pass, all layers (see the module docstring)."""
+def activation_bytes_per_token(shape: ModelShape, sequence: int, value_bytes: int, checkpointing: bool = False) -> int:
+    """Bytes autograd keeps per token for the backward pass, all layers (see the module docstring).
+    With gradient checkpointing each layer keeps only its input, and one layer's activations exist at
+    a time, while it is recomputed in the backward pass."""
     per_layer = 16 * shape.hidden + 4 * shape.intermediate + 2 * shape.kv_width + 3 * shape.heads * sequence
-    return value_bytes * per_layer * shape.layers + 4 * shape.hidden * 2         # + embeddings and final norm
+    kept_layers = value_bytes * (shape.hidden * shape.layers + per_layer) if checkpointing else value_bytes * per_layer * shape.layers
+    return kept_layers + 4 * shape.hidden * 2                                    # + embeddings and final norm
 
 
 def logit_bytes(shape: ModelShape, rows: int, completion: int) -> int:
@@ -95,9 +99,11 @@ def logit_bytes(shape: ModelShape, rows: int, completion: int) -> int:
     return 3 * full
 
 
-def update_bytes(shape: ModelShape, rows: int, prompt: int, completion: int, value_bytes: int) -> int:
+def update_bytes(shape: ModelShape, rows: int, prompt: int, completion: int, value_bytes: int,
+                 checkpointing: bool = False) -> int:
     sequence = prompt + completion
-    return rows * sequence * activation_bytes_per_token(shape, sequence, value_bytes) + logit_bytes(shape, rows, completion)
+    return (rows * sequence * activation_bytes_per_token(shape, sequence, value_bytes, checkpointing)
+            + logit_bytes(shape, rows, completion))
 
 
 def rollout_bytes(shape: ModelShape, rows: int, prompt: int, completion: int, value_bytes: int) -> int:
@@ -156,7 +162,8 @@ class MemoryPlan:
 
 
 def memory_plan(cfg: Config, shape: ModelShape, prompt_tokens: int, *, trainable: int | None = None,
-                weight_bytes: int = 4, process_bytes: int = 0, device_bytes: int = 1 << 62, world_size: int = 1) -> MemoryPlan:
+                weight_bytes: int = 4, process_bytes: int = 0, device_bytes: int = 1 << 62, world_size: int = 1,
+                gpu: bool = False) -> MemoryPlan:
     """The predicted memory of `cfg` on a model of `shape` whose longest prompt has `prompt_tokens`
     tokens. `trainable`: parameters that train (LoRA: the adapters; default all). FSDP shards the
     gradients and optimizer state over `world_size` processes. Pure arithmetic (tests/test_plan.py)."""
@@ -172,30 +179,34 @@ def memory_plan(cfg: Config, shape: ModelShape, prompt_tokens: int, *, trainable
     static = process_bytes + weights + gradients + optimizer + reference
     free = max(0, int(HEADROOM * device_bytes) - static)
 
-    per_token = activation_bytes_per_token(shape, sequence, value_bytes)
+    checkpointing = cfg.gradient_checkpointing
+    per_token = activation_bytes_per_token(shape, sequence, value_bytes, checkpointing)
     if cfg.micro_batch_size != "auto":
         rows = int(cfg.micro_batch_size)
         tokens = rows * sequence
     else:
-        tokens = cfg.micro_batch_tokens or min(AUTO_MAX_TOKENS, max(sequence, min(AUTO_UPDATE_BYTES, free // 2) // per_token))
+        cap_tokens, cap_bytes = (GPU_AUTO_MAX_TOKENS, free // 2) if gpu else (AUTO_MAX_TOKENS, min(AUTO_UPDATE_BYTES, free // 2))
+        tokens = cfg.micro_batch_tokens or min(cap_tokens, max(sequence, cap_bytes // per_token))
         rows = max(1, tokens // sequence)
     rows = min(rows, rows_total)
-    update = update_bytes(shape, rows, prompt_tokens, completion, value_bytes)
+    update = update_bytes(shape, rows, prompt_tokens, completion, value_bytes, checkpointing)
 
     per_rollout_row = rollout_bytes(shape, 1, prompt_tokens, completion, weight_bytes)
-    rollout_rows = cfg.rollout_batch_size or rows_that_fit(AUTO_ROLLOUT_BYTES, per_rollout_row, cfg.group_size, rows_total)
+    rollout_budget = max(AUTO_ROLLOUT_BYTES, free // 4) if gpu else AUTO_ROLLOUT_BYTES     # a GPU decodes wide batches fast
+    rollout_rows = cfg.rollout_batch_size or rows_that_fit(rollout_budget, per_rollout_row, cfg.group_size, rows_total)
     rollout = rollout_bytes(shape, rollout_rows, prompt_tokens, completion, weight_bytes)
     eval_total = cfg.eval_problems * cfg.eval_k
-    eval_rows = cfg.rollout_batch_size or rows_that_fit(AUTO_ROLLOUT_BYTES, per_rollout_row, cfg.eval_k, eval_total)
+    eval_rows = cfg.rollout_batch_size or rows_that_fit(rollout_budget, per_rollout_row, cfg.eval_k, eval_total)
     evaluation = rollout_bytes(shape, eval_rows, prompt_tokens, completion, weight_bytes)
 
-    one_row = update_bytes(shape, 1, prompt_tokens, completion, value_bytes)
+    one_row = update_bytes(shape, 1, prompt_tokens, completion, value_bytes, checkpointing)
     largest = 0
     if one_row <= free:
         low, high = 1, rows_total                  # the update grows with rows: bisect the largest that fits
         while low < high:
             middle = (low + high + 1) // 2
-            low, high = (middle, high) if update_bytes(shape, middle, prompt_tokens, completion, value_bytes) <= free else (low, middle - 1)
+            fits = update_bytes(shape, middle, prompt_tokens, completion, value_bytes, checkpointing) <= free
+            low, high = (middle, high) if fits else (low, middle - 1)
         largest = low
     return MemoryPlan(process=process_bytes, weights=weights, gradients=gradients, optimizer=optimizer,
                       reference=reference, update=update, rollout=rollout, evaluation=evaluation, checkpoint=weights,
@@ -242,16 +253,17 @@ def longest_prompt(task, tokenizer, cfg: Config, sample: int = 64) -> int:
 
 
 def plan_for(cfg: Config, model_config, task, tokenizer, *, trainable: int | None = None, params: int | None = None,
-             device: str = "cpu", world_size: int = 1, process_bytes: int | None = None) -> tuple[MemoryPlan, int]:
+             device: str = "cpu", world_size: int = 1, process_bytes: int | None = None,
+             device_bytes: int | None = None) -> tuple[MemoryPlan, int]:
     """(the memory plan of this run on this machine, the longest prompt in tokens). `process_bytes`:
     the process without the model (default: this process now, which has not loaded it)."""
     params = params or count_parameters_of(model_config)
     shape = ModelShape.of(model_config, params)
     prompt = longest_prompt(task, tokenizer, cfg)
-    weight_bytes = 2 if device == "cuda" and torch.cuda.is_bf16_supported() else 4
+    weight_bytes = 2 if device == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else 4
     process = process_rss() if process_bytes is None else process_bytes
-    plan = memory_plan(cfg, shape, prompt, trainable=trainable, weight_bytes=weight_bytes, process_bytes=process,
-                       device_bytes=device_memory(device), world_size=world_size)
+    plan = memory_plan(cfg, shape, prompt, trainable=trainable, weight_bytes=weight_bytes, process_bytes=process, gpu=device == "cuda",
+                       device_bytes=device_memory(device) if device_bytes is None else device_bytes, world_size=world_size)
     return plan, prompt
 
 
@@ -334,29 +346,49 @@ def trainable_parameters(model_config, cfg: Config) -> tuple[int, int]:
         return params, sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
 
 
-def plan_command(cfg: Config, calibrate: bool = True) -> dict:
-    """Everything `aha plan` prints, as a dict (also its --json)."""
+def plan_command(cfg: Config, calibrate: bool = True, device: str | None = None, device_gib: float | None = None,
+                 prompt_tokens: int | None = None) -> dict:
+    """Everything `aha plan` prints, as a dict (also its --json). `device`, `device_gib`: plan for
+    another machine (e.g. cuda with 80 GiB) than this one; `prompt_tokens`: the longest prompt, given
+    instead of measured with the task's data and the model's tokenizer (neither is then needed: a dir
+    with only config.json will do)."""
+    from pathlib import Path
+
     from transformers import AutoConfig
 
     from aha.base import ensure_base_model
-    from aha.model import detect_device, load_tokenizer
-    from aha.tasks import get_task
-    from aha.templates import apply_template
-    from pathlib import Path
+    from aha.model import detect_device
     model_dir = Path(cfg.model or ensure_base_model(None))
     if not (model_dir / "config.json").is_file():
         raise AhaError(f"model dir {model_dir} has no config.json: pass a transformers model directory")
+    here = detect_device()
+    device = device or here
+    if device not in ("cpu", "cuda", "mps"):
+        raise AhaError(f"--device {device!r}: choose cpu, cuda or mps")
     model_config = AutoConfig.from_pretrained(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    task = apply_template(get_task(cfg.task, **cfg.task_options()), tokenizer, cfg.template, cfg.think_prefill)
-    device = detect_device()
     params, trainable = trainable_parameters(model_config, cfg)
-    plan, prompt = plan_for(cfg, model_config, task, tokenizer, trainable=trainable, params=params, device=device)
+    device_bytes = int(device_gib * 2**30) if device_gib else (device_memory(device) if device == here else None)
+    if device_bytes is None:
+        raise AhaError(f"planning for {device} on a {here} machine: give its memory, e.g. --device-memory 80")
+    if prompt_tokens is None:
+        from aha.model import load_tokenizer
+        from aha.tasks import get_task
+        from aha.templates import apply_template
+        tokenizer = load_tokenizer(model_dir)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        task = apply_template(get_task(cfg.task, **cfg.task_options()), tokenizer, cfg.template, cfg.think_prefill)
+        plan, prompt = plan_for(cfg, model_config, task, tokenizer, trainable=trainable, params=params, device=device,
+                                device_bytes=device_bytes)
+    else:
+        prompt = prompt_tokens
+        weight_bytes = 2 if device == "cuda" else 4
+        plan = memory_plan(cfg, ModelShape.of(model_config, params), prompt, trainable=trainable, weight_bytes=weight_bytes,
+                           process_bytes=process_rss() if device == "cpu" else 0, device_bytes=device_bytes,
+                           gpu=device == "cuda")
     result = {"model": str(model_dir), "device": device, "parameters": params, "trainable": trainable,
               "longest_prompt_tokens": prompt, **plan.as_dict()}
-    if calibrate and plan.weights < plan.device_bytes // 4:
+    if calibrate and device == here and plan.weights < plan.device_bytes // 4:
         from transformers import AutoModelForCausalLM
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32).to(device)
@@ -382,7 +414,7 @@ def format_plan(result: dict) -> str:
         lines.append(f"  {name:<11} {gib(result[name])}   {what}")
     verdict = "fits" if result["fits"] else "does NOT fit"
     lines.append(f"  {'peak':<11} {gib(result['peak'])}   static + the largest phase; {verdict} in "
-                 f"{result['device_bytes'] / 2**30:.1f} GiB available")
+                 f"{result['device_bytes'] / 2**30:.1f} GiB ({result['device']})")
     largest = result["largest_micro_batch"]
     lines.append(f"largest micro-batch that fits: {largest} rows" if largest else
                  "not even one row per micro-batch fits: lower max_new_tokens, use LoRA or gradient checkpointing")

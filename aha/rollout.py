@@ -151,9 +151,9 @@ def stop_strings(tokenizer) -> tuple[str, ...]:
     return () if len(tokenizer.tokenize("</answer>")) == 1 else ("</answer>",)
 
 
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (Wellons' lowbias32) on int64 tensors holding values < 2^32; the
-    multiplications are split in 16-bit halves so that no product overflows int64."""
+def _mix32(x):
+    """A 32-bit integer hash (Wellons' lowbias32), on a Python int or an int64 tensor holding values
+    < 2^32; the multiplications are split in 16-bit halves so that no product overflows int64."""
     mask = 0xFFFFFFFF
     for shift, constant in ((16, 0x7FEB352D), (15, 0x846CA68B)):
         x = x ^ (x >> shift)
@@ -163,15 +163,15 @@ def _mix32(x: Tensor) -> Tensor:
 
 def row_uniforms(seed: int, step: int, rows: Tensor) -> Tensor:
     """U[0, 1) (A,) float64 for the global row indices `rows` (A,) at decode step `step`: a hash of
-    (seed, step, row) with 2^-32 resolution, the same on any device, batch or chunk.
+    (seed, step, row) with 2^-32 resolution, the same on any device, batch or chunk. (seed, step) are
+    hashed once in Python; each row then costs two rounds of the hash.
 
     >>> u = row_uniforms(0, 3, torch.arange(4)); bool(((u >= 0) & (u < 1)).all()), u.unique().numel()
     (True, 4)
     """
-    x = rows.to(torch.int64) & 0xFFFFFFFF
-    for word in (step, seed, seed >> 32):
-        x = _mix32(x ^ _mix32(torch.full_like(x, word & 0xFFFFFFFF)))
-    return x.double() / 2.0 ** 32
+    key = _mix32(_mix32(_mix32(step & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF)) ^ ((seed >> 32) & 0xFFFFFFFF))
+    x = _mix32((rows.to(torch.int64) & 0xFFFFFFFF) ^ key)
+    return _mix32(x ^ _mix32(key ^ 0x9E3779B9)).double() / 2.0 ** 32
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, width: int = 0) -> tuple[Tensor, Tensor]:

@@ -351,7 +351,7 @@ def plan_prediction(cfg, model_config, prompt_tokens: int, device: str) -> tuple
     weight_bytes = 2 if device == "cuda" else 4
     plan = memory_plan(cfg, ModelShape.of(model_config, count_parameters_of(model_config)), prompt_tokens,
                        weight_bytes=weight_bytes, process_bytes=process_rss() if device == "cpu" else 0,
-                       device_bytes=device_memory(device))
+                       device_bytes=device_memory(device), gpu=device == "cuda")
     facts = {"peak_bytes": plan.peak, **{k: v for k, v in plan.as_dict().items() if isinstance(v, (int, float, bool))}}
     return facts, plan.micro_batch_tokens, plan.rollout_rows
 

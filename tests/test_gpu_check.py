@@ -149,5 +149,5 @@ def test_aha_plans_prediction_is_recorded_and_its_budgets_used():
     cfg = Config(group_size=4, prompts_per_step=2, max_new_tokens=16)
     facts, tokens, rows = gpu_phases.plan_prediction(cfg, config, 8, "cpu")
     expected = memory_plan(cfg, ModelShape.of(config, count_parameters_of(config)), 8,
-                           process_bytes=facts["process"], device_bytes=facts["device_bytes"])
+                           process_bytes=facts["process"], device_bytes=facts["device_bytes"], gpu=False)
     assert facts["peak_bytes"] == expected.peak and tokens == expected.micro_batch_tokens and rows == expected.rollout_rows

@@ -191,7 +191,8 @@ def test_last_boxed():
 
 def test_math_task_grades_and_survives_hostile_answers(tmp_path):
     rows = [{"problem": f"Compute {i}/2.", "solution": rf"It is \boxed{{\frac{{{i}}}{{2}}}}."} for i in range(1, 30, 2)]
-    task = get_task("math", data=write_jsonl(tmp_path / "m.jsonl", rows), eval_fraction=0.0, workers=1, timeout=0.5)
+    # a worker's first grade imports math-verify: give it time, then the hostile answer a 0.5 s budget
+    task = get_task("math", data=write_jsonl(tmp_path / "m.jsonl", rows), eval_fraction=0.0, workers=1, timeout=60)
     p = next(q for q in task.train if q.question == "Compute 1/2.")
     assert p.answer == r"\frac{1}{2}"
     for text, accuracy in [("<answer>0.5</answer>", 1.0), (r"<answer>\frac12</answer>", 1.0),
@@ -199,9 +200,11 @@ def test_math_task_grades_and_survives_hostile_answers(tmp_path):
                            ("<answer></answer>", 0.0), ("0.5", 0.0), ("<answer>ünï ☃ \x00</answer>", 0.0)]:
         assert task.score(text, p)["accuracy"] == accuracy, text
     assert task.score("<answer>9**9**9</answer>", p)["accuracy"] == 0.0
+    task.grader.timeout = 0.5
     # 9^{9^{9}} keeps SymPy busy past the 0.5 s budget: scored 0, pool replaced, grading goes on
     assert task.score("<answer>9^{9^{9}}</answer>", p)["accuracy"] == 0.0
     assert task.grader.timeouts == 1 and task.grader.pool is None
+    task.grader.timeout = 60                                   # a new worker, its imports again
     assert task.score("<answer>1/2</answer>", p)["accuracy"] == 1.0
     task.grader.close()
 
