@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aha.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss
+from aha.algos import LossSpec
 from aha.config import Config
 from aha.dynamic import group_spread
 from aha.rollout import SamplingParams, generate, stop_token_ids
-from aha.train import completion_logprobs
 
 
 def spread_rewards(texts: list[str], group_size: int) -> list[float]:
@@ -97,17 +96,22 @@ class Side:
         total = sum(s["seconds"] for s in self.steps)
         n = len(self.steps)
         generated = sum(s["generated_tokens"] for s in self.steps)
+        trained = sum(s["trained_tokens"] for s in self.steps)
         flops = sum(useful_flops(params, s["trained_tokens"], s["generated_tokens"]) for s in self.steps)
+        generate_s, update_s = sum(s["generate_s"] for s in self.steps), sum(s["update_s"] for s in self.steps)
         return {"steps": n, "s_per_step": total / n, "tokens_per_s": generated / total,
-                "generate_s": sum(s["generate_s"] for s in self.steps) / n,
-                "update_s": sum(s["update_s"] for s in self.steps) / n,
+                "generate_s": generate_s / n, "update_s": update_s / n,
                 "peak_rss_mb": rss / 2 ** 20, "useful_flops_per_s": flops / total,
-                "mfu": flops / total / peak_flops}
+                "mfu": flops / total / peak_flops, "flops_per_step": flops / n,
+                # each part's useful FLOP/s as a share of the peak measured in this run
+                "generate_share": useful_flops(params, 0, generated) / max(generate_s, 1e-9) / peak_flops,
+                "update_share": useful_flops(params, trained, 0) / max(update_s, 1e-9) / peak_flops}
 
 
 @dataclass
 class AhaStepper:
-    """aha's GRPO step, as aha/train.py runs it: rollout → reward → advantage → loss → update."""
+    """aha's GRPO step through the functions `aha train` runs (aha/train.py): rollout → reward →
+    `group_advantages` → `loss_rows` → `policy_update`; only the prompts and the reward are the bench's."""
     model: object
     tokenizer: object
     cfg: Config
@@ -118,10 +122,11 @@ class AhaStepper:
     def __post_init__(self):
         cfg = self.cfg
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.spec = LossSpec(cfg.ratio_level, cfg.clip_low, cfg.clip_high, cfg.aggregation, cfg.kl, cfg.beta)
+        self.spec = cfg_loss_spec(cfg)
         self.sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, self.stop_ids)
 
     def __call__(self, prompts: list[list[int]]) -> dict:
+        from aha.train import group_advantages, loss_rows, policy_update
         cfg, model, group = self.cfg, self.model, self.cfg.group_size
         t0 = time.perf_counter()
         model.eval()
@@ -131,22 +136,19 @@ class AhaStepper:
         t_generate = time.perf_counter() - t0
         t1 = time.perf_counter()
         model.train()
-        advantages = ADVANTAGES[cfg.advantage](rewards, group)                              # (N,)
-        norm = Normaliser(rows=len(texts), tokens=int(rollout.completion_mask.sum()), max_len=cfg.max_new_tokens)
-        rows = (advantages != 0).nonzero().squeeze(1)      # β = 0: zero-advantage rows carry no gradient
-        trained = 0
-        if rows.numel():
-            logp, _, mask = completion_logprobs(model, rollout, rows, cfg.temperature)
-            loss, _ = policy_loss(logp, logp.detach(), advantages[rows], mask, self.spec, None, norm)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
-            trained = int(mask.sum())
+        scores = [{"accuracy": float(r)} for r in rewards]
+        advantages, batch_rows, _ = group_advantages(cfg, rewards, scores, torch.ones(len(prompts), dtype=torch.bool))
+        rows, norm = loss_rows(cfg, batch_rows, advantages, rollout)   # β = 0: zero-advantage rows are left out
+        policy_update(model, None, self.optimizer, rollout, rows, advantages, self.spec, norm, cfg)
+        trained = int(rollout.completion_mask[rows].sum()) if rows.numel() else 0
         self.step += 1
         return {"seconds": time.perf_counter() - t0, "generate_s": t_generate, "update_s": time.perf_counter() - t1,
                 "generated_tokens": int(rollout.lengths.sum()), "trained_tokens": trained,
                 "zero_spread_groups": int((~group_spread(rewards, group)).sum())}
+
+
+def cfg_loss_spec(cfg: Config) -> LossSpec:
+    return LossSpec(cfg.ratio_level, cfg.clip_low, cfg.clip_high, cfg.aggregation, cfg.kl, cfg.beta)
 
 
 def addition_setup(tokenizer, prompts_needed: int, seed: int):
@@ -160,8 +162,9 @@ def addition_setup(tokenizer, prompts_needed: int, seed: int):
 
 def run_pair(workload: str, max_new_tokens: int, warmup: int, steps: int, peak_flops: float, *,
              hidden: int = 256, layers: int = 4, prompts_per_step: int = 8, group_size: int = 8,
-             seed: int = 0) -> dict:
-    """One workload at one length: TRL and aha alternating, `warmup` + `steps` steps each."""
+             seed: int = 0, trl_bf16: bool = False) -> dict:
+    """One workload at one length: TRL and aha alternating, `warmup` + `steps` steps each; with
+    `trl_bf16`, then TRL alone once more with `bf16=True` (the best a TRL user on a fast-bf16 CPU has)."""
     import tempfile
     from aha.bench_trl import StepTimer, build_trainer
     from aha.model import count_parameters
@@ -204,27 +207,58 @@ def run_pair(workload: str, max_new_tokens: int, warmup: int, steps: int, peak_f
                                 prompts_per_step=prompts_per_step, max_new_tokens=max_new_tokens, steps=total,
                                 lr=cfg.lr, seed=seed, out_dir=out_dir, timer=timer, record=record)
         trainer.train()
-    watch.stop()
     trl_side = Side(timer.steps)
     result = {"workload": workload, "max_new_tokens": max_new_tokens, "params": params,
               "aha": aha_side.summary(params, peak_flops, watch.peaks.get("aha", 0)),
               "trl": trl_side.summary(params, peak_flops, watch.peaks.get("trl", 0))}
+    if trl_bf16:
+        watch.peaks.pop("trl", None)
+        bf16_record = []
+        bf16_timer = StepTimer(warmup, lambda step: None, watch, bf16_record)
+        with tempfile.TemporaryDirectory() as out_dir:
+            build_trainer(copy.deepcopy(base), tokenizer, texts, score, group_size=group_size,
+                          prompts_per_step=prompts_per_step, max_new_tokens=max_new_tokens, steps=total, lr=cfg.lr,
+                          seed=seed, out_dir=out_dir, timer=bf16_timer, record=bf16_record, bf16=True).train()
+        result["trl_bf16"] = Side(bf16_timer.steps).summary(params, peak_flops, watch.peaks.get("trl", 0))
+        result["speedup_bf16"] = result["trl_bf16"]["s_per_step"] / result["aha"]["s_per_step"]
+    watch.stop()
     result["speedup"] = result["trl"]["s_per_step"] / result["aha"]["s_per_step"]
+    # the ceiling: TRL's s/step over aha's FLOP floor (its useful FLOPs at 100% of the measured peak)
+    result["ceiling"] = result["trl"]["s_per_step"] / (result["aha"]["flops_per_step"] / peak_flops)
     return result
 
 
-def format_table(results: list[dict], peak: dict) -> str:
-    lines = [f"matmul peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s "
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; platform.processor() elsewhere)."""
+    import platform
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_table(results: list[dict], peak: dict, cpu: str = "") -> str:
+    lines = [f"CPU: {cpu or cpu_name()}, {torch.get_num_threads()} threads",
+             f"matmul peak: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s "
              f"(peak {peak['peak'] / 1e9:.1f})",
-             f"{'workload':<9} {'new':>4} {'side':<4} {'s/step':>7} {'tok/s':>7} {'gen s':>6} {'upd s':>6} "
-             f"{'RSS MB':>7} {'GFLOP/s':>8} {'of peak':>7} {'TRL/aha':>7}"]
+             f"{'workload':<9} {'new':>4} {'side':<8} {'s/step':>7} {'tok/s':>7} {'gen s':>6} {'upd s':>6} "
+             f"{'gen %pk':>7} {'upd %pk':>7} {'RSS MB':>7} {'of peak':>7} {'TRL/aha':>7} {'ceiling':>7}"]
     for r in results:
-        for side in ("aha", "trl"):
+        for side in ("aha", "trl", "trl_bf16"):
+            if side not in r:
+                continue
             s = r[side]
-            ratio = f"{r['speedup']:7.2f}" if side == "aha" else ""
-            lines.append(f"{r['workload']:<9} {r['max_new_tokens']:>4} {side:<4} {s['s_per_step']:7.3f} "
+            ratio = f"{r['speedup']:7.2f}" if side == "aha" else (f"{r['speedup_bf16']:7.2f}" if side == "trl_bf16" else "")
+            ceiling = f"{r['ceiling']:7.2f}" if side == "aha" else ""
+            lines.append(f"{r['workload']:<9} {r['max_new_tokens']:>4} {side:<8} {s['s_per_step']:7.3f} "
                          f"{s['tokens_per_s']:7.0f} {s['generate_s']:6.3f} {s['update_s']:6.3f} "
-                         f"{s['peak_rss_mb']:7.0f} {s['useful_flops_per_s'] / 1e9:8.2f} {s['mfu']:7.1%} {ratio}")
+                         f"{s['generate_share']:7.1%} {s['update_share']:7.1%} {s['peak_rss_mb']:7.0f} "
+                         f"{s['mfu']:7.1%} {ratio:>7} {ceiling:>7}")
+    lines.append("TRL/aha on the trl_bf16 line: TRL with bf16=True against the same aha steps; ceiling: TRL s/step ÷ "
+                 "aha's useful FLOPs at 100% of the peak")
     return "\n".join(lines)
 
 
@@ -232,13 +266,17 @@ def run_bench(lengths: tuple[int, ...], warmup: int, steps: int, workloads=("spr
               say=print, addition_at: tuple[int, ...] | None = None, **sizes) -> dict:
     """Every workload at every length; returns the results, the peak and `speedup_vs_trl`, the
     smallest identical-work (spread) TRL/aha ratio over the lengths."""
+    from aha.model import cpu_has_fast_bf16
     peak = matmul_peak()
+    trl_bf16 = cpu_has_fast_bf16()             # elsewhere bf16 runs ~150× slower than fp32: not a choice anyone makes
     results = []
     for max_new_tokens in lengths:
         for workload in workloads:
             if workload == "addition" and addition_at is not None and max_new_tokens not in addition_at:
                 continue
             say(f"bench: {workload}, {max_new_tokens} new tokens, {warmup} warm-up + {steps} timed steps per side")
-            results.append(run_pair(workload, max_new_tokens, warmup, steps, peak["peak"], **sizes))
+            results.append(run_pair(workload, max_new_tokens, warmup, steps, peak["peak"],
+                                    trl_bf16=trl_bf16 and workload == "spread", **sizes))
     identical = [r["speedup"] for r in results if r["workload"] == "spread"] or [r["speedup"] for r in results]
-    return {"peak": peak, "results": results, "speedup_vs_trl": min(identical)}
+    return {"peak": peak, "cpu": cpu_name(), "threads": torch.get_num_threads(), "trl_bf16_measured": trl_bf16,
+            "results": results, "speedup_vs_trl": min(identical)}

@@ -57,14 +57,14 @@ def trl_reward(score, group_size: int, record: list):
 
 def build_trainer(model, tokenizer, prompts: list[str], score, *, group_size: int, prompts_per_step: int,
                   max_new_tokens: int, steps: int, lr: float, seed: int, out_dir: str, timer, record: list,
-                  use_cpu: bool = True):
-    """TRL's GRPOTrainer on `model` in its own dtype (bf16=False: no autocast, as aha trains; on a
-    GPU the weights are bf16 already); `use_cpu=False` lets it take the GPU (bench/gpu_check.py)."""
+                  use_cpu: bool = True, bf16: bool = False):
+    """TRL's GRPOTrainer on `model` in its own dtype (bf16=False: no autocast; on a GPU the weights are
+    bf16 already), or with `bf16=True` (autocast); `use_cpu=False` lets it take the GPU (bench/gpu_check.py)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
     config = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=group_size * prompts_per_step,
                         num_generations=group_size, max_completion_length=max_new_tokens, beta=0.0,
-                        learning_rate=lr, use_cpu=use_cpu, report_to=[], logging_steps=1, bf16=False,
+                        learning_rate=lr, use_cpu=use_cpu, report_to=[], logging_steps=1, bf16=bf16,
                         save_strategy="no", max_steps=steps, loss_type="grpo", gradient_checkpointing=False,
                         temperature=1.0, top_p=1.0, top_k=0, seed=seed, disable_tqdm=True)
     dataset = Dataset.from_dict({"prompt": prompts, "index": list(range(len(prompts)))})

@@ -177,6 +177,10 @@ def build_parser() -> Parser:
     p.add_argument("--memory", action="store_true", help="instead: peak RSS of RL steps at a 151,936-token vocabulary, "
                                                           "aha vs TRL, each side in its own process")
     p.add_argument("--completions", default="16,32,64,128", help="--memory: completions per step to measure (multiples of 8)")
+    p.add_argument("--learn", action="store_true", help="instead: the learning race, aha vs TRL from the same base model, "
+                                                         "RL wall time to TRL's final held-out pass@1")
+    p.add_argument("--seeds", default="0,1,2", help="--learn: seeds (the median ratio is reported)")
+    p.add_argument("--learn-steps", type=int, default=150, help="--learn: RL steps per side")
 
     p = sub.add_parser("plan", help="predict the peak memory and time per step of an aha train run, before it runs",
                        description="Takes the config and flags of aha train and runs nothing: prints the predicted peak "
@@ -287,6 +291,18 @@ def cmd_bench(args, console):
         raise AhaError("aha bench needs TRL and psutil: pip install 'aha[bench]'")
     import warnings
     warnings.filterwarnings("ignore")
+    if args.learn:
+        from aha.bench_learn import format_learn_table, run_learn_race
+        try:
+            seeds = tuple(int(x) for x in args.seeds.split(","))
+        except ValueError:
+            raise AhaError(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
+        out = run_learn_race(seeds, args.learn_steps, say=lambda line: print(line, file=sys.stderr, flush=True))
+        print(format_learn_table(out))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
+        return
     if args.memory:
         from aha.bench_memory import format_memory_table, run_memory_bench
         try:
@@ -305,7 +321,7 @@ def cmd_bench(args, console):
     lengths = tuple(args.max_new_tokens or ((32, 128) if args.quick else (32,)))
     steps = 1 if args.quick else args.steps
     out = run_bench(lengths, args.warmup, steps, addition_at=lengths[:1] if args.quick else None, say=lambda line: print(line, file=sys.stderr, flush=True))
-    print(format_table(out["results"], out["peak"]))
+    print(format_table(out["results"], out["peak"], out["cpu"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

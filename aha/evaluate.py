@@ -68,14 +68,14 @@ def score_all(task, texts: list[str], problems: list) -> list[dict]:
 
 
 def readable_prompts(tokenizer, task, problems: list, prefill: str, limit: int | None,
-                     skip: bool = False) -> list[list[int] | None]:
+                     skip: bool = False, max_new_tokens: int = 0) -> list[list[int] | None]:
     """Each problem's prompt ids; where the model cannot read one (aha/rollout.py encode_prompt), an
     AhaError, or None when `skip`."""
     special = getattr(task, "adds_special_tokens", True)   # a chat template writes its own BOS
     encoded = []
     for problem in problems:
         try:
-            encoded.append(encode_prompt(tokenizer, task.prompt(problem) + prefill, special, limit))
+            encoded.append(encode_prompt(tokenizer, task.prompt(problem) + prefill, special, limit, max_new_tokens))
         except AhaError as exc:
             if not skip:
                 raise AhaError(f"{exc} (or --skip-unreadable to score such prompts as failures)") from None
@@ -92,8 +92,11 @@ def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=
     params = SamplingParams(spec.max_new_tokens, spec.temperature, spec.top_p, 0, stop_token_ids(model, tokenizer),
                             stop_strings(tokenizer))
     per_pass = max(1, spec.rows_per_pass // spec.k)                 # problems per pass
-    encoded = readable_prompts(tokenizer, task, problems, prefill, prompt_limit(model, spec.max_new_tokens),
-                               spec.skip_unreadable)
+    limit = prompt_limit(model, spec.max_new_tokens)
+    if limit is not None and limit < 1:          # no prompt fits: a setting to fix, not prompts to skip
+        raise AhaError(f"max_new_tokens is {spec.max_new_tokens}: with any prompt, more than this model's context of "
+                       f"{model_context(model)}; lower --max-new-tokens, or use a model with a longer context")
+    encoded = readable_prompts(tokenizer, task, problems, prefill, limit, spec.skip_unreadable, spec.max_new_tokens)
     correct: list = [None] * len(problems)            # per problem: its k accuracies
     answers: list = [None] * len(problems)
     texts, lengths, thinking, truncated, samples = [], [], [], [], []

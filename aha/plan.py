@@ -245,11 +245,22 @@ def device_memory(device: str) -> int:
 
 
 def longest_prompt(task, tokenizer, cfg: Config, sample: int = 64) -> int:
-    """Tokens of the longest of `sample` training prompts (and of the eval prompts), as the run encodes them."""
+    """Tokens of the longest of `sample` training prompts (and of the eval prompts when the run
+    evaluates), as the run encodes them. A prompt the tokenizer cannot spell is left out here: the
+    run itself stops on it, in one line, when it comes (aha/rollout.py encode_prompt)."""
     from itertools import islice
-    problems = list(islice(task.train_problems(cfg.seed), sample)) + list(task.eval_problems(min(sample, cfg.eval_problems)))
-    special = getattr(task, "adds_special_tokens", True)
-    return max(len(tokenizer(task.prompt(p), add_special_tokens=special)["input_ids"]) for p in problems)
+
+    from aha.rollout import encode_prompt
+    problems = list(islice(task.train_problems(cfg.seed), sample))
+    if cfg.eval_every:
+        problems += list(task.eval_problems(min(sample, cfg.eval_problems)))
+    special, lengths = getattr(task, "adds_special_tokens", True), [0]
+    for problem in problems:
+        try:
+            lengths.append(len(encode_prompt(tokenizer, task.prompt(problem), special)))
+        except AhaError:
+            pass
+    return max(lengths)
 
 
 def plan_for(cfg: Config, model_config, task, tokenizer, *, trainable: int | None = None, params: int | None = None,

@@ -129,17 +129,20 @@ def prompt_limit(model, max_new_tokens: int) -> int | None:
     return None if context is None else context - max_new_tokens
 
 
-def encode_prompt(tokenizer, text: str, add_special_tokens: bool, limit: int | None) -> list[int]:
+def encode_prompt(tokenizer, text: str, add_special_tokens: bool, limit: int | None = None,
+                  max_new_tokens: int = 0) -> list[int]:
     """The prompt's token ids; an AhaError when the tokenizer cannot spell it (a character outside a
-    vocabulary without an unknown token) or it is longer than `limit` (`prompt_limit`)."""
+    vocabulary without an unknown token) or it is longer than `limit` (`prompt_limit`: the model's
+    context less the `max_new_tokens` of its answer)."""
     try:
         ids = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]   # the length is checked below
     except Exception as exc:   # tokenizers raises a bare Exception on characters it has no token for
         raise AhaError(f"the tokenizer cannot encode the prompt {text[:50]!r}… ({str(exc).splitlines()[0][:80]}): "
                        "use a model whose tokenizer covers the task's text") from None
     if limit is not None and len(ids) > limit:
-        raise AhaError(f"the prompt {text[:50]!r}… is {len(ids)} tokens, but the model reads {limit} before the "
-                       "max_new_tokens of its answer: use a model with a longer context, or fewer max_new_tokens")
+        raise AhaError(f"the prompt {text[:50]!r}… is {len(ids)} tokens and max_new_tokens is {max_new_tokens}: "
+                       f"{len(ids) + max_new_tokens} positions, more than this model's context of {limit + max_new_tokens}; "
+                       "use a model with a longer context, a shorter prompt, or fewer max_new_tokens")
     return ids
 
 

@@ -109,12 +109,14 @@ def check_component_names(cfg: Config, task) -> None:
 
 
 def check_prompt_lengths(cfg: Config, task, tokenizer, model) -> None:
-    """Before anything runs: the held-out prompts and the first step's, plus max_new_tokens, must fit
-    the model's context (a later prompt that does not is caught by aha/rollout.py)."""
+    """Before anything runs: the first step's prompts, and the held-out ones when the run evaluates
+    (eval_every > 0), plus max_new_tokens, must fit the model's context, and the tokenizer must spell
+    them (a later prompt that does not is caught by aha/rollout.py)."""
     stream = task.train_problems(cfg.seed)
-    problems = task.eval_problems(cfg.eval_problems) + [next(stream) for _ in range(cfg.prompts_per_step)]
+    problems = (task.eval_problems(cfg.eval_problems) if cfg.eval_every else []) + \
+        [next(stream) for _ in range(cfg.prompts_per_step)]
     special = getattr(task, "adds_special_tokens", True)
-    longest = max(len(tokenizer(task.prompt(p), add_special_tokens=special)["input_ids"]) for p in problems)
+    longest = max(len(encode_prompt(tokenizer, task.prompt(p), special)) for p in problems)
     check_context(longest, cfg.max_new_tokens, model_context(model),
                   f"use a shorter prompt than template={cfg.template}, lower max_new_tokens, or a model with a longer context")
 
@@ -144,7 +146,7 @@ def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingPara
         chosen = [next(problems) for _ in range(cfg.prompts_per_step)]
         mine, first = world.shard(chosen)                  # this process's prompts (all of them on one)
         special, limit = getattr(task, "adds_special_tokens", True), prompt_limit(model, cfg.max_new_tokens)
-        prompts = [encode_prompt(tokenizer, task.prompt(p), special, limit) for p in mine]
+        prompts = [encode_prompt(tokenizer, task.prompt(p), special, limit, cfg.max_new_tokens) for p in mine]
         rollout = engine(model, prompts, cfg.group_size, sampling, tokenizer.pad_token_id,
                          step_seed(cfg.seed, step) + attempt, row_offset=first * cfg.group_size,
                          total_rows=len(chosen) * cfg.group_size, max_rows=rollout_rows, tokenizer=tokenizer)

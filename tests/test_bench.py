@@ -38,13 +38,19 @@ def test_bench_smoke_one_step_each_side():
     pytest.importorskip("psutil")
     from aha.bench import run_pair
     result = run_pair("spread", 4, warmup=0, steps=1, peak_flops=1e9, hidden=64, layers=1,
-                      prompts_per_step=2, group_size=4)
-    for side in ("aha", "trl"):
+                      prompts_per_step=2, group_size=4, trl_bf16=True)
+    for side in ("aha", "trl", "trl_bf16"):
         s = result[side]
         assert s["steps"] == 1 and s["s_per_step"] > 0 and s["peak_rss_mb"] > 0
         assert s["generate_s"] > 0 and s["update_s"] > 0
-        assert s["mfu"] > 0
+        assert s["mfu"] > 0 and s["generate_share"] > 0 and s["update_share"] > 0
     assert result["speedup"] == pytest.approx(result["trl"]["s_per_step"] / result["aha"]["s_per_step"])
+    assert result["speedup_bf16"] == pytest.approx(result["trl_bf16"]["s_per_step"] / result["aha"]["s_per_step"])
+    # the ceiling: TRL's s/step over aha's FLOP floor at the peak given (1 GFLOP/s)
+    assert result["ceiling"] == pytest.approx(result["trl"]["s_per_step"] / (result["aha"]["flops_per_step"] / 1e9))
+    from aha.bench import cpu_name, format_table
+    table = format_table([result], {"fp32": 1e9, "bf16": 1e9, "peak": 1e9}, "Test CPU")
+    assert "CPU: Test CPU" in table and "trl_bf16" in table and cpu_name()
 
 
 def test_bench_without_trl_says_so(monkeypatch, capsys):
