@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from aha.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss
+from aha.algos import ADVANTAGES, LossSpec, Normaliser, loss_spec, policy_loss
 from aha.base import ensure_base_model
 from aha.checkpoint import (Cursor, RunLock, StopSignals, complete_checkpoints, latest_checkpoint, load_trainer_state,
                             maybe_kill, open_records, prepare_out_dir, save_checkpoint, set_rng_states, trainer_state)
@@ -48,6 +48,7 @@ from aha.model import autocast, detect_device, detect_dtype, load_model
 from aha.progress import progress_bar
 from aha.rewards import SHAPING, Sample
 from aha.rollout import Rollout, SamplingParams, generate, stop_token_ids
+from aha.rollout_correction import rollout_mismatch, rollout_weights
 from aha.schedule import lr_factor
 from aha.tasks import get_task
 from aha.tasks.base import Problem, thought
@@ -172,26 +173,34 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
                   spec: LossSpec, norm: Normaliser, cfg: Config, world: World = SINGLE):
     """μ clipped-surrogate updates on `rows`; a non-finite loss or gradient skips the update.
     Under torchrun each process takes its own share of `rows` and DDP/FSDP sums the gradients
-    (the loss scaling is derived in aha/distributed.py).
+    (the loss scaling is derived in aha/distributed.py). The old log-probs are the trainer's own,
+    from the first inner update's forward (detached); the sampler's (`rollout.logprobs`) give the
+    sampler/trainer mismatch, logged every step, and the rollout correction's weights.
 
     Returns (loss, grad_norm, loss metrics, entropy per token, skipped)."""
     loss_value, grad_norm, loss_metrics, entropy, skipped = 0.0, 0.0, {}, None, False
     rows, weight = world.local_rows(rows, cfg.prompts_per_step * cfg.group_size)   # weight 0: a stand-in row
     device = rollout.prompt_ids.device.type
+    old_logp = None
     for _ in range(cfg.mu if rows.numel() else 0):
         with autocast(cfg.autocast, device):
             logp, token_entropy, mask = completion_logprobs(model, rollout, rows, cfg.temperature)
-        old_logp = rollout.logprobs[rows][:, :logp.shape[1]] if cfg.mu > 1 else logp.detach()
+        if old_logp is None:                           # the trainer before this step's updates
+            old_logp, sampler_logp = logp.detach(), rollout.logprobs[rows][:, :logp.shape[1]]
+            is_weight = rollout_weights(old_logp, sampler_logp, mask, cfg.rollout_correction,
+                                        cfg.rollout_is_low, cfg.rollout_is_high)
+            mismatch = rollout_mismatch(old_logp, sampler_logp, mask, is_weight)
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad(), autocast(cfg.autocast, device):
                 ref_logp = completion_logprobs(ref_model, rollout, rows, cfg.temperature)[0]
-        loss, loss_metrics = policy_loss(logp, old_logp, advantages[rows], mask, spec, ref_logp, norm)
+        loss, loss_metrics = policy_loss(logp, old_logp, advantages[rows], mask, spec, ref_logp, norm,
+                                         entropy=token_entropy, rollout_weight=is_weight)
         optimizer.zero_grad(set_to_none=True)
         (loss * loss_scale(world.size, weight)).backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
         loss_value, step_entropy, loss_metrics = world.reduce_update(
-            loss.item(), (token_entropy * mask).sum(), mask.sum(), loss_metrics, weight)
+            loss.item(), (token_entropy * mask).sum(), mask.sum(), {**loss_metrics, **mismatch}, weight)
         skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if skipped:
             optimizer.zero_grad(set_to_none=True)
@@ -205,12 +214,15 @@ def step_record(step: int, batch: Batch, spread, kept, skip, rows, loss_value, g
                 loss_metrics: dict, t_generate: float, t_update: float) -> dict:
     """The step's line of metrics.jsonl: GRPO's health signals (STYLE.md §12)."""
     scores, texts, rewards, rollout = batch.scores, batch.texts, batch.rewards, batch.rollout
+    lengths, correct = rollout.lengths.float().cpu(), torch.tensor([s["accuracy"] >= 1 for s in scores])
+    length_of = lambda chosen: lengths[chosen].mean().item() if chosen.any() else None
     return {
         "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
         **{f"reward_{k}": sum(s[k] for s in scores) / len(scores) for k in scores[0]},
         "pass_rate": sum(s["accuracy"] for s in scores) / len(scores),
         "think_rate": sum(thought(t) for t in texts) / len(texts),
         "response_tokens": rollout.lengths.float().mean().item(), "truncation_rate": rollout.truncated.float().mean().item(),
+        "response_tokens_correct": length_of(correct), "response_tokens_wrong": length_of(~correct),
         "zero_spread_frac": 1.0 - spread.float().mean().item(), "sampling_tries": batch.tries,
         "groups_kept": int(kept.sum()), "skipped_samples": int(skip.sum()), "loss": loss_value,
         "entropy": entropy, "grad_norm": grad_norm, "trained_rows": int(rows.numel()),
@@ -289,7 +301,7 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
 def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved: dict, console, device,
                world: World = SINGLE, engine=generate) -> dict:
     torch.manual_seed(cfg.seed)
-    spec = LossSpec(cfg.ratio_level, cfg.clip_low, cfg.clip_high, cfg.aggregation, cfg.kl, cfg.beta)
+    spec = loss_spec(cfg)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
     # the module that trains: `model` itself, DDP around it, or an FSDP2-sharded copy (then `model`,
     # kept whole and refreshed after each update, generates, evaluates and is saved)

@@ -238,8 +238,13 @@ def test_skipping_zero_advantage_rows_changes_nothing(aggregation, ratio_level):
 
 @pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
 @pytest.mark.parametrize("spec_kwargs", [{}, {"clip_low": None, "clip_high": None}, {"ratio_level": "sequence"}])
-def test_on_policy_gradient_is_reinforce(aggregation, spec_kwargs):
-    """With π_old = sg(π_θ), ∇ loss = −Σ_i A_i Σ_t w_it ∇log π(o_it), w the aggregation weights."""
+@pytest.mark.parametrize("surrogate", ["clip", "cispo", "sapo", "gmpo", "vespo", "kl_cov"])
+def test_on_policy_gradient_is_reinforce(aggregation, spec_kwargs, surrogate):
+    """With π_old = sg(π_θ), ∇ loss = −Σ_i A_i Σ_t w_it ∇log π(o_it), w the aggregation weights.
+
+    So on-policy (μ = 1) CISPO, SAPO (f'(1) = 1), GMPO (d/dθ of exp(mean log ρ) at ρ = 1 is the
+    mean of ∇log π, broadcast back over the |o| tokens), VESPO (φ(1) = 1) and KL-Cov (|log ρ| = 0)
+    all have GRPO's gradient: they differ only off-policy."""
     gen = torch.Generator().manual_seed(1)
     rows, width, vocab = 4, 5, 7
     logits = torch.randn(rows, width, vocab, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -250,13 +255,14 @@ def test_on_policy_gradient_is_reinforce(aggregation, spec_kwargs):
     norm = Normaliser(rows=rows, tokens=int(mask.sum()), max_len=max_len)
 
     logp = torch.log_softmax(logits, dim=-1).gather(2, tokens[..., None]).squeeze(2)   # (B, T)
-    loss, _ = policy_loss(logp, logp.detach(), advantages, mask, LossSpec(aggregation=aggregation, **spec_kwargs),
-                          norm=norm)
+    spec = LossSpec(aggregation=aggregation, surrogate=surrogate, **spec_kwargs)
+    loss, _ = policy_loss(logp, logp.detach(), advantages, mask, spec, norm=norm)
     (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
 
     lengths = mask.sum(dim=1, keepdim=True).to(logp.dtype)
     weight = {"seq_mean": 1 / (rows * lengths), "token_mean": torch.full_like(lengths, 1 / norm.tokens),
-              "constant": torch.full_like(lengths, 1 / (rows * max_len))}[aggregation]     # (B, 1)
+              "constant": torch.full_like(lengths, 1 / (rows * max_len)),
+              "seq_sum": torch.full_like(lengths, 1 / rows)}[aggregation]                 # (B, 1)
     reinforce = -(advantages[:, None] * weight * logp * mask).sum()
     (expected,) = torch.autograd.grad(reinforce, logits)
     close(grad, expected, tol=1e-12)
