@@ -80,9 +80,9 @@ def rollout_mismatch(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor,
     delta = (trainer_logp.detach() - sampler_logp)[keep].nan_to_num(nan=0.0)
     if delta.numel() == 0:
         return {}
-    log_rho = delta.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    log_rho = delta.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO).double()     # expm1 in float64: exact near 0, never < 0
     metrics = {"rollout_logp_diff_mean": float(delta.abs().mean()), "rollout_logp_diff_max": float(delta.abs().max()),
-               "rollout_kl": float((torch.exp(log_rho) - 1 - log_rho).mean())}
+               "rollout_kl": float((torch.expm1(log_rho) - log_rho).clamp(min=0).mean())}
     if weight is not None:
         values = weight.expand_as(mask)[keep]
         metrics.update(rollout_weight_mean=float(values.mean()), rollout_weight_zero_frac=float((values == 0).float().mean()))
