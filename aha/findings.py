@@ -10,12 +10,14 @@ weights each token of a wrong (A < 0) answer less the longer the answer, so long
 are pushed down less than short ones and wrong answers grow longer; Dr. GRPO's constant
 normaliser has no such pull. Arms: the presets grpo and dr_grpo. On the built-in task length is
 not free — a direct answer has 6 tokens, a worked one 37–38 whatever its correctness, and the
-only length change is the share of answers that reason — so by default (`base=filler`) the arms
-train a small model pretrained (aha.pretrain, cached in DIR/cache) on the built-in corpus's
-direct answers, each preceded by 0–4 hesitations " hmm" drawn at random: length is free and says
-nothing about correctness, so any drift of it comes from the loss. The reward is accuracy alone
-(the format reward would count the hesitations as ill-formed). `base=builtin` runs the built-in
-model and task instead. Measured: the length of correct and of wrong completions at every step.
+only length change is the share of answers that reason — so by default (`base=padded`) the arms
+start from the built-in base model fine-tuned (aha.sft, cached in DIR/cache) on 2,048 documents
+of its own pretraining corpus, each with 0–4 spaces, drawn at random, between the answer's
+digits and `</answer>`: the score strips them and the format allows them, so that padding is a
+free length that says nothing about correctness, and any drift of it comes from the loss.
+`base=builtin` runs the built-in model as it is. Measured at every step: the length of correct
+and of wrong completions (all samples), and the padding of each (from rollouts.jsonl: the first
+sample of every group).
 
 entropy (DAPO's clip-higher, arXiv 2503.14476; Clip-Cov, "The Entropy Mechanism of RL for
 Reasoning LMs", arXiv 2505.22617): symmetric clipping (0.2) lets entropy collapse; a higher
@@ -32,14 +34,16 @@ seeds of the first and last `window` steps' means), DIR/experiment.md and DIR/cu
 
 import dataclasses
 import json
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from aha.errors import AhaError
 
-LENGTH_CURVES = ("response_tokens_correct", "response_tokens_wrong", "pass_rate", "response_tokens")
+LENGTH_CURVES = ("response_tokens_correct", "response_tokens_wrong", "pass_rate", "think_rate")
 ENTROPY_CURVES = ("entropy", "pass_rate", "clip_frac", "response_tokens")
 
 
@@ -51,12 +55,10 @@ class FindingConfig:
     window: int = 10                 # steps averaged for the "first" and "last" summary values
     rl: dict = field(default_factory=dict)   # aha train keys for every arm, e.g. {lr: 2e-4}
     # length-bias
-    base: str = "filler"             # filler: the free-length model below | builtin: the built-in model and task
-    base_hidden: int = 128
-    base_layers: int = 2
-    base_steps: int = 1000
-    max_filler: int = 4
-    max_new_tokens: int = 48         # filler: room for 8 hesitations beyond the longest the corpus shows
+    base: str = "padded"             # padded: the free-length model below | builtin: the built-in model as it is
+    pad_examples: int = 2048         # SFT documents of the padded model
+    max_padding: int = 4             # spaces before </answer>, 0..max_padding uniformly
+    pad_lr: float = 3e-4
     # entropy
     mu: int = 4
     clip_higher: float = 0.28
@@ -66,8 +68,9 @@ class FindingConfig:
     eval_k: int = 4
 
 
-QUICK = {"steps": 3, "window": 2, "base_steps": 20, "eval_every": 2, "eval_problems": 4, "eval_k": 1, "mu": 2,
+QUICK = {"steps": 3, "window": 2, "pad_examples": 16, "eval_every": 2, "eval_problems": 4, "eval_k": 1, "mu": 2,
          "rl": {"prompts_per_step": 2, "group_size": 4}}
+BASES = ("padded", "builtin")
 
 
 def length_bias_arms(cfg: FindingConfig) -> dict[str, dict]:
@@ -80,25 +83,56 @@ def entropy_arms(cfg: FindingConfig) -> dict[str, dict]:
             "clip_cov": {"algo": "grpo", "mu": cfg.mu, "surrogate": "clip_cov", "cov_share": cfg.cov_share}}
 
 
-def filler_base(cfg: FindingConfig, cache: Path, console=None) -> Path:
-    """The free-length base model: direct answers only, each after 0..max_filler " hmm", cached."""
-    from aha.pretrain import PretrainConfig, pretrain
-    path = cache / f"filler_h{cfg.base_hidden}_l{cfg.base_layers}_s{cfg.base_steps}_f{cfg.max_filler}"
-    if not (path / "config.json").is_file():
-        pretrain(PretrainConfig(out=str(path), hidden=cfg.base_hidden, layers=cfg.base_layers, steps=cfg.base_steps,
-                                think_frac=0.0, max_filler=cfg.max_filler), console=console)
+def padded_base(cfg: FindingConfig, cache: Path, console=None) -> Path:
+    """The free-length model: the built-in base after SFT on its own corpus (30% worked answers, as
+    aha.pretrain's) with 0..max_padding spaces before `</answer>`; made once, cached."""
+    import random
+
+    from aha.base import ensure_base_model
+    from aha.model import load_model
+    from aha.sft import SFTConfig, sft_model
+    from aha.tasks import get_task
+    path = cache / f"padded_n{cfg.pad_examples}_p{cfg.max_padding}_lr{cfg.pad_lr:g}"
+    if (path / "config.json").is_file():
+        return path
+    task, rng = get_task("addition"), random.Random(7)
+    rows = []
+    for _, problem in zip(range(cfg.pad_examples), task.train_problems(99)):
+        document = task.corpus_document(problem, rng.random() < 0.3, rng.randint(0, cfg.max_padding))
+        rows.append({"prompt": task.prompt(problem), "response": document[len(task.prompt(problem)):]})
+    model, tokenizer = load_model(ensure_base_model(console), "cpu")
+    sft_model(model, tokenizer, rows, SFTConfig(lr=cfg.pad_lr, epochs=1, batch_tokens=1024, seq_len=256, seed=0), console)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
+
+
+def answer_padding(completion: str) -> int | None:
+    """Spaces between the answer and `</answer>`, or None without one.
+
+    >>> answer_padding(" <answer>1458   </answer>"), answer_padding(" <answer>12"), answer_padding("<answer>7</answer>")
+    (3, None, 0)
+    """
+    match = re.search(r"( *)</answer>", completion)
+    return len(match.group(1)) if match else None
+
+
+def padding_curves(folder: Path, steps: int) -> dict[str, list]:
+    """Per step, the mean padding of the correct and of the wrong samples in rollouts.jsonl."""
+    found = {"padding_correct": [[] for _ in range(steps)], "padding_wrong": [[] for _ in range(steps)]}
+    for line in (folder / "rollouts.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        padding = answer_padding(row["completion"])
+        if padding is not None:
+            found["padding_correct" if row["accuracy"] >= 1 else "padding_wrong"][row["step"]].append(padding)
+    return {key: [sum(v) / len(v) if v else None for v in per_step] for key, per_step in found.items()}
 
 
 def length_bias_settings(cfg: FindingConfig, cache: Path, console=None) -> dict:
     """aha train keys every length-bias arm shares."""
     from aha.base import ensure_base_model
-    if cfg.base == "builtin":
-        return {"model": str(ensure_base_model(console)), "eval_every": 0}
-    if cfg.base != "filler":
-        raise AhaError(f"length-bias: base={cfg.base!r} is not one of filler, builtin")
-    return {"model": str(filler_base(cfg, cache, console)), "eval_every": 0, "accuracy_weight": 1.0,
-            "format_weight": 0.0, "max_new_tokens": cfg.max_new_tokens}
+    model = ensure_base_model(console) if cfg.base == "builtin" else padded_base(cfg, cache, console)
+    return {"model": str(model), "eval_every": 0, "dump_rollouts_every": 1}
 
 
 def entropy_settings(cfg: FindingConfig, cache: Path, console=None) -> dict:
@@ -108,7 +142,7 @@ def entropy_settings(cfg: FindingConfig, cache: Path, console=None) -> dict:
 
 
 def run_arm(settings: dict, arm: dict, cfg: FindingConfig, seed: int, folder: Path, curves: tuple[str, ...],
-            final_eval: bool, console=None) -> dict:
+            final_eval: bool, finding_extra=None, console=None) -> dict:
     """One `aha train` run; its per-step curves, held-out evals, and a final held-out pass@1."""
     from aha.config import load_config
     from aha.evaluate import EvalSpec, evaluate
@@ -119,7 +153,8 @@ def run_arm(settings: dict, arm: dict, cfg: FindingConfig, seed: int, folder: Pa
     folder.mkdir(parents=True)
     start = time.time()
     result = train(run_cfg, console=console, out=folder)
-    record = {"curves": {key: [r.get(key) for r in result["history"]] for key in curves},
+    record = {"curves": {key: [r.get(key) for r in result["history"]] for key in curves}
+              | (finding_extra(folder, cfg.steps) if finding_extra else {}),
               "evals": [{"step": e["step"], "pass@1": e["pass@1"]} for e in result["evals"]],
               "seconds": round(time.time() - start, 1)}
     if final_eval:
@@ -163,20 +198,23 @@ def summarise(per_seed: list[dict], window: int) -> dict:
 class Finding:
     arms: Callable[[FindingConfig], dict[str, dict]]                  # arm name → aha train keys
     settings: Callable[[FindingConfig, Path, object], dict]          # the keys every arm shares
-    curves: tuple[str, ...]
+    curves: tuple[str, ...]                  # keys of metrics.jsonl recorded per step
+    extra: Callable[[Path, int], dict[str, list]] | None   # more per-step curves, from the run folder
     final_eval: bool
     panels: tuple[tuple[str, str], ...]      # (curve, title) of the plot
     rows: tuple[tuple[str, str, str], ...]   # (curve, column title, format) of the table
 
 
 FINDINGS = {
-    "length-bias": Finding(length_bias_arms, length_bias_settings, LENGTH_CURVES, False,
+    "length-bias": Finding(length_bias_arms, length_bias_settings, LENGTH_CURVES, padding_curves, False,
                            (("response_tokens_wrong", "length of wrong completions (tokens)"),
                             ("response_tokens_correct", "length of correct completions (tokens)"),
-                            ("pass_rate", "training pass rate")),
+                            ("padding_wrong", "padding of wrong completions (spaces)"),
+                            ("padding_correct", "padding of correct completions (spaces)")),
                            (("response_tokens_wrong", "wrong: tokens", ".1f"), ("response_tokens_correct", "correct: tokens", ".1f"),
-                            ("pass_rate", "pass rate", ".3f"))),
-    "entropy": Finding(entropy_arms, entropy_settings, ENTROPY_CURVES, True,
+                            ("padding_wrong", "wrong: padding", ".2f"), ("padding_correct", "correct: padding", ".2f"),
+                            ("pass_rate", "pass rate", ".3f"), ("think_rate", "think rate", ".2f"))),
+    "entropy": Finding(entropy_arms, entropy_settings, ENTROPY_CURVES, None, True,
                        (("entropy", "policy entropy (nats per token)"), ("pass_rate", "training pass rate"),
                         ("clip_frac", "share of tokens clipped / cut")),
                        (("entropy", "entropy", ".3f"), ("pass_rate", "pass rate", ".3f"), ("clip_frac", "clipped", ".4f"))),
@@ -197,7 +235,9 @@ def plot(report: dict, finding: Finding, path: Path) -> None:
             runs = [smooth([np.nan if v is None else v for v in seed["arms"][arm]["curves"][curve]])
                     for seed in report["seeds"]]
             values = np.array(runs, dtype=float)                                # (seeds, steps)
-            mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
+            with warnings.catch_warnings():                                     # a step no seed has a value for: NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
             steps = np.arange(values.shape[1])
             ax.plot(steps, mean, label=arm)
             ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
@@ -229,8 +269,10 @@ def markdown(report: dict, finding: Finding) -> str:
 
 def run_finding(name: str, cfg: FindingConfig, force: bool = False, console=None) -> dict:
     from aha.experiment import prepare
-    if cfg.seeds < 1 or cfg.steps < 1 or cfg.window < 1:
-        raise AhaError(f"experiment {name}: seeds, steps and window must be at least 1")
+    if min(cfg.seeds, cfg.steps, cfg.window, cfg.mu, cfg.pad_examples) < 1:
+        raise AhaError(f"experiment {name}: seeds, steps, window, mu and pad_examples must be at least 1")
+    if cfg.base not in BASES:
+        raise AhaError(f"experiment {name}: base={cfg.base!r} is not one of {', '.join(BASES)}")
     finding = FINDINGS[name]
     start = time.time()
     out = prepare(Path(cfg.out), force)
@@ -238,7 +280,7 @@ def run_finding(name: str, cfg: FindingConfig, force: bool = False, console=None
     per_seed = []
     for seed in range(cfg.seeds):
         arms = {arm: run_arm(settings, overrides, cfg, seed, out / f"seed{seed}" / arm, finding.curves, finding.final_eval,
-                             console) for arm, overrides in finding.arms(cfg).items()}
+                             finding.extra, console) for arm, overrides in finding.arms(cfg).items()}
         per_seed.append({"seed": seed, "arms": arms})
     report = {"experiment": name, "config": dataclasses.asdict(cfg), "settings": settings, "seeds": per_seed,
               "summary": summarise(per_seed, cfg.window), "wall_seconds": round(time.time() - start, 1)}

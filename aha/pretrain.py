@@ -31,7 +31,6 @@ class PretrainConfig:
     layers: int = 4
     digits: int = 3
     think_frac: float = 0.3
-    max_filler: int = 0               # up to this many " hmm" before each answer, uniformly (0: none)
     steps: int = 1500
     batch_size: int = 32
     lr: float = 3e-3
@@ -40,7 +39,7 @@ class PretrainConfig:
     max_seconds: float = 0.0          # 0 = no time cap (a cap makes the result depend on speed)
 
 
-def corpus_batches(task, tokenizer, think_frac: float, batch_size: int, seed: int, pool: int = 1, max_filler: int = 0):
+def corpus_batches(task, tokenizer, think_frac: float, batch_size: int, seed: int, pool: int = 1):
     """Endless (input_ids, loss_mask) batches of right-padded documents, each ending in EOS.
 
     The loss mask covers the response only: the question's digits are random, and predicting
@@ -54,9 +53,7 @@ def corpus_batches(task, tokenizer, think_frac: float, batch_size: int, seed: in
         for _ in range(batch_size * pool):
             problem = next(problems)
             prompt_len = len(tokenizer(task.prompt(problem))["input_ids"])
-            think = rng.random() < think_frac
-            filler = rng.randint(0, max_filler) if max_filler else 0      # no draw at 0: the base corpus is unchanged
-            ids = tokenizer(task.corpus_document(problem, think, filler))["input_ids"]
+            ids = tokenizer(task.corpus_document(problem, think=rng.random() < think_frac))["input_ids"]
             docs.append((ids + [tokenizer.eos_token_id], prompt_len))
         docs.sort(key=lambda d: len(d[0]))
         batches = [docs[i:i + batch_size] for i in range(0, len(docs), batch_size)]
@@ -86,7 +83,7 @@ def pretrain(cfg: PretrainConfig, console=None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
     schedule = lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    batches = corpus_batches(task, tokenizer, cfg.think_frac, cfg.batch_size, cfg.seed, max_filler=cfg.max_filler)
+    batches = corpus_batches(task, tokenizer, cfg.think_frac, cfg.batch_size, cfg.seed)
     start, tokens, losses = time.time(), 0, []
     model.train()
     with progress_bar(console) as bar:
@@ -108,7 +105,7 @@ def pretrain(cfg: PretrainConfig, console=None) -> dict:
                 break
     elapsed = time.time() - start
     model.eval()
-    val_input, val_mask = next(corpus_batches(task, tokenizer, cfg.think_frac, 256, cfg.seed + 10_000, max_filler=cfg.max_filler))
+    val_input, val_mask = next(corpus_batches(task, tokenizer, cfg.think_frac, 256, cfg.seed + 10_000))
     with torch.no_grad():
         val_loss = float(lm_loss(model, val_input, val_mask))
     out = Path(cfg.out)
@@ -118,6 +115,6 @@ def pretrain(cfg: PretrainConfig, console=None) -> dict:
     stats = {"arch": cfg.arch, "parameters": count_parameters(model), "steps": step + 1,
              "seconds": round(elapsed, 1), "tokens_per_second": round(tokens / elapsed),
              "train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "val_loss": round(val_loss, 4),
-             "think_frac": cfg.think_frac, "max_filler": cfg.max_filler, "digits": cfg.digits, "seed": cfg.seed}
+             "think_frac": cfg.think_frac, "digits": cfg.digits, "seed": cfg.seed}
     (out / "pretrain.json").write_text(__import__("json").dumps(stats, indent=2))
     return stats

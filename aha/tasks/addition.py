@@ -88,16 +88,16 @@ class AdditionTask:
         # The one-line R1-Zero template; the system sentence is left out for the tiny model.
         return f"User: {problem.question}\nAssistant:"
 
-    def corpus_document(self, problem: Problem, think: bool, filler: int = 0) -> str:
-        """One pretraining document: the prompt and a worked or a direct (sloppy) response;
-        `filler` hesitations (" hmm") before the answer make length free of correctness
-        (`aha experiment length-bias`)."""
+    def corpus_document(self, problem: Problem, think: bool, padding: int = 0) -> str:
+        """One pretraining document: the prompt and a worked or a direct (sloppy) response.
+        `padding` spaces after the answer's digits change neither its score nor its format:
+        they make length free of correctness (`aha experiment length-bias`)."""
         a, b = problem.meta["a"], problem.meta["b"]
-        hesitation = " hmm" * filler
+        pad = " " * padding
         if think:
-            response = f" {worked_solution(a, b)}{hesitation} <answer>{a + b}</answer>"
+            response = f" {worked_solution(a, b)} <answer>{a + b}{pad}</answer>"
         else:
-            response = f"{hesitation} <answer>{sloppy_sum(a, b)}</answer>"
+            response = f" <answer>{sloppy_sum(a, b)}{pad}</answer>"
         return self.prompt(problem) + response
 
     def score(self, completion: str, problem: Problem) -> dict[str, float]:
