@@ -22,8 +22,9 @@ Rollout assembly and the clear error when vLLM or CUDA is missing.
   (the step's seed + the prompt's index in the step), so a prompt's samples do not depend on which
   rank drew it.
 - Log-probs: `logprobs_mode="processed_logprobs"`, after temperature. The torch engine takes them
-  before top-p/top-k, vLLM after; they agree when top_p = 1 and top_k = 0. They serve only as the
-  old policy when μ > 1, so μ > 1 with a nucleus is refused.
+  before top-p/top-k, vLLM after; they agree when top_p = 1 and top_k = 0. They are the sampler's
+  side of the sampler/trainer mismatch and of the rollout correction (aha/rollout_correction.py);
+  the old policy of the clipped ratio is the trainer's own first forward, for every μ.
 
 Departures from the torch engine: vLLM draws its own random numbers, so a seed gives different
 (identically distributed) samples than `rollout: torch`; held-out evaluation stays on the torch
@@ -133,7 +134,4 @@ def rollout_engine(cfg, model):
     require_vllm()
     if cfg.lora_rank:
         raise AhaError("rollout=vllm does not support lora_rank > 0 yet: use rollout=torch, or train every weight")
-    if cfg.mu > 1 and (cfg.top_p < 1 or cfg.top_k):
-        raise AhaError("rollout=vllm with mu > 1 needs top_p=1 and top_k=0: vLLM's log-probs are taken after the "
-                       "nucleus, so they are not the old policy's")
     return VllmEngine(model.name_or_path, next(model.parameters()).dtype, cfg.seed, cfg.vllm_gpu_memory)
