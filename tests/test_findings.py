@@ -10,7 +10,7 @@ import pytest
 
 from aha.cli import main
 from aha.errors import AhaError
-from aha.findings import FINDINGS, FindingConfig, markdown, run_finding, summarise
+from aha.findings import FINDINGS, FindingConfig, markdown, padded_base, run_finding, summarise
 
 
 def test_summary_is_mean_and_std_of_window_means_over_seeds():
@@ -52,8 +52,10 @@ def test_length_bias_on_the_padded_model(tmp_path):
     curves = report["seeds"][0]["arms"]["grpo"]["curves"]
     assert len(curves["padding_wrong"]) == 2 and len(curves["response_tokens_wrong"]) == 2
     assert (out / "cache").is_dir() and (out / "curves.png").is_file()
-    assert main(tiny("length-bias", out) + ["--force"]) == 0           # the cached model is reused
-    assert len(list((out / "cache").iterdir())) == 1
+    cached = next((out / "cache").iterdir())
+    stamp = (cached / "model.safetensors").stat().st_mtime_ns
+    assert padded_base(FindingConfig(pad_examples=16), out / "cache") == cached     # made once, then reused
+    assert (cached / "model.safetensors").stat().st_mtime_ns == stamp
 
 
 def test_padding_changes_neither_score_nor_format():
