@@ -57,6 +57,22 @@ class Config:
     kl: str = "k3"
     beta: float = 0.0
     mu: int = 1                      # inner updates per rollout
+    surrogate: str = "clip"          # the per-token objective: clip | cispo | sapo | gmpo | vespo | clip_cov | kl_cov
+    dual_clip: float = 0.0           # c > 1: for A < 0 the clip loss is at most −c·A (verl's dual-clip, c = 3); 0 = off
+    sapo_tau_pos: float = 1.0        # sapo: gate temperature for A > 0
+    sapo_tau_neg: float = 1.05       # sapo: gate temperature for A ≤ 0
+    vespo_k_pos: float = 2.0         # vespo: φ(w) = e^λ w^k e^(−λw), (k, λ) for A ≥ 0 …
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0         # … and for A < 0
+    vespo_lambda_neg: float = 2.0
+    cov_share: float = 0.0002        # clip_cov / kl_cov: share of the batch's tokens they touch
+    clip_cov_low: float = 1.0        # clip_cov: covariance window (low, high) of the tokens it may cut
+    clip_cov_high: float = 5.0
+    kl_cov_coef: float = 1.0         # kl_cov: weight of |log ρ| on the selected tokens
+    top_entropy_quantile: float = 1.0   # train on the top-q share of tokens by entropy (0.2 in the paper); 1 = all
+    rollout_correction: str = "none"    # sampler ≠ trainer: none | token_truncate | token_mask | sequence_truncate | sequence_mask
+    rollout_is_low: float = 0.0      # rollout correction bounds on ρ = π_trainer/π_sampler: truncate to / mask outside
+    rollout_is_high: float = 3.0     # [low, high] (TRL's default C_max = 3)
     dynamic_sampling: bool = False   # DAPO: drop groups with equal rewards, refill from new prompts
     max_sampling_tries: int = 4      # dynamic sampling: rollouts per step at most
     dynamic_sampling_metric: str = "accuracy"   # what a kept group must have a spread in: a component, or "reward" (the total)
@@ -117,11 +133,14 @@ class Config:
                 **parse_reward_weights(self.reward_weights)}
 
     def validate(self) -> "Config":
-        from aha.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS
-        for name, registry in [("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS),
-                               ("kl", KL_ESTIMATORS), ("ratio_level", RATIO_LEVELS)]:
+        from aha.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS, SURROGATES
+        from aha.rollout_correction import ROLLOUT_CORRECTIONS
+        for name, registry in [("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("kl", KL_ESTIMATORS),
+                               ("ratio_level", RATIO_LEVELS), ("surrogate", SURROGATES),
+                               ("rollout_correction", ["none", *ROLLOUT_CORRECTIONS])]:
             if getattr(self, name) not in registry:
                 raise AhaError(f"config: {name}={getattr(self, name)!r} is not one of {', '.join(registry)}")
+        self.validate_loss()
         positive = ["steps", "prompts_per_step", "max_new_tokens", "mu", "eval_problems", "eval_k",
                     "max_sampling_tries", "max_bad_steps"]
         for name in positive:
@@ -166,6 +185,28 @@ class Config:
         from aha.templates import read_template
         read_template(self.template)
         return self
+
+
+    def validate_loss(self) -> None:
+        """The ranges of the loss knobs of aha/algos.py and aha/rollout_correction.py."""
+        checks = [
+            (self.dual_clip == 0 or self.dual_clip > 1, f"dual_clip={self.dual_clip} must be 0 (off) or above 1 (verl: 3)"),
+            (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0,
+             f"sapo_tau_pos={self.sapo_tau_pos} and sapo_tau_neg={self.sapo_tau_neg} must be above 0"),
+            (min(self.vespo_lambda_pos, self.vespo_lambda_neg) >= 0, "vespo_lambda_pos and vespo_lambda_neg must be 0 or more"),
+            (0 < self.cov_share <= 1, f"cov_share={self.cov_share} must be a share in (0, 1], e.g. 0.0002"),
+            (self.clip_cov_low < self.clip_cov_high, f"clip_cov_low={self.clip_cov_low} must be below clip_cov_high={self.clip_cov_high}"),
+            (0 <= self.top_entropy_quantile <= 1, f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1] (1 = every token)"),
+            (0 <= self.rollout_is_low < self.rollout_is_high,
+             f"need 0 <= rollout_is_low < rollout_is_high, got {self.rollout_is_low} and {self.rollout_is_high}"),
+            (self.clip_low >= 0 and self.clip_high >= 0, f"clip_low={self.clip_low} and clip_high={self.clip_high} must be 0 or more"),
+            (not (self.surrogate == "vespo" and self.rollout_correction.startswith("sequence")),
+             f"surrogate=vespo folds token weights into its sequence ratio: use rollout_correction=token_truncate or "
+             f"token_mask, not {self.rollout_correction} (as TRL)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise AhaError(f"config: {message}")
 
 
 def parse_reward_weights(text: str) -> dict[str, float]:

@@ -40,7 +40,7 @@ import torch
 
 from aha.errors import AhaError
 
-EXPERIMENTS = ("distill-vs-rl",)
+EXPERIMENTS = ("distill-vs-rl", "length-bias", "entropy")   # the last two: aha/findings.py
 
 
 @dataclass
@@ -321,25 +321,33 @@ def distill_vs_rl(cfg: ExperimentConfig, force: bool = False, console=None) -> d
 
 
 def add_experiment_parser(sub) -> None:
-    p = sub.add_parser("experiment", help="R1's findings as experiments: distill-vs-rl",
+    p = sub.add_parser("experiment", help="papers' findings as experiments: distill-vs-rl, length-bias, entropy",
                        description="distill-vs-rl: a small pretrained student distilled from an RL teacher vs the same "
-                                   "student trained by RL alone, at equal student compute; mean ± std over seeds → "
-                                   "--out/experiment.json, experiment.md.")
+                                   "student trained by RL alone, at equal student compute. length-bias: GRPO vs Dr. GRPO, "
+                                   "the length of correct and wrong completions. entropy: GRPO vs clip-higher vs Clip-Cov, "
+                                   "policy entropy and pass@1. Mean ± std over seeds → --out/experiment.json, experiment.md "
+                                   "(aha/experiment.py, aha/findings.py).")
     p.add_argument("name", choices=EXPERIMENTS)
     p.add_argument("--seeds", type=int, default=ExperimentConfig.seeds, help="seeds 0..N-1")
-    p.add_argument("--out", default=ExperimentConfig.out)
+    p.add_argument("--out", default=None, help="default runs/<name> (runs/distill_vs_rl, runs/length_bias, runs/entropy)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every step, meaningless numbers")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out (its cache/ of models is kept)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="any ExperimentConfig key, e.g. student_rl_steps=20,60")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="any key of the experiment's config (ExperimentConfig, findings.FindingConfig), e.g. steps=150")
 
 
-def cmd_experiment(args, console) -> None:
+def cmd_distill_vs_rl(args, console) -> None:
     from aha.config import parse_kv
     from aha.pipeline import apply_typed
-    cfg = ExperimentConfig(out=args.out, seeds=args.seeds)
+    cfg = ExperimentConfig(out=args.out or ExperimentConfig.out, seeds=args.seeds)
     if args.quick:
         apply_typed(cfg, QUICK, "--quick")
     apply_typed(cfg, parse_kv(args.overrides), "command line")
     report = distill_vs_rl(cfg, force=args.force, console=console)
     print(markdown(report), end="")
     console.print(f"{report['wall_seconds']:.0f} s; {Path(cfg.out) / 'experiment.json'}, {Path(cfg.out) / 'experiment.md'}")
+
+
+def cmd_experiment(args, console) -> None:
+    from aha.findings import cmd_finding
+    {"distill-vs-rl": cmd_distill_vs_rl, "length-bias": cmd_finding, "entropy": cmd_finding}[args.name](args, console)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from aha.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss
+from aha.algos import ADVANTAGES, LossSpec, Normaliser, loss_spec, policy_loss
 from aha.base import ensure_base_model
 from aha.card import rl_card, save_model
 from aha.checkpoint import (Cursor, RunLock, StopSignals, complete_checkpoints, latest_checkpoint, load_trainer_state,
@@ -53,6 +53,7 @@ from aha.plan import MemoryPlan, check_fits, plan_for as memory_plan_for, proces
 from aha.progress import progress_bar
 from aha.rewards import SHAPING, Sample
 from aha.rollout import Rollout, SamplingParams, encode_prompt, generate, prompt_limit, stop_strings, stop_token_ids
+from aha.rollout_correction import merge_mismatch, rollout_mismatch, rollout_weights
 from aha.schedule import lr_factor
 from aha.tasks import get_task
 from aha.tasks.base import Problem, thought
@@ -217,9 +218,12 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
                   spec: LossSpec, norm: Normaliser, cfg: Config, world: World = SINGLE, token_budget: int = 1 << 62):
     """μ clipped-surrogate updates on `rows`, each accumulated over micro-batches; a non-finite loss or
     gradient skips the update. Every micro-batch's loss is divided by the normaliser of the WHOLE batch
-    (`norm`), so the accumulated gradient equals the one-shot step's (tests/test_train.py). Under
+    (`norm`), so the accumulated gradient equals the one-shot step's (tests/test_micro_batch.py). Under
     torchrun each process takes its own share of `rows` and DDP/FSDP sums the gradients once, after
-    the last micro-batch (the loss scaling is derived in aha/distributed.py).
+    the last micro-batch (the loss scaling is derived in aha/distributed.py). The old log-probs are
+    the trainer's own, from the first inner update's forward (detached); the sampler's
+    (`rollout.logprobs`) give the sampler/trainer mismatch, logged every step, and the rollout
+    correction's weights. Entropy masking and Clip-/KL-Cov pick their tokens within each micro-batch.
 
     Returns (loss, grad_norm, loss metrics, entropy per token, skipped)."""
     loss_value, grad_norm, loss_metrics, entropy, skipped = 0.0, 0.0, {}, None, False
@@ -229,6 +233,8 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
     size = micro_batch_size(cfg, token_budget, rollout, rows)
     pieces = micro_batches(rows, size, world.most(-(-rows.numel() // size)), weight)
     device = rollout.prompt_ids.device.type
+    old = {}                                             # micro-batch index -> (old log-probs, IS weight)
+    mismatches = []
     for _ in range(cfg.mu):
         optimizer.zero_grad(set_to_none=True)
         total_loss, entropy_sum, tokens, metric_sums = 0.0, 0.0, 0.0, {}
@@ -236,12 +242,20 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
             with world.gradient_sync(model, sync=index == len(pieces) - 1):
                 with autocast(cfg.autocast, device):
                     logp, token_entropy, mask = completion_logprobs(model, rollout, piece, cfg.temperature)
-                old_logp = rollout.logprobs[piece][:, :logp.shape[1]] if cfg.mu > 1 else logp.detach()
+                if index not in old:                      # the trainer before this step's updates
+                    old_logp, sampler_logp = logp.detach(), rollout.logprobs[piece][:, :logp.shape[1]]
+                    is_weight = rollout_weights(old_logp, sampler_logp, mask, cfg.rollout_correction,
+                                                cfg.rollout_is_low, cfg.rollout_is_high)
+                    old[index] = (old_logp, is_weight)
+                    if piece_weight:
+                        mismatches.append((float(mask.sum()), rollout_mismatch(old_logp, sampler_logp, mask, is_weight)))
+                old_logp, is_weight = old[index]
                 ref_logp = None
                 if ref_model is not None:
                     with torch.no_grad(), autocast(cfg.autocast, device):
                         ref_logp = completion_logprobs(ref_model, rollout, piece, cfg.temperature)[0]
-                loss, metrics = policy_loss(logp, old_logp, advantages[piece], mask, spec, ref_logp, norm)
+                loss, metrics = policy_loss(logp, old_logp, advantages[piece], mask, spec, ref_logp, norm,
+                                            entropy=token_entropy, rollout_weight=is_weight)
                 (loss * loss_scale(world.size, piece_weight)).backward()
             count = float(mask.sum()) * piece_weight                    # token-weighted means over the pieces
             total_loss += loss.item() * piece_weight
@@ -252,7 +266,7 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
         means = {name: total / tokens if tokens else 0.0 for name, total in metric_sums.items()}
         loss_value, step_entropy, loss_metrics = world.reduce_update(
-            total_loss, torch.tensor(entropy_sum), torch.tensor(tokens), means, 1.0)
+            total_loss, torch.tensor(entropy_sum), torch.tensor(tokens), {**means, **merge_mismatch(mismatches)}, 1.0)
         skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if skipped:
             optimizer.zero_grad(set_to_none=True)
@@ -267,6 +281,8 @@ def step_record(step: int, task, batch: Batch, spread, kept, skip, rows, loss_va
     """The step's line of metrics.jsonl: GRPO's health signals (STYLE.md §12). pass_rate counts
     full passes (aha/passk.py `passed`); reward_accuracy is the mean, partial credit included."""
     scores, texts, rewards, rollout = batch.scores, batch.texts, batch.rewards, batch.rollout
+    lengths, correct = rollout.lengths.float().cpu(), torch.tensor([s["accuracy"] >= 1 for s in scores])
+    length_of = lambda chosen: lengths[chosen].mean().item() if chosen.any() else None
     return {
         "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
         **{f"reward_{k}": sum(s[k] for s in scores) / len(scores) for k in scores[0]},
@@ -274,6 +290,7 @@ def step_record(step: int, task, batch: Batch, spread, kept, skip, rows, loss_va
         "think_rate": sum(thought(prompt_prefill(task, batch.problems[i * len(batch.problems) // len(texts)]) + t)
                           for i, t in enumerate(texts)) / len(texts),
         "response_tokens": rollout.lengths.float().mean().item(), "truncation_rate": rollout.truncated.float().mean().item(),
+        "response_tokens_correct": length_of(correct), "response_tokens_wrong": length_of(~correct),
         "zero_spread_frac": 1.0 - spread.float().mean().item(), "sampling_tries": batch.tries,
         "groups_kept": int(kept.sum()), "skipped_samples": int(skip.sum()), "loss": loss_value,
         "entropy": entropy, "grad_norm": grad_norm, "trained_rows": int(rows.numel()),
@@ -370,7 +387,7 @@ def run_plan(cfg: Config, model, task, tokenizer, world: World = SINGLE) -> Memo
 def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved: dict, console, device,
                world: World = SINGLE, engine=generate, plan: MemoryPlan | None = None, trackers=None) -> dict:
     torch.manual_seed(cfg.seed)
-    spec = LossSpec(cfg.ratio_level, cfg.clip_low, cfg.clip_high, cfg.aggregation, cfg.kl, cfg.beta)
+    spec = loss_spec(cfg)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
     # the module that trains: `model` itself, DDP around it, or an FSDP2-sharded copy (then `model`,
     # kept whole and refreshed after each update, generates, evaluates and is saved)

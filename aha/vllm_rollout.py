@@ -26,12 +26,14 @@ records the calls in the CPU tests. `bench/gpu_check.py` runs it where vLLM is i
   of a request `seed + j`, so prompt p of the step gets base + p × group_size (`prompt_seeds`):
   every row of a step has its own seed, whichever rank drew it.
 - Log-probs: `logprobs_mode="processed_logprobs"`, after temperature and top-p/top-k. The torch
-  engine takes them before top-p/top-k; they agree when top_p = 1 and top_k = 0. They serve only as
-  the old policy when μ > 1, so μ > 1 with a nucleus is refused.
-- The sampler/trainer mismatch is measured on every generation: the trainer's own log-probs of the
-  sampled tokens (a no-grad forward, as TRL computes them for its importance-sampling correction),
-  against vLLM's; the step's metrics line gets `sampler_logp_gap_mean` / `_max` (|Δ log p| over the
-  tokens), `sampler_is_correction` (false: no correction is applied yet) and the engine's timings.
+  engine takes them before top-p/top-k; they agree when top_p = 1 and top_k = 0. They are the
+  sampler's side of the sampler/trainer mismatch and of the rollout correction
+  (aha/rollout_correction.py); the old policy of the clipped ratio is the trainer's own first
+  forward, for every μ, so μ > 1 works with a nucleus too.
+- The engine also measures the mismatch on every generation, before the update: the trainer's own
+  log-probs of the sampled tokens (a no-grad forward), against vLLM's; the step's metrics line gets
+  `sampler_logp_gap_mean` / `_max` (|Δ log p| over the tokens) and the engine's timings, next to the
+  update's `rollout_logp_diff_*` / `rollout_kl` (the same comparison, in the loss's precision).
 
 Departures from the torch engine: vLLM draws its own random numbers, so a seed gives different
 (identically distributed) samples than `rollout: torch`; held-out evaluation stays on the torch
@@ -268,7 +270,4 @@ def rollout_engine(cfg, model):
     require_vllm()
     if cfg.lora_rank:
         raise AhaError("rollout=vllm does not support lora_rank > 0 yet: use rollout=torch, or train every weight")
-    if cfg.mu > 1 and (cfg.top_p < 1 or cfg.top_k):
-        raise AhaError("rollout=vllm with mu > 1 needs top_p=1 and top_k=0: vLLM's log-probs are taken after the "
-                       "nucleus, so they are not the old policy's")
     return VllmEngine(model.name_or_path, next(model.parameters()).dtype, cfg.seed, cfg.vllm_gpu_memory, cfg.autocast)

@@ -1,7 +1,7 @@
 """Compare the algorithm presets: train each for the same steps on the same task and seeds, then
 print a markdown table of held-out pass@1 (R1 protocol, aha.evaluate) and mean response length.
 
-    nice -n 19 python bench/presets.py --steps 100 --seeds 0 1
+    nice -n 19 python bench/presets.py --steps 100 --seeds 0 1 2
     python bench/presets.py --steps 50 --presets grpo dapo eval_problems=100 max_new_tokens=48
 
 Each run is `aha run` (eval before → RL → eval after); its folder, report.json included, is kept
@@ -33,7 +33,8 @@ def bench(presets: list[str], seeds: list[int], steps: int, out: Path, overrides
 
 
 def table(rows: list[dict], steps: int) -> str:
-    lines = [f"| preset | seed(s) | pass@1 before | pass@1 after {steps} steps | mean response tokens | wall s |",
+    """Markdown: per preset, the mean ± sample std (n − 1) over its seeds, or the value for one seed."""
+    lines = [f"| preset | seeds | pass@1 before | pass@1 after {steps} steps | mean response tokens after | wall s |",
              "|---|---|---|---|---|---|"]
     for preset in dict.fromkeys(r["preset"] for r in rows):
         mine = [r for r in rows if r["preset"] == preset]
@@ -41,7 +42,7 @@ def table(rows: list[dict], steps: int) -> str:
         def cell(key: str, digits: int) -> str:
             values = [r[key] for r in mine]
             mean = f"{statistics.mean(values):.{digits}f}"
-            return mean if len(values) == 1 else f"{mean} ({', '.join(f'{v:.{digits}f}' for v in values)})"
+            return mean if len(values) == 1 else f"{mean} ± {statistics.stdev(values):.{digits}f}"
         lines.append(f"| {preset} | {', '.join(str(r['seed']) for r in mine)} | {cell('before_pass1', 3)} | "
                      f"{cell('after_pass1', 3)} | {cell('after_response_tokens', 1)} | {cell('wall_seconds', 0)} |")
     return "\n".join(lines)

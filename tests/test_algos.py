@@ -9,7 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from aha.algos import (ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, LossSpec, Normaliser, policy_loss)
+from aha.algos import (ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, LossSpec, Normaliser, high_entropy_mask, policy_loss)
+from aha.rollout_correction import rollout_mismatch, rollout_weights
 
 NO_CLIP = LossSpec(clip_low=None, clip_high=None)
 
@@ -251,8 +252,13 @@ def test_skipping_zero_advantage_rows_changes_nothing(aggregation, ratio_level):
 
 @pytest.mark.parametrize("aggregation", sorted(AGGREGATIONS))
 @pytest.mark.parametrize("spec_kwargs", [{}, {"clip_low": None, "clip_high": None}, {"ratio_level": "sequence"}])
-def test_on_policy_gradient_is_reinforce(aggregation, spec_kwargs):
-    """With π_old = sg(π_θ), ∇ loss = −Σ_i A_i Σ_t w_it ∇log π(o_it), w the aggregation weights."""
+@pytest.mark.parametrize("surrogate", ["clip", "cispo", "sapo", "gmpo", "vespo", "kl_cov"])
+def test_on_policy_gradient_is_reinforce(aggregation, spec_kwargs, surrogate):
+    """With π_old = sg(π_θ), ∇ loss = −Σ_i A_i Σ_t w_it ∇log π(o_it), w the aggregation weights.
+
+    So on-policy (μ = 1) CISPO, SAPO (f'(1) = 1), GMPO (d/dθ of exp(mean log ρ) at ρ = 1 is the
+    mean of ∇log π, broadcast back over the |o| tokens), VESPO (φ(1) = 1) and KL-Cov (|log ρ| = 0)
+    all have GRPO's gradient: they differ only off-policy."""
     gen = torch.Generator().manual_seed(1)
     rows, width, vocab = 4, 5, 7
     logits = torch.randn(rows, width, vocab, generator=gen, dtype=torch.float64, requires_grad=True)
@@ -263,13 +269,14 @@ def test_on_policy_gradient_is_reinforce(aggregation, spec_kwargs):
     norm = Normaliser(rows=rows, tokens=int(mask.sum()), max_len=max_len)
 
     logp = torch.log_softmax(logits, dim=-1).gather(2, tokens[..., None]).squeeze(2)   # (B, T)
-    loss, _ = policy_loss(logp, logp.detach(), advantages, mask, LossSpec(aggregation=aggregation, **spec_kwargs),
-                          norm=norm)
+    spec = LossSpec(aggregation=aggregation, surrogate=surrogate, **spec_kwargs)
+    loss, _ = policy_loss(logp, logp.detach(), advantages, mask, spec, norm=norm)
     (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
 
     lengths = mask.sum(dim=1, keepdim=True).to(logp.dtype)
     weight = {"seq_mean": 1 / (rows * lengths), "token_mean": torch.full_like(lengths, 1 / norm.tokens),
-              "constant": torch.full_like(lengths, 1 / (rows * max_len))}[aggregation]     # (B, 1)
+              "constant": torch.full_like(lengths, 1 / (rows * max_len)),
+              "seq_sum": torch.full_like(lengths, 1 / rows)}[aggregation]                 # (B, 1)
     reinforce = -(advantages[:, None] * weight * logp * mask).sum()
     (expected,) = torch.autograd.grad(reinforce, logits)
     close(grad, expected, tol=1e-12)
@@ -278,7 +285,11 @@ def test_on_policy_gradient_is_reinforce(aggregation, spec_kwargs):
 
 SPECS = [LossSpec(), LossSpec(clip_low=0.2, clip_high=0.28), NO_CLIP, LossSpec(aggregation="seq_mean", beta=0.1),
          LossSpec(ratio_level="sequence", aggregation="constant", beta=0.05, kl="k2"),
-         LossSpec(aggregation="seq_mean", beta=0.05, kl="k1")]
+         LossSpec(aggregation="seq_mean", beta=0.05, kl="k1"), LossSpec(dual_clip=3.0),
+         LossSpec(surrogate="cispo", clip_low=None, clip_high=4.0), LossSpec(surrogate="sapo", aggregation="seq_mean"),
+         LossSpec(surrogate="gmpo", clip_low=0.4, clip_high=0.4, aggregation="seq_mean"),
+         LossSpec(surrogate="vespo"), LossSpec(surrogate="kl_cov", cov_share=0.2),
+         LossSpec(ratio_level="sequence", aggregation="seq_sum")]
 
 
 @settings(max_examples=40, deadline=None)
@@ -319,3 +330,148 @@ def test_loss_is_finite_for_extreme_logps(spec, data, advantage_scale):
     assert torch.isfinite(loss)
     assert torch.isfinite(logp.grad).all()
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+# --- the 2026 family: verl-only methods by hand from the papers' formulas ------------------------
+
+@pytest.mark.parametrize("ratio, advantage, loss, grad, clipped", [
+    (5.0, -1.0, 3.0, 0.0, 1),    # the plain clip leaves 5 (A < 0 does not clip above 1 + ε); bounded at c·|A| = 3
+    (2.0, -1.0, 2.0, 2.0, 0),    # under the bound: the usual −ρA, gradient −ρA
+    (4.0, -2.0, 6.0, 0.0, 1),    # bound c·|A| = 6 < 8
+    (5.0, 1.0, -1.2, 0.0, 1),    # A > 0: only the usual clip
+])
+def test_dual_clip_bounds_negative_advantages(ratio, advantage, loss, grad, clipped):
+    """verl verl/trainer/ppo/core_algos.py `compute_policy_loss_vanilla` (clip_ratio_c = 3): for A < 0,
+    min(max(−ρA, −clip(ρ)A), −c·A)."""
+    got_loss, got_grad, clip_frac = one_token_loss(ratio, advantage, LossSpec(dual_clip=3.0))
+    close(got_loss, loss)
+    close(got_grad, grad)
+    assert clip_frac == clipped
+
+
+@pytest.mark.parametrize("ratio, advantage, loss, grad, clipped", [
+    (1.5, 1.0, -1.2 * math.log(1.5), -1.2, 1),      # weight capped at 1.2, the gradient stays: −w·A
+    (0.5, -1.0, 0.8 * math.log(0.5), 0.8, 1),       # floored at 0.8
+    (1.1, 2.0, -2.2 * math.log(1.1), -2.2, 0),      # inside: −ρ·A·log π, gradient −ρA as GRPO's
+])
+def test_cispo_keeps_every_gradient(ratio, advantage, loss, grad, clipped):
+    """CISPO: −sg(clip(ρ, 0.8, 1.2))·A·log π (π_old = 1 here, so log π = log ρ); where the clip
+    surrogate's gradient is 0 (first two rows), CISPO's is the capped weight times A."""
+    got_loss, got_grad, clip_frac = one_token_loss(ratio, advantage, LossSpec(surrogate="cispo"))
+    close(got_loss, loss)
+    close(got_grad, grad)
+    assert clip_frac == clipped
+
+
+def test_gmpo_by_hand():
+    """verl verl/trainer/ppo/core_algos.py `compute_policy_loss_geo_mean` (GMPO, arXiv 2507.20673)."""
+    # row 0: A = 1, log ρ = (0.1, 0.5): A > 0 caps at +0.4 → mean(0.1, 0.4) = 0.25, loss −e^0.25
+    # row 1: A = −2, log ρ = (−0.6, 0.2, −0.1): A < 0 floors at −0.4 → mean(−0.4, 0.2, −0.1) = −0.1, loss 2·e^−0.1
+    delta = torch.tensor([[0.1, 0.5, 0.0], [-0.6, 0.2, -0.1]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    old_logp = torch.full((2, 3), -1.0, dtype=torch.float64)
+    logp = (old_logp + delta).requires_grad_()
+    spec = LossSpec(surrogate="gmpo", clip_low=0.4, clip_high=0.4, aggregation="seq_mean")
+    loss, metrics = policy_loss(logp, old_logp, torch.tensor([1.0, -2.0], dtype=torch.float64), mask, spec)
+    g0, g1 = math.exp(0.25), math.exp(-0.1)
+    close(loss, (-g0 + 2 * g1) / 2, tol=1e-12)            # mean over the two sequences
+    loss.backward()
+    # d/d log π_t of −A·exp(mean) = −A·exp(mean)/|o| on unclipped tokens, 0 on clipped ones; then / B
+    close(logp.grad, [[-g0 / 2 / 2, 0, 0], [0, 2 * g1 / 3 / 2, 2 * g1 / 3 / 2]], tol=1e-12)
+    close(metrics["clip_frac"], 2 / 5)
+
+
+def cov_batch(shift=None):
+    """2 rows × 2 tokens, A = (2, −2); log π = (−0.1, −3.0 | −0.2, −3.0): token covariances
+    (A − Ā)(log π − mean log π) with Ā = 0, mean log π = −1.575: (2.95, −2.85 | −2.75, 2.85)."""
+    logp = torch.tensor([[-0.1, -3.0], [-0.2, -3.0]], dtype=torch.float64)
+    old_logp = logp - (0.0 if shift is None else shift)
+    return logp.clone().requires_grad_(), old_logp, torch.tensor([2.0, -2.0], dtype=torch.float64), torch.ones(2, 2)
+
+
+def test_clip_cov_cuts_high_covariance_tokens_by_hand():
+    """verl verl/trainer/ppo/core_algos.py `compute_policy_loss_clip_cov` (arXiv 2505.22617): the loss of
+    max(1, ⌊r·N⌋) random tokens with covariance in (1, 5), not already clipped, is set to 0."""
+    # r = 0.5 → 2 tokens; the eligible ones are (0, 0) at 2.95 and (1, 1) at 2.85: both cut
+    logp, old_logp, adv, mask = cov_batch()
+    loss, metrics = policy_loss(logp, old_logp, adv, mask, LossSpec(surrogate="clip_cov", cov_share=0.5))
+    loss.backward()
+    close(loss, (-2 + 2) / 4)                               # on-policy −ρA = ∓2 on the two uncut tokens
+    close(logp.grad, [[0, -2 / 4], [2 / 4, 0]])
+    close(metrics["clip_frac"], 0.5)
+    # r = 0.25 → one of the two, at random (seeded): exactly one eligible token loses its gradient
+    for seed in range(4):
+        logp, old_logp, adv, mask = cov_batch()
+        loss, metrics = policy_loss(logp, old_logp, adv, mask, LossSpec(surrogate="clip_cov", cov_share=0.25),
+                                    generator=torch.Generator().manual_seed(seed))
+        loss.backward()
+        cut = logp.grad == 0
+        assert cut.sum() == 1 and (cut[0, 0] or cut[1, 1]) and metrics["clip_frac"] == 0.25
+    # a token the clip already cut is not eligible: (0, 0) at ρ = 1.5 > 1.2 is clipped, so only (1, 1) is cut
+    logp, old_logp, adv, mask = cov_batch(torch.tensor([[math.log(1.5), 0.0], [0.0, 0.0]], dtype=torch.float64))
+    loss, metrics = policy_loss(logp, old_logp, adv, mask, LossSpec(surrogate="clip_cov", cov_share=0.5))
+    loss.backward()
+    close(logp.grad, [[0, -2 / 4], [2 / 4, 0]])
+    close(loss, (-2 * 1.2 - 2 + 2) / 4)                     # (0, 0) keeps its clipped value −1.2·A
+    # outside the window (1, 2.5) nothing is eligible: the plain clip surrogate
+    logp, old_logp, adv, mask = cov_batch()
+    spec = LossSpec(surrogate="clip_cov", cov_share=0.5, clip_cov_high=2.5)
+    close(policy_loss(logp, old_logp, adv, mask, spec)[0], policy_loss(logp, old_logp, adv, mask, LossSpec())[0])
+
+
+def test_kl_cov_penalises_the_top_covariance_tokens_by_hand():
+    """verl verl/trainer/ppo/core_algos.py `compute_policy_loss_kl_cov`: unclipped −ρA, plus κ|log ρ| on
+    the max(1, ⌊k·N⌋) tokens of largest covariance."""
+    shift = torch.tensor([[0.1, 0.2], [0.3, -0.1]], dtype=torch.float64)       # log ρ per token
+    logp, old_logp, adv, mask = cov_batch(shift)
+    loss, metrics = policy_loss(logp, old_logp, adv, mask, LossSpec(surrogate="kl_cov", cov_share=0.25, kl_cov_coef=1.0))
+    loss.backward()
+    e = math.exp
+    # k·N = 1 token: (0, 0), covariance 2.95, gets + |0.1|; no clipping anywhere (ρ = e^0.2 would clip at 1.2)
+    close(loss, (-2 * e(0.1) + 0.1 - 2 * e(0.2) + 2 * e(0.3) + 2 * e(-0.1)) / 4)
+    close(logp.grad, [[(-2 * e(0.1) + 1) / 4, -2 * e(0.2) / 4], [2 * e(0.3) / 4, 2 * e(-0.1) / 4]])
+    close(metrics["clip_frac"], 0.25)                       # the penalised share
+
+
+def test_passk_advantage_by_hand():
+    """verl verl/trainer/ppo/core_algos.py `compute_grpo_passk_outcome_advantage` (arXiv 2503.19595)."""
+    rewards = torch.tensor([0.2, 1.0, 0.5, 0.0, 0.0, 1.0, 0.5, 1.0])
+    # group 0: best 1.0 (index 1), second 0.5 → 0.5 / (std + 1e-4), unbiased std = sqrt(0.5675 / 3)
+    # group 1: two samples share the top 1.0 → r_max − r_second = 0 for every sample
+    expected = [0, 0.5 / (math.sqrt(0.5675 / 3) + 1e-4), 0, 0, 0, 0, 0, 0]
+    close(ADVANTAGES["grpo_passk"](rewards, 4), expected)
+
+
+def test_entropy_mask_keeps_the_top_quantile_by_hand():
+    """TRL `get_high_entropy_mask`: tokens at or above the (1 − q) quantile of the batch's entropies."""
+    entropy = torch.tensor([[0.1, 2.0, 0.5], [3.0, 0.2, 9.0]], dtype=torch.float64)     # 9.0 is padding
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    # q = 0.4: the 0.6 quantile of (0.1, 0.2, 0.5, 2.0, 3.0) is 0.5 + 0.4·(2.0 − 0.5) = 1.1 → 2.0 and 3.0
+    assert high_entropy_mask(entropy, mask, 0.4).tolist() == [[False, True, False], [True, False, False]]
+    logp = torch.full((2, 3), -1.0, dtype=torch.float64, requires_grad=True)
+    loss, metrics = policy_loss(logp, logp.detach(), torch.tensor([1.0, -1.0], dtype=torch.float64), mask,
+                                LossSpec(top_entropy_quantile=0.4), entropy=entropy)
+    loss.backward()
+    close(loss, (-1 + 1) / 5)                                # the normaliser still counts all 5 tokens (TRL)
+    close(logp.grad, [[0, -1 / 5, 0], [1 / 5, 0, 0]])
+    close(metrics["entropy_mask_frac"], 2 / 5)
+    with pytest.raises(ValueError, match="entropy"):
+        policy_loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), mask, LossSpec(top_entropy_quantile=0.4))
+
+
+def test_rollout_weights_by_hand():
+    trainer = torch.tensor([[-1.0, -1.0], [-1.0, 0.0]])
+    sampler = torch.tensor([[-1.5, -1.0], [0.0, 0.0]])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    # token ρ: e^0.5 = 1.6487, 1 | e^−1 = 0.3679, padding 1; sequence ρ: e^0.5 | e^−1
+    close(rollout_weights(trainer, sampler, mask, "token_truncate", 0.5, 1.5), [[1.5, 1.0], [0.5, 1.0]])
+    close(rollout_weights(trainer, sampler, mask, "token_mask", 0.5, 1.5), [[0.0, 1.0], [0.0, 1.0]])
+    close(rollout_weights(trainer, sampler, mask, "sequence_truncate", 0.5, 2.0), [[math.exp(0.5)], [0.5]])
+    close(rollout_weights(trainer, sampler, mask, "sequence_mask", 0.5, 2.0), [[math.exp(0.5)], [0.0]])
+    assert rollout_weights(trainer, sampler, mask, "none") is None
+    # the mismatch over real tokens: |Δ| = 0.5, 0, 1 → mean 0.5, max 1; k3 = (e^0.5 − 1.5 + 0 + e^−1 − 0) / 3
+    metrics = rollout_mismatch(trainer, sampler, mask)
+    close(metrics["rollout_logp_diff_mean"], 0.5)
+    close(metrics["rollout_logp_diff_max"], 1.0)
+    close(metrics["rollout_kl"], (math.exp(0.5) - 1.5 + math.exp(-1)) / 3)
+    assert rollout_mismatch(trainer, trainer, mask)["rollout_kl"] == 0.0

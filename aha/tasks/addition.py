@@ -90,13 +90,16 @@ class AdditionTask:
         # The one-line R1-Zero template; the system sentence is left out for the tiny model.
         return f"User: {problem.question}\nAssistant:"
 
-    def corpus_document(self, problem: Problem, think: bool) -> str:
-        """One pretraining document: the prompt and a worked or a direct (sloppy) response."""
+    def corpus_document(self, problem: Problem, think: bool, padding: int = 0) -> str:
+        """One pretraining document: the prompt and a worked or a direct (sloppy) response.
+        `padding` spaces after the answer's digits change neither its score nor its format:
+        they make length free of correctness (`aha experiment length-bias`)."""
         a, b = problem.meta["a"], problem.meta["b"]
+        pad = " " * padding
         if think:
-            response = f" {worked_solution(a, b)} <answer>{a + b}</answer>"
+            response = f" {worked_solution(a, b)} <answer>{a + b}{pad}</answer>"
         else:
-            response = f" <answer>{sloppy_sum(a, b)}</answer>"
+            response = f" <answer>{sloppy_sum(a, b)}{pad}</answer>"
         return self.prompt(problem) + response
 
     def score(self, completion: str, problem: Problem) -> dict[str, float]:

@@ -1,0 +1,80 @@
+"""`aha experiment length-bias` and `aha experiment entropy` (aha/findings.py): the summary over
+seeds by hand, and one tiny end-to-end run of each through the CLI.
+
+Run: python -m pytest tests/test_findings.py -q
+"""
+
+import json
+
+import pytest
+
+from aha.cli import main
+from aha.errors import AhaError
+from aha.findings import FINDINGS, FindingConfig, markdown, padded_base, run_finding, summarise
+
+
+def test_summary_is_mean_and_std_of_window_means_over_seeds():
+    per_seed = [{"seed": 0, "arms": {"grpo": {"curves": {"entropy": [1.0, 0.8, 0.4, 0.2]}, "evals": [{"step": 4, "pass@1": 0.5}]}}},
+                {"seed": 1, "arms": {"grpo": {"curves": {"entropy": [0.8, None, 0.6, 0.4]}, "evals": [{"step": 4, "pass@1": 0.7}]}}}]
+    summary = summarise(per_seed, window=2)["grpo"]
+    # first 2 present values: (1.0 + 0.8)/2 = 0.9 and (0.8 + 0.6)/2 = 0.7 → 0.8 ± √((0.1² + 0.1²)/1)
+    assert summary["entropy"]["first"] == pytest.approx([0.8, 0.1414213562], abs=1e-9)
+    assert summary["entropy"]["last"] == pytest.approx([0.4, 0.1414213562], abs=1e-9)       # 0.3 and 0.5
+    assert summary["final_pass@1"] == pytest.approx([0.6, 0.1414213562], abs=1e-9)
+
+
+def tiny(name, out):
+    return ["experiment", name, "--quick", "--seeds", "1", "--out", str(out), "steps=2", "eval_problems=2",
+            "rl={prompts_per_step: 2, group_size: 2, max_new_tokens: 40}"]
+
+
+def test_entropy_quick_end_to_end(tmp_path, capsys):
+    out = tmp_path / "entropy"
+    assert main(tiny("entropy", out)) == 0
+    report = json.loads((out / "experiment.json").read_text())
+    arms = report["seeds"][0]["arms"]
+    assert list(arms) == ["grpo", "clip_higher", "clip_cov"]
+    for arm in arms.values():
+        assert len(arm["curves"]["entropy"]) == 2 and arm["evals"][-1]["step"] == 2
+    config = lambda arm: (out / "seed0" / arm / "config.yaml").read_text()
+    assert "mu: 2" in config("grpo") and "clip_high: 0.28" in config("clip_higher") and "surrogate: clip_cov" in config("clip_cov")
+    table = (out / "experiment.md").read_text()
+    assert table.count("\n| ") == 1 + 3 and table in capsys.readouterr().out
+    assert (out / "curves.png").stat().st_size > 1000
+
+
+def test_length_bias_on_the_padded_model(tmp_path):
+    out = tmp_path / "length"
+    assert main(tiny("length-bias", out)) == 0
+    report = json.loads((out / "experiment.json").read_text())
+    assert list(report["summary"]) == ["grpo", "dr_grpo"]
+    assert "padded_n16_p4" in report["settings"]["model"] and report["settings"]["dump_rollouts_every"] == 1
+    curves = report["seeds"][0]["arms"]["grpo"]["curves"]
+    assert len(curves["padding_wrong"]) == 2 and len(curves["response_tokens_wrong"]) == 2
+    assert (out / "cache").is_dir() and (out / "curves.png").is_file()
+    cached = next((out / "cache").iterdir())
+    stamp = (cached / "model.safetensors").stat().st_mtime_ns
+    assert padded_base(FindingConfig(pad_examples=16), out / "cache") == cached     # made once, then reused
+    assert (cached / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_padding_changes_neither_score_nor_format():
+    from aha.findings import answer_padding
+    from aha.tasks.addition import AdditionTask
+    task = AdditionTask()
+    problem = next(task.train_problems(0))
+    for think in (True, False):
+        plain = task.corpus_document(problem, think)
+        padded = task.corpus_document(problem, think, padding=3)
+        assert padded == plain.replace("</answer>", "   </answer>") and answer_padding(padded) == 3
+        response = padded[len(task.prompt(problem)):]
+        assert task.score(response, problem) == task.score(plain[len(task.prompt(problem)):], problem)
+        assert task.score(response, problem)["format"] == 1.0
+
+
+def test_bad_finding_config(tmp_path):
+    with pytest.raises(AhaError, match="base='big' is not one of padded, builtin"):
+        run_finding("length-bias", FindingConfig(out=str(tmp_path / "x"), base="big"))
+    assert not (tmp_path / "x").exists()
+    assert markdown({"seeds": [{}], "config": {"window": 1, "steps": 1}, "summary": {}, "experiment": "entropy"},
+                    FINDINGS["entropy"]).count("|---|") == 1
