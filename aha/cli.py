@@ -1,5 +1,5 @@
 """The `aha` command line: pretrain, train, plan, eval, run, report, chat, serve, sft, sample, distill, bench,
-pipeline, experiment, check-reward.
+pipeline, experiment, check-reward, import-model.
 
 Bad input ends in one line on stderr — what is wrong, where, what to do — and exit code 2.
 """
@@ -164,6 +164,8 @@ def build_parser() -> Parser:
     add_experiment_parser(sub)
     from aha.check_reward import add_check_reward_parser
     add_check_reward_parser(sub)
+    from aha.import_model import add_import_parser
+    add_import_parser(sub)
 
     p = sub.add_parser("bench", help="time aha's GRPO step against TRL's GRPOTrainer on the same work (needs the bench extra)",
                        description="aha and TRL GRPO steps alternating in one process on a random-init 3.2M Qwen2, "
@@ -342,6 +344,11 @@ def cmd_experiment(args, console):
     experiment(args, console)
 
 
+def cmd_import_model(args, console):
+    from aha.import_model import cmd_import_model as convert
+    convert(args, console)
+
+
 def cmd_check_reward(args, console) -> int:
     from aha.check_reward import cmd_check_reward as check
     return check(args, console)
@@ -350,7 +357,7 @@ def cmd_check_reward(args, console) -> int:
 COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "chat": cmd_chat, "serve": cmd_serve,
             "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "bench": cmd_bench,
             "pipeline": cmd_pipeline, "experiment": cmd_experiment, "plan": cmd_plan, "check-reward": cmd_check_reward,
-            "report": cmd_report}
+            "import-model": cmd_import_model,             "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
