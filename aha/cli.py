@@ -172,13 +172,15 @@ def build_parser() -> Parser:
                                    "8 prompts × 8 completions, fp32: s/step, tokens/s, time split, peak RSS, useful "
                                    "FLOP/s vs this machine's matmul peak. Last line: speedup_vs_trl.")
     p.add_argument("--quick", action="store_true", help="1 warm-up + 1 timed step; 32 and 128 new tokens, addition at 32 only")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per side (after warm-up)")
+    p.add_argument("--steps", type=int, help="timed steps per side, after warm-up (default 5; 2 with --model)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     p.add_argument("--max-new-tokens", type=int, action="append", help="completion length; repeat for several (default 32)")
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--memory", action="store_true", help="instead: peak RSS of RL steps at a 151,936-token vocabulary, "
                                                           "aha vs TRL, each side in its own process")
     p.add_argument("--completions", default="16,32,64,128", help="--memory: completions per step to measure (multiples of 8)")
+    p.add_argument("--model", help="instead: aha vs TRL on this model dir (e.g. from aha import-model), 8 × 8 completions, "
+                                   "fp32, each side in its own process: s/step and peak RSS (aha/bench_model.py)")
 
     p = sub.add_parser("plan", help="predict the peak memory and time per step of an aha train run, before it runs",
                        description="Takes the config and flags of aha train and runs nothing: prints the predicted peak "
@@ -299,9 +301,12 @@ def cmd_bench(args, console):
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=2)
         return
+    if args.model:
+        from aha.bench_model import cmd_bench_model
+        return cmd_bench_model(args)
     from aha.bench import format_table, run_bench
     lengths = tuple(args.max_new_tokens or ((32, 128) if args.quick else (32,)))
-    steps = 1 if args.quick else args.steps
+    steps = 1 if args.quick else (args.steps or 5)
     out = run_bench(lengths, args.warmup, steps, addition_at=lengths[:1] if args.quick else None, say=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(out["results"], out["peak"]))
     if args.json:
