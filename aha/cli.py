@@ -1,5 +1,5 @@
 """The `aha` command line: pretrain, train, plan, eval, run, report, chat, serve, sft, sample, distill, bench,
-pipeline, experiment, check-reward.
+pipeline, experiment, check-reward, import-model.
 
 Bad input ends in one line on stderr — what is wrong, where, what to do — and exit code 2.
 """
@@ -164,13 +164,15 @@ def build_parser() -> Parser:
     add_experiment_parser(sub)
     from aha.check_reward import add_check_reward_parser
     add_check_reward_parser(sub)
+    from aha.import_model import add_import_parser
+    add_import_parser(sub)
 
     p = sub.add_parser("bench", help="time aha's GRPO step against TRL's GRPOTrainer on the same work (needs the bench extra)",
                        description="aha and TRL GRPO steps alternating in one process on a random-init 3.2M Qwen2, "
                                    "8 prompts × 8 completions, fp32: s/step, tokens/s, time split, peak RSS, useful "
                                    "FLOP/s vs this machine's matmul peak. Last line: speedup_vs_trl.")
     p.add_argument("--quick", action="store_true", help="1 warm-up + 1 timed step; 32 and 128 new tokens, addition at 32 only")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per side (after warm-up)")
+    p.add_argument("--steps", type=int, help="timed steps per side, after warm-up (default 5; 2 with --model)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
     p.add_argument("--max-new-tokens", type=int, action="append", help="completion length; repeat for several (default 32)")
     p.add_argument("--json", help="also write the results to this JSON file")
@@ -181,6 +183,8 @@ def build_parser() -> Parser:
                                                          "RL wall time to TRL's final held-out pass@1")
     p.add_argument("--seeds", default="0,1,2", help="--learn: seeds (the median ratio is reported)")
     p.add_argument("--learn-steps", type=int, default=150, help="--learn: RL steps per side")
+    p.add_argument("--model", help="instead: aha vs TRL on this model dir (e.g. from aha import-model), 8 × 8 completions, "
+                                   "fp32, each side in its own process: s/step and peak RSS (aha/bench_model.py)")
 
     p = sub.add_parser("plan", help="predict the peak memory and time per step of an aha train run, before it runs",
                        description="Takes the config and flags of aha train and runs nothing: prints the predicted peak "
@@ -317,9 +321,12 @@ def cmd_bench(args, console):
             with open(args.json, "w") as f:
                 json.dump(out, f, indent=2)
         return
+    if args.model:
+        from aha.bench_model import cmd_bench_model
+        return cmd_bench_model(args)
     from aha.bench import format_table, run_bench
     lengths = tuple(args.max_new_tokens or ((32, 128) if args.quick else (32,)))
-    steps = 1 if args.quick else args.steps
+    steps = 1 if args.quick else (args.steps or 5)
     out = run_bench(lengths, args.warmup, steps, addition_at=lengths[:1] if args.quick else None, say=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_table(out["results"], out["peak"], out["cpu"]))
     if args.json:
@@ -363,6 +370,11 @@ def cmd_experiment(args, console):
     experiment(args, console)
 
 
+def cmd_import_model(args, console):
+    from aha.import_model import cmd_import_model as convert
+    convert(args, console)
+
+
 def cmd_check_reward(args, console) -> int:
     from aha.check_reward import cmd_check_reward as check
     return check(args, console)
@@ -371,7 +383,7 @@ def cmd_check_reward(args, console) -> int:
 COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "chat": cmd_chat, "serve": cmd_serve,
             "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "bench": cmd_bench,
             "pipeline": cmd_pipeline, "experiment": cmd_experiment, "plan": cmd_plan, "check-reward": cmd_check_reward,
-            "report": cmd_report}
+            "import-model": cmd_import_model,             "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

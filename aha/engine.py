@@ -21,7 +21,10 @@ A paged cache (vLLM) avoids both copies and padding; it is not worth its code at
 
 Text is decoded incrementally by decoding a sequence's whole token list and sending the new
 suffix; text that may still change (a trailing U+FFFD of an incomplete multi-byte character, or
-the start of a stop string) is held back.
+the start of a stop string) is held back. Two kinds of stop: a request's `stop` strings (OpenAI's
+field) end the text *before* them, and the R1 answer's close `</answer>`, where this tokenizer
+writes it as several tokens (`aha.rollout.stop_strings`; one token is a stop token already), ends
+it *after* it: the tag stays in the text, as in training, for the reasoning splitter.
 """
 
 import asyncio
@@ -38,7 +41,7 @@ import torch
 from transformers import DynamicCache
 
 from aha.errors import AhaError
-from aha.rollout import SamplingParams, cache_kwarg, left_pad, sample_next, stop_token_ids
+from aha.rollout import SamplingParams, cache_kwarg, left_pad, sample_next, stop_strings, stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,7 @@ class Engine:
         self.vocab_size = model.config.vocab_size
         self.max_context = int(getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length)
         self.stop_ids = stop_token_ids(model, tokenizer)
+        self.end_strings = stop_strings(tokenizer)           # kept in the text, unlike a request's `stop`
         self._cache_kw = cache_kwarg(model)
         self._waiting: deque[Request] = deque()
         self._lock, self._wake, self._stopping = threading.Lock(), threading.Event(), threading.Event()
@@ -272,7 +276,10 @@ class Engine:
         finish = "stop" if token in self.stop_ids else None
         stops = row.request.params.stop
         cut = min((at for at in (text.find(s) for s in stops) if at >= 0), default=-1)
-        if cut >= 0:
+        end = min((at + len(s) for s in self.end_strings if (at := text.find(s)) >= 0), default=-1)
+        if end >= 0 and (cut < 0 or end <= cut):
+            text, finish = text[:end], "stop"
+        elif cut >= 0:
             text, finish = text[:cut], "stop"
         if finish is None and len(row.token_ids) >= row.max_tokens:
             finish = "length"

@@ -61,3 +61,24 @@ def test_bench_without_trl_says_so(monkeypatch, capsys):
     assert cli.main(["bench", "--quick"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "TRL" in err
+
+
+def test_bench_model_runs_each_side_in_its_own_process(tiny_model_dir):
+    pytest.importorskip("trl")
+    from aha.bench_model import format_model_table, run_model_bench
+    result = run_model_bench(str(tiny_model_dir), steps=1, warmup=1, max_new_tokens=6, prompts=2, group=2)
+    for side in ("aha", "trl"):
+        s = result[side]
+        assert len(s["all_steps"]) == 2 and s["timed_steps"] == 1          # warm-up + timed, each one step
+        assert s["s_per_step"] == pytest.approx(s["all_steps"][1]["seconds"]) and 0 < s["generate_s"] < s["s_per_step"]
+        assert 0 < s["completion_tokens_per_step"] <= 2 * 2 * 6
+        assert s["peak_rss_mb"] > 100                                       # a whole python + torch process
+    assert result["speedup"] == pytest.approx(result["trl"]["s_per_step"] / result["aha"]["s_per_step"])
+    assert result["memory_ratio"] == pytest.approx(result["aha"]["peak_rss_mb"] / result["trl"]["peak_rss_mb"])
+    assert "TRL/aha time" in format_model_table(result)
+
+
+def test_bench_model_refuses_a_dir_without_a_model(tmp_path, capsys):
+    from aha import cli
+    assert cli.main(["bench", "--model", str(tmp_path)]) == 2
+    assert "no config.json" in capsys.readouterr().err

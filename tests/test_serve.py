@@ -183,6 +183,55 @@ def test_engine_seeded_sampling_is_independent_of_the_batch(loaded):
     assert drain(joined) == drain(request)
 
 
+def answer_model():
+    """A tokenizer that spells `</answer>` in 9 tokens (one per character) and a 1-layer Llama that
+    memorised `<answer>7</answer>` over and over: greedily it writes the tag and goes on past it."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+    chars = sorted(set("<answer>7</answer> <think>x</think>"))
+    backend = Tokenizer(models.WordLevel({c: i for i, c in enumerate(["[PAD]", "[EOS]", *chars])}, unk_token="[PAD]"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens([AddedToken(t, special=True) for t in ("[PAD]", "[EOS]")])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=1)
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.tensor([tok("<think>x</think> " + "<answer>7</answer>" * 4)["input_ids"]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), tok
+
+
+def test_engine_ends_after_an_answer_close_of_several_tokens_and_keeps_it():
+    from aha.rollout import stop_strings
+    model, tok = answer_model()
+    assert len(tok.tokenize("</answer>")) == 9 and stop_strings(tok) == ("</answer>",)
+    prompt = tok("<think>x</think> <answer>")["input_ids"]
+    free = generate(model, [prompt], 1, SamplingParams(30, 0.0), tok.pad_token_id, seed=0)     # no stop strings
+    assert tok.decode(free.completion_ids[0, :int(free.lengths[0])]).startswith("7</answer><answer>7")
+    engine = Engine(model, tok)
+    request = engine.submit(prompt, GenerationParams(max_tokens=30, temperature=0))
+    events = []
+    while engine.step():
+        pass
+    while not events or events[-1].finish_reason is None:
+        events.append(request.get(timeout=5))
+    text = "".join(e.text for e in events)
+    assert text == "7</answer>" and events[-1].finish_reason == "stop"      # ends after the tag, which stays
+    assert events[-1].completion_tokens == 10
+    assert split_reasoning("<think>x</think> <answer>" + text, False) == ("x", "7")
+    cut = engine.submit(prompt, GenerationParams(max_tokens=30, temperature=0, stop=("</ans",)))
+    while engine.step():
+        pass
+    assert drain(cut) == {0: "7"}                         # a request's own stop still ends before it
+
+
 # ---------------------------------------------------------------- the live server
 
 @pytest.fixture(scope="session")

@@ -118,3 +118,14 @@ def test_bad_task_options():
         get_task("nope")
     with pytest.raises(AhaError):
         get_task("addition", digits=0)
+
+
+def test_asking_for_more_held_out_problems_than_exist_is_refused():
+    from aha.errors import AhaError
+    task = AdditionTask(digits=1)
+    available = task.heldout_pairs()
+    span = range(10)
+    assert available == sum(is_heldout(a, b) for a in span for b in span) and 0 < available < 100
+    assert len(task.eval_problems(available)) == available          # all of them, and it ends
+    with pytest.raises(AhaError, match=f"only {available} held-out problems"):
+        task.eval_problems(available + 1)                         # used to loop for ever

@@ -77,7 +77,17 @@ class AdditionTask:
             if not is_heldout(a, b):
                 yield self._problem(a, b)
 
+    def heldout_pairs(self) -> int | None:
+        """How many ordered held-out pairs there are, where few enough to count (≤ 3 digits); None above."""
+        span = range(self.low, self.high + 1)
+        return sum(is_heldout(a, b) for a in span for b in span) if self.digits <= 3 else None
+
     def eval_problems(self, n: int) -> list[Problem]:
+        available = self.heldout_pairs()
+        if available is not None and n > available:      # else the search below never ends
+            raise AhaError(f"addition with digits={self.digits} has only {available} held-out problems, "
+                           f"fewer than the {n} asked for: ask for at most {available} (eval_problems / --problems) "
+                           f"or use more digits")
         rng, seen, out = random.Random(EVAL_SEED), set(), []
         while len(out) < n:
             a, b = self._pair(rng)
