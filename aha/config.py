@@ -26,7 +26,7 @@ class Config:
     # what to train
     model: str = ""                  # a transformers model dir; "" = the built-in base model
     task: str = "addition"
-    digits: int = 3                  # addition: digits per operand
+    digits: int = 3                  # addition: digits per operand; multiplication: of the first factor
     data: str = ""                   # file-backed tasks: JSONL / Parquet / HF dataset dir
     eval_data: str = ""              # optional separate held-out file
     skip_bad_rows: bool = False      # skip and count rows without an answer instead of stopping
@@ -108,7 +108,7 @@ class Config:
 
     def task_options(self) -> dict:
         """The options `get_task` takes for this task: only those that apply to it."""
-        options = {"digits": self.digits} if self.task == "addition" else {}
+        options = {"digits": self.digits} if self.task in ("addition", "multiplication") else {}
         if self.data:
             options["data"] = self.data
         if self.eval_data:

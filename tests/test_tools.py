@@ -6,14 +6,17 @@ exactly the context the naive loop (one row at a time, the whole sequence recomp
 tools run in line) feeds it, or the tokens differ.
 """
 
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import trl
 
 from aha.rollout import SamplingParams, generate, row_uniforms, sample_next, stop_strings, stop_token_ids
 from aha.tokenizer import TAGS, TOOL_TAGS, build_char_tokenizer
-from aha.tools.formats import FORMATS, cut_tokens
+from aha.tools.formats import FORMATS, Call, cut_tokens
 from aha.tools.interact import ToolEngine, tool_metrics, turn_seed
 from aha.tools.tools import FunctionTool, Observation, Toolbox
 
@@ -28,23 +31,21 @@ def calc(text: str) -> str:
 class ScriptedLM(torch.nn.Module):
     """A fake causal LM. Its logits for a row are a hash of the row's whole context (in [0, 1)) plus
     `strength` on the next token of the row's script; the script is indexed by how many tokens the
-    row has written itself (tool output, between <output> and </output>, does not count), so a row
-    that strays from it goes on with the script. With a KV cache the token ids are stored as the keys
+    row has written itself (tool output, matched by `tool_output`, does not count), so a row that
+    strays from it goes on with the script. With a KV cache the token ids are stored as the keys
     of one layer, so the model sees its whole context whichever way it is called."""
 
-    def __init__(self, tokenizer, prompts: list[list[int]], scripts: list[str], strength: float = 9.0):
+    def __init__(self, tokenizer, prompts: list[list[int]], scripts: list[str], strength: float = 9.0,
+                 tool_output: str = r"<output>.*?</output>"):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.config = SimpleNamespace(vocab_size=len(tokenizer), max_position_embeddings=512)
-        self.prompts = prompts
+        self.config = SimpleNamespace(vocab_size=len(tokenizer), max_position_embeddings=2048)
+        self.tokenizer, self.prompts, self.tool_output = tokenizer, prompts, re.compile(tool_output, re.DOTALL)
         self.scripts = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in scripts]
         self.eos, self.strength = tokenizer.eos_token_id, strength
-        self.open, self.close = tokenizer.convert_tokens_to_ids(["<output>", "</output>"])
-        self.calls = 0
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0,
                 past_key_values=None, **kwargs):
-        self.calls += 1
         columns = input_ids
         if past_key_values is not None:
             ids = input_ids.float()[:, None, :, None]                     # (B, 1, L, 1)
@@ -55,11 +56,8 @@ class ScriptedLM(torch.nn.Module):
 
     def next_logits(self, context: list[int]) -> torch.Tensor:
         which = next(i for i, p in enumerate(self.prompts) if context[:len(p)] == p)
-        own, inside = [], False
-        for token in context[len(self.prompts[which]):]:
-            inside = (inside or token == self.open) and token != self.close
-            if not inside and token != self.close:
-                own.append(token)
+        written = self.tokenizer.decode(context[len(self.prompts[which]):], skip_special_tokens=False)
+        own = self.tokenizer(self.tool_output.sub("", written), add_special_tokens=False)["input_ids"]
         script = self.scripts[which]
         intended = script[len(own)] if len(own) < len(script) else self.eos
         h = hash(tuple(context)) % 1_000_003
@@ -204,3 +202,44 @@ def test_tool_metrics_by_hand():
     assert metrics["tool_error_rate"] == pytest.approx(sum(r["errors"] for r in rows) / max(1, sum(calls)))
     turns = [1 + sum(1 for a, b in zip(r["actions"], r["actions"][1:]) if a == 0 and b == 1) for r in rows]
     assert metrics["turns_per_sample"] == pytest.approx(sum(turns) / 3)
+
+
+QWEN_TEMPLATE = (Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja").read_text()
+QWEN_TOOL_OUTPUT = r"\n<\|im_start\|>user\n<tool_response>.*?</tool_response><\|im_end\|>\n<\|im_start\|>assistant\n"
+
+
+def qwen_like_tokenizer():
+    """The character tokenizer with Qwen2.5's chat template, turn markers and `<|im_end|>` as its EOS."""
+    tokenizer = build_char_tokenizer(TAGS + ["<tool_call>", "</tool_call>"])
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]})
+    tokenizer.chat_template, tokenizer.model_max_length = QWEN_TEMPLATE, 4096
+    return tokenizer
+
+
+def test_chat_format_equals_the_naive_loop_and_trl_renders_the_same_tool_turn():
+    """tool_format=chat: a Qwen2.5-style `<tool_call>` JSON ends the turn at EOS; the result comes back
+    as the template's tool message, tokenized as TRL's `_get_tool_suffix_ids` does it."""
+    tokenizer = qwen_like_tokenizer()
+    box = Toolbox("py:tests:calc", {"calc": FunctionTool(calc, "calc")})
+    prompt_text = tokenizer.apply_chat_template([{"role": "user", "content": "6*7?"}], tools=box.schemas(), tokenize=False,
+                                                add_generation_prompt=True)
+    prompts = [tokenizer(prompt_text, add_special_tokens=False)["input_ids"]]
+    call = '<tool_call>\n{"name": "calc", "arguments": {"input": "6*7"}}\n</tool_call><|im_end|>'
+    bad = '<tool_call>\n{"name": "calc", "arguments": 7}\n</tool_call><|im_end|>'
+    model = ScriptedLM(tokenizer, prompts, [call + bad + "It is 42."], strength=12.0, tool_output=QWEN_TOOL_OUTPUT)
+    params = SamplingParams(260, 1.0, 1.0, 0, stop_token_ids(model, tokenizer), ())
+    rollout = ToolEngine(box, "chat")(model, prompts, 3, params, tokenizer.pad_token_id, seed=4, tokenizer=tokenizer)
+    assert_same(as_rows(rollout), naive_interaction(model, prompts, 3, params, 4, tokenizer, box, "chat", 4, 64))
+    shown = call + "\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n" + bad
+    scripted = [r for r in as_rows(rollout) if tokenizer.decode(r["tokens"], skip_special_tokens=False).startswith(shown)]
+    assert scripted, "a row should follow the script"
+    row = scripted[0]
+    assert row["calls"] == 2 and row["errors"] == 1
+    eos = row["tokens"].index(tokenizer.eos_token_id)
+    assert row["actions"][eos] == 1 and row["actions"][eos + 1] == 0        # the model's EOS is its own; the rest the tool's
+    from trl import GRPOTrainer
+    messages = [{"role": "tool", "name": "calc", "content": "42"}]
+    trainer = SimpleNamespace(processing_class=tokenizer, chat_template=None, chat_template_kwargs={}, _is_vlm=False,
+                              _tokenizer=tokenizer)
+    assert FORMATS["chat"](["calc"]).observation_ids(tokenizer, [Call("calc", "6*7")], [Observation("42")]) == \
+        GRPOTrainer._get_tool_suffix_ids(trainer, messages)

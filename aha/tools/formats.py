@@ -20,6 +20,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from aha.errors import AhaError
 from aha.tools.tools import Observation
 
 R1_TAGS = ("think", "answer", "tool", "output")
@@ -43,14 +44,16 @@ def defuse(text: str, tags: tuple[str, ...] = R1_TAGS) -> str:
     return re.sub(rf"<(/?(?:{names})>)", r"&lt;\1", text)
 
 
-def spellable(tokenizer, text: str) -> list[int]:
-    """Token ids of `text`; a tokenizer that cannot spell a character (one without an unknown
-    token, like aha's character tokenizer) gets `?` for every character outside printable ASCII."""
+def spellable(tokenizer, text: str, specials: bool = False) -> list[int]:
+    """Token ids of tool output `text`: special-token strings in it (`<|endoftext|>`, `<|im_start|>`)
+    are spelled as plain text, never as the special token (`specials=True`: a template's own text,
+    whose special tokens are meant); a tokenizer that cannot spell a character (one without an
+    unknown token, like aha's character tokenizer) gets `?` for every character outside printable ASCII."""
+    encode = lambda t: tokenizer(t, add_special_tokens=False, split_special_tokens=not specials, verbose=False)["input_ids"]
     try:
-        return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return encode(text)
     except Exception:
-        plain = "".join(c if c == "\n" or (c.isascii() and c.isprintable()) else "?" for c in text)
-        return tokenizer(plain, add_special_tokens=False, verbose=False)["input_ids"]
+        return encode("".join(c if c == "\n" or (c.isascii() and c.isprintable()) else "?" for c in text))
 
 
 def cut_tokens(tokenizer, text: str, limit: int) -> tuple[str, bool]:
@@ -108,9 +111,9 @@ class ChatFormat:
             name, arguments = call["name"], call.get("arguments", {})
             if isinstance(arguments, str):
                 arguments = json.loads(arguments)
-            values = [v for v in arguments.values()] if isinstance(arguments, dict) else [arguments]
-            if not isinstance(name, str) or len(values) != 1:
-                raise ValueError("a tool call needs a name and one argument")
+            if not isinstance(name, str) or not isinstance(arguments, dict) or len(arguments) != 1:
+                raise ValueError("a tool call needs a name and an arguments object with one argument")
+            values = list(arguments.values())
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             text = f"error: the tool call is not {{\"name\": …, \"arguments\": {{…}}}} JSON ({type(exc).__name__}: {exc})"
             return Call(self.tools[0], "", Observation(text[:300], True))
@@ -118,13 +121,20 @@ class ChatFormat:
         return Call(name, value if isinstance(value, str) else json.dumps(value))
 
     def observation_ids(self, tokenizer, calls: list[Call], observations: list[Observation]) -> list[int]:
-        messages = [{"role": "tool", "name": c.name, "content": defuse(o.text, ())} for c, o in zip(calls, observations)]
-        return tool_suffix_ids(tokenizer, messages)
+        """The template's tool messages around each output: the template's text tokenized with its
+        special tokens, each output spelled as plain text (`spellable`)."""
+        marks = [f"\x00aha-tool-output-{i}\x00" for i in range(len(calls))]
+        messages = [{"role": "tool", "name": c.name, "content": mark} for c, mark in zip(calls, marks)]
+        suffix, ids = tool_suffix(tokenizer, messages), []
+        for mark, observation in zip(marks, observations):
+            before, _, suffix = suffix.partition(mark)
+            ids += spellable(tokenizer, before, specials=True) + spellable(tokenizer, defuse(observation.text, ()))
+        return ids + spellable(tokenizer, suffix, specials=True)
 
 
-def tool_suffix_ids(tokenizer, tool_messages: list[dict]) -> list[int]:
-    """The tokens a chat template puts after an assistant turn's EOS for these tool messages, up to
-    the next assistant turn (TRL's `_get_tool_suffix_ids`)."""
+def tool_suffix(tokenizer, tool_messages: list[dict]) -> str:
+    """The text a chat template puts after an assistant turn's EOS for these tool messages, up to
+    the next assistant turn (TRL's `_get_tool_suffix_ids`, on text)."""
     calls = [{"type": "function", "function": {"name": m["name"], "arguments": {}}} for m in tool_messages]
     dummy = [{"role": "user", "content": "dummy"}, {"role": "assistant", "content": "", "tool_calls": calls}]
     prefix = tokenizer.apply_chat_template(dummy, tokenize=False, add_generation_prompt=False)
@@ -133,9 +143,12 @@ def tool_suffix_ids(tokenizer, tool_messages: list[dict]) -> list[int]:
     if eos and eos in prefix:                          # the turn ends at its EOS, not at the newline after it
         prefix = prefix[:prefix.rindex(eos) + len(eos)]
     if not full.startswith(prefix):
-        raise ValueError("the chat template renders a tool message by rewriting the turn before it: "
-                         "tool_format=chat cannot append tool results to this model's turns")
-    return spellable(tokenizer, full[len(prefix):])
+        raise AhaError("the chat template renders a tool message by rewriting the turn before it: "
+                       "tool_format=chat cannot append tool results to this model's turns")
+    suffix = full[len(prefix):]
+    if any(m["content"] not in suffix for m in tool_messages):
+        raise AhaError("the chat template drops tool messages (it has no `tool` role): use tool_format=r1")
+    return suffix
 
 
 FORMATS = {"r1": R1Format, "chat": ChatFormat}
