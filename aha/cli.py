@@ -210,6 +210,8 @@ def build_parser() -> Parser:
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--digits", type=int, default=d.digits, help="addition: digits per operand")
     p.add_argument("--think-frac", type=float, default=d.think_frac, help="share of corpus documents with worked reasoning")
+    p.add_argument("--task", default=d.task, choices=("addition", "multiplication"), help="whose corpus (multiplication: the tool demo)")
+    p.add_argument("--tool-frac", type=float, default=d.tool_frac, help="multiplication: share of worked answers that call the tool")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-seconds", type=float, default=0.0, help="stop early after this many seconds (0: no cap)")
     return parser
@@ -285,7 +287,8 @@ def cmd_distill(args, console):
 def cmd_pretrain(args, console):
     from aha.pretrain import PretrainConfig, pretrain
     cfg = PretrainConfig(out=args.out, arch=args.arch, hidden=args.hidden, layers=args.layers, steps=args.steps,
-                         think_frac=args.think_frac, seed=args.seed, digits=args.digits, max_seconds=args.max_seconds)
+                         think_frac=args.think_frac, seed=args.seed, digits=args.digits, max_seconds=args.max_seconds,
+                         task=args.task, tool_frac=args.tool_frac)
     print(json.dumps(pretrain(cfg, console=console)))
 
 

@@ -26,7 +26,7 @@ class Config:
     # what to train
     model: str = ""                  # a transformers model dir; "" = the built-in base model
     task: str = "addition"
-    digits: int = 3                  # addition: digits per operand
+    digits: int = 3                  # addition: digits per operand; multiplication: of the first factor
     data: str = ""                   # file-backed tasks: JSONL / Parquet / HF dataset dir
     eval_data: str = ""              # optional separate held-out file
     skip_bad_rows: bool = False      # skip and count rows without an answer instead of stopping
@@ -95,6 +95,13 @@ class Config:
     dist_strategy: str = "ddp"       # under torchrun: ddp (whole model per process) | fsdp (FSDP2: sharded per decoder layer)
     rollout: str = "torch"           # sampler: torch (aha/rollout.py) | vllm (colocated vLLM, needs CUDA + pip install 'aha[gpu]')
     vllm_gpu_memory: float = 0.3     # rollout=vllm: share of the GPU's memory vLLM may take (weights + KV cache)
+    # tools (aha/tools/): multi-turn rollouts; max_new_tokens then bounds the whole interaction, tool output included
+    tools: str = ""                  # "" = none | python (sandboxed) | py:module:function | env:module:Class
+    tool_format: str = "r1"          # r1 (<tool>CODE</tool> → <output>…</output>) | chat (the model's <tool_call> JSON)
+    max_turns: int = 4               # tool calls per sample at most
+    tool_timeout: float = 5.0        # python tool: wall and CPU seconds per call
+    tool_output_tokens: int = 64     # tokens of one tool result shown to the model at most (the rest is cut, marked)
+    tool_workers: int = 4            # tool calls run at once (threads; the python tool's work is in subprocesses)
     # rewards: total = Σ weight × component
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
@@ -117,7 +124,7 @@ class Config:
 
     def task_options(self) -> dict:
         """The options `get_task` takes for this task: only those that apply to it."""
-        options = {"digits": self.digits} if self.task == "addition" else {}
+        options = {"digits": self.digits} if self.task in ("addition", "multiplication") else {}
         if self.data:
             options["data"] = self.data
         if self.eval_data:
@@ -129,7 +136,7 @@ class Config:
     def component_weights(self) -> dict[str, float]:
         """Weight of each reward component by name: accuracy/format from their own keys, DAPO's
         overlong penalty 1, then `reward_weights` on top. A component not named here weighs 0."""
-        return {"accuracy": self.accuracy_weight, "format": self.format_weight, "overlong": 1.0,
+        return {"accuracy": self.accuracy_weight, "format": self.format_weight, "overlong": 1.0, "env": 1.0,
                 **parse_reward_weights(self.reward_weights)}
 
     def validate(self) -> "Config":
@@ -180,6 +187,8 @@ class Config:
         if not (0 < self.top_p <= 1) or self.temperature < 0 or self.lr <= 0:
             raise AhaError("config: need 0 < top_p <= 1, temperature >= 0 and lr > 0")
         parse_reward_weights(self.reward_weights)
+        from aha.tools import validate as validate_tools
+        validate_tools(self)
         from aha.trackers import parse_report_to
         parse_report_to(self.report_to)
         from aha.templates import read_template

@@ -111,6 +111,7 @@ def cmd_eval(args, console):
     from aha.plan import rollout_rows_for
     from aha.tasks import get_task
     from aha.templates import apply_template
+    from aha.tools import eval_engine, tool_schemas
     pass_k = parse_pass_k(args.pass_k)
     paths = [*args.models, *args.model] or [None]
     plans = [eval_plan(path, args) for path in paths]          # every bad input found before any model loads
@@ -122,11 +123,13 @@ def cmd_eval(args, console):
         k = max((cfg.eval_k, *pass_k)) if args.k is None else cfg.eval_k     # --k is cfg.eval_k
         model_dir = resolve_model_dir(path) if path else ensure_base_model(console)
         model, tokenizer = load_model(model_dir, detect_device())
-        task = apply_template(get_task(cfg.task, **cfg.task_options()), tokenizer, cfg.template, cfg.think_prefill)
+        task = apply_template(get_task(cfg.task, **cfg.task_options()), tokenizer, cfg.template, cfg.think_prefill,
+                              tool_schemas(cfg))
         rows = rollout_rows_for(model, 256, cfg.max_new_tokens, k, cfg.eval_problems * k)   # the KV-cache budget
         spec = EvalSpec(cfg.eval_problems, k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed,
                         pass_k=pass_k, rows_per_pass=rows, skip_unreadable=args.skip_unreadable)
-        result = evaluate(model, tokenizer, task, spec, prefill=args.prefill, console=console, label=f"eval {path or 'base'}")
+        result = evaluate(model, tokenizer, task, spec, prefill=args.prefill, console=console, label=f"eval {path or 'base'}",
+                          engine=eval_engine(cfg))
         results.append({"model": path or "base", "task": cfg.task, "template": cfg.template,
                         "think_prefill": cfg.think_prefill, "max_new_tokens": cfg.max_new_tokens, **result})
     if len(results) > 1:

@@ -83,11 +83,13 @@ def readable_prompts(tokenizer, task, problems: list, prefill: str, limit: int |
     return encoded
 
 
-def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=None, label: str = "eval") -> dict:
+def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=None, label: str = "eval",
+             engine=generate) -> dict:
     """R1's protocol on the task's first `spec.problems` held-out problems. A problem whose prompt
     the model cannot read (too long for its context, or characters its tokenizer lacks) counts as
     k wrong answers and is counted in `unreadable_prompts`; the length, think, truncation and
-    reflection figures are over the samples actually generated."""
+    reflection figures are over the samples actually generated. `engine`: the sampler, `generate` or
+    the tool loop (aha/tools/); with tools the result also has the tool-use figures."""
     problems = task.eval_problems(spec.problems)
     params = SamplingParams(spec.max_new_tokens, spec.temperature, spec.top_p, 0, stop_token_ids(model, tokenizer),
                             stop_strings(tokenizer))
@@ -99,7 +101,7 @@ def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=
     encoded = readable_prompts(tokenizer, task, problems, prefill, limit, spec.skip_unreadable, spec.max_new_tokens)
     correct: list = [None] * len(problems)            # per problem: its k accuracies
     answers: list = [None] * len(problems)
-    texts, lengths, thinking, truncated, samples = [], [], [], [], []
+    texts, lengths, thinking, truncated, samples, rollouts = [], [], [], [], [], []
     unreadable = 0
     was_training = model.training
     model.eval()
@@ -115,9 +117,10 @@ def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=
                     correct[start + i], answers[start + i] = [0.0] * spec.k, [None] * spec.k
             if readable:
                 # global rows: sample j of problem i draws the same tokens whatever the pass size
-                rollout = generate(model, [ids for ids in chunk_ids if ids is not None], spec.k, params,
-                                   tokenizer.pad_token_id, seed=spec.seed, row_offset=start * spec.k,
-                                   total_rows=len(problems) * spec.k, tokenizer=tokenizer)
+                rollout = engine(model, [ids for ids in chunk_ids if ids is not None], spec.k, params,
+                                 tokenizer.pad_token_id, seed=spec.seed, row_offset=start * spec.k,
+                                 total_rows=len(problems) * spec.k, tokenizer=tokenizer)
+                rollouts.append(rollout)
                 decoded = [prefill + t for t in tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)]
                 scores = score_all(task, decoded, [p for p in readable for _ in range(spec.k)])
                 for i in range(0, len(decoded), spec.k):
@@ -138,7 +141,18 @@ def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=
     return {**sample_metrics(correct, answers, texts, spec), "think_rate": sum(thinking) / generated,
             "mean_response_tokens": sum(lengths) / generated, "truncation_rate": sum(truncated) / generated,
             "problems": len(problems), "unreadable_prompts": unreadable, "k": spec.k, "temperature": spec.temperature,
-            "top_p": spec.top_p, "samples": samples}
+            "top_p": spec.top_p, **eval_tool_metrics(rollouts), "samples": samples}
+
+
+def eval_tool_metrics(rollouts: list) -> dict:
+    """Tool use over the evaluation's rollouts (aha/tools/interact.py `tool_metrics`); {} without tools."""
+    from aha.rollout import concat_rollouts
+    from aha.tools.interact import tool_metrics
+    if not rollouts or rollouts[0].tools is None:
+        return {}
+    metrics = tool_metrics(concat_rollouts(rollouts, 0))
+    return {key: metrics[key] for key in ("tool_use_rate", "tool_calls_per_sample", "tool_error_rate", "turns_per_sample",
+                                          "policy_tokens")}
 
 
 def resolve_model_dir(path: str) -> str:

@@ -149,7 +149,9 @@ def completion_logprobs(model, rollout: Rollout, rows: torch.Tensor, temperature
                         share_prompts: bool = True, chunk_tokens: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probs (R, T) of the sampled completion tokens of `rows`, per-token entropy (R, T), and
-    the completion mask (R, T), T trimmed to the longest of these rows' completions.
+    the mask of the policy's own tokens (R, T) (`Rollout.loss_mask`: tool output is context, read by
+    the forward pass but never an action: 0 there, and so are its log-probs), T trimmed to the
+    longest of these rows' completions.
 
     `chunk_tokens`: run the output head on chunks of this many tokens (None: only when the logits
     would exceed LOGIT_BYTES, in chunks of `chunk_tokens_for(vocabulary)`)."""
@@ -159,18 +161,21 @@ def completion_logprobs(model, rollout: Rollout, rows: torch.Tensor, temperature
     width = int(completion_mask.sum(dim=1).max())
     prompt_ids, prompt_mask = prompt_ids[:, first:], prompt_mask[:, first:]
     completion_ids, completion_mask = completion_ids[:, :width], completion_mask[:, :width]
+    action_mask = rollout.loss_mask[rows][:, :width]                  # (R, T) the policy's tokens
     head = output_head(model)
     vocab = head.out_features if head is not None else 0
     if chunk_tokens is None and head is not None and 4 * len(rows) * width * vocab > LOGIT_BYTES:
         chunk_tokens = chunk_tokens_for(vocab)
     if head is None or chunk_tokens is None:
-        return _full_logits_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows,
-                                     rollout.group_size, temperature, share_prompts)
+        logp, entropy, _ = _full_logits_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows,
+                                                 rollout.group_size, temperature, share_prompts)
+        keep = action_mask.bool()
+        return logp.where(keep, 0.0), entropy.where(keep, 0.0), action_mask
     with hidden_not_logits(head):
         hidden = _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, rollout.group_size,
                           share_prompts)                                                # (R, T, H)
-    logp, entropy = chunked_logprobs(hidden, head, completion_ids, completion_mask, temperature, chunk_tokens)
-    return logp, entropy, completion_mask
+    logp, entropy = chunked_logprobs(hidden, head, completion_ids, action_mask, temperature, chunk_tokens)
+    return logp, entropy, action_mask
 
 
 def _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, group_size: int, share_prompts: bool):

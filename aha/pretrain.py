@@ -21,7 +21,7 @@ from aha.card import CardInfo, save_model
 from aha.model import build_model, count_parameters
 from aha.progress import progress_bar
 from aha.tasks import get_task
-from aha.tokenizer import build_char_tokenizer
+from aha.tokenizer import TAGS, build_char_tokenizer
 
 
 @dataclass
@@ -38,13 +38,16 @@ class PretrainConfig:
     warmup: int = 50
     seed: int = 0
     max_seconds: float = 0.0          # 0 = no time cap (a cap makes the result depend on speed)
+    task: str = "addition"            # whose corpus: addition, or multiplication (the tool demo, aha/tools/)
+    tool_frac: float = 0.2            # multiplication: share of worked answers that call the tool
 
 
 def corpus_batches(task, tokenizer, think_frac: float, batch_size: int, seed: int, pool: int = 1):
     """Endless (input_ids, loss_mask) batches of right-padded documents, each ending in EOS.
 
     The loss mask covers the response only: the question's digits are random, and predicting
-    them would add noise, not knowledge. Documents are drawn `pool` batches at a time and
+    them would add noise, not knowledge; nor tool output (`<output>…</output>`), which a tool writes,
+    never the model (aha/tools/). Documents are drawn `pool` batches at a time and
     sorted by length, so worked and direct answers mostly fill separate batches and little
     compute goes to padding.
     """
@@ -66,7 +69,24 @@ def corpus_batches(task, tokenizer, think_frac: float, batch_size: int, seed: in
             for i, (ids, prompt_len) in enumerate(batch):
                 input_ids[i, :len(ids)] = torch.tensor(ids)
                 loss_mask[i, prompt_len:len(ids)] = 1
-            yield input_ids, loss_mask
+            yield input_ids, loss_mask * ~tool_output(input_ids, tokenizer)
+
+
+def tool_output(input_ids: torch.Tensor, tokenizer) -> torch.Tensor:
+    """(B, L) bool: the tokens from each `<output>` through its `</output>` (all False when the
+    tokenizer has no such single tokens).
+
+    >>> from aha.tokenizer import TAGS, TOOL_TAGS, build_char_tokenizer
+    >>> tok = build_char_tokenizer(TAGS + TOOL_TAGS)
+    >>> tool_output(torch.tensor([tok("1<output>23</output>4")["input_ids"]]), tok).long().tolist()
+    [[0, 1, 1, 1, 1, 0]]
+    """
+    ids = tokenizer.convert_tokens_to_ids(["<output>", "</output>"])
+    if any(i is None or i == tokenizer.unk_token_id for i in ids) or len(set(ids)) < 2:
+        return torch.zeros_like(input_ids, dtype=torch.bool)
+    opened = (input_ids == ids[0]).long().cumsum(dim=1)
+    closed = (input_ids == ids[1]).long().cumsum(dim=1)
+    return (opened > closed) | (input_ids == ids[1])
 
 
 def lm_loss(model, input_ids, loss_mask) -> torch.Tensor:
@@ -78,8 +98,8 @@ def lm_loss(model, input_ids, loss_mask) -> torch.Tensor:
 
 def pretrain(cfg: PretrainConfig, console=None) -> dict:
     torch.manual_seed(cfg.seed)
-    tokenizer = build_char_tokenizer()
-    task = get_task("addition", digits=cfg.digits)
+    task = get_task(cfg.task, digits=cfg.digits, **({"tool_frac": cfg.tool_frac} if cfg.task == "multiplication" else {}))
+    tokenizer = build_char_tokenizer(TAGS + list(getattr(task, "tokenizer_tags", ())))
     model = build_model(cfg.arch, tokenizer, cfg.seed, hidden=cfg.hidden, layers=cfg.layers)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))
     schedule = lambda s: min(1.0, (s + 1) / cfg.warmup) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps))
@@ -114,11 +134,12 @@ def pretrain(cfg: PretrainConfig, console=None) -> dict:
     stats = {"arch": cfg.arch, "parameters": count_parameters(model), "steps": step + 1,
              "seconds": round(elapsed, 1), "tokens_per_second": round(tokens / elapsed),
              "train_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4), "val_loss": round(val_loss, 4),
-             "think_frac": cfg.think_frac, "digits": cfg.digits, "seed": cfg.seed}
+             "think_frac": cfg.think_frac, "digits": cfg.digits, "seed": cfg.seed, "task": cfg.task,
+             **({"tool_frac": cfg.tool_frac} if cfg.task == "multiplication" else {})}
     (out / "pretrain.json").write_text(__import__("json").dumps(stats, indent=2))
     hyper = {"arch": cfg.arch, "hidden": cfg.hidden, "layers": cfg.layers, "batch_size": cfg.batch_size, "lr": cfg.lr,
              "warmup": cfg.warmup, "think_frac": cfg.think_frac}
     save_model(model, tokenizer, out, CardInfo(
-        "random initialisation", f"{cfg.digits}-digit addition corpus", "pretrain", stats["steps"], cfg.seed, hyper,
+        "random initialisation", f"{cfg.digits}-digit {cfg.task} corpus", "pretrain", stats["steps"], cfg.seed, hyper,
         note=f"Next-token pretraining, {stats['parameters']:,} parameters: validation loss {stats['val_loss']}."))
     return stats

@@ -52,10 +52,39 @@ class Rollout:
     truncated: Tensor         # (N,) bool: hit max_new_tokens without a stop token
     group_size: int = 1
     stats: dict = field(default_factory=dict)
+    # multi-turn rollouts with tools (aha/tools/): the completion interleaves the policy's tokens with
+    # tool output it was given, which are context, not actions: they leave the loss, KL and entropy
+    action_mask: Tensor | None = None   # (N, T) 1 on tokens the policy sampled; None: every completion token
+    tools: "ToolRecord | None" = None   # per-row tool calls, errors and environment rewards; None: no tools
 
     @property
     def lengths(self) -> Tensor:
         return self.completion_mask.sum(dim=1)
+
+    @property
+    def loss_mask(self) -> Tensor:
+        """(N, T) the policy's own tokens: completion_mask × action_mask."""
+        return self.completion_mask if self.action_mask is None else self.completion_mask * self.action_mask
+
+
+@dataclass
+class ToolRecord:
+    """What the tools did in each row of a Rollout (CPU tensors)."""
+    calls: Tensor                   # (N,) tool calls run
+    errors: Tensor                  # (N,) of them, those that failed (exception, timeout, output cut)
+    rewards: Tensor | None = None   # (N,) an environment tool's reward(); None: the tools give none
+
+    @staticmethod
+    def concat(records: list["ToolRecord | None"], rows: list[int]) -> "ToolRecord | None":
+        """One record for concatenated rollouts of `rows` rows each; None where none has tools."""
+        if all(r is None for r in records):
+            return None
+        zeros = [torch.zeros(n, dtype=torch.long) for n in rows]
+        rewards = None if all(r is None or r.rewards is None for r in records) else torch.cat(
+            [r.rewards if r is not None and r.rewards is not None else torch.zeros(n) for r, n in zip(records, rows)])
+        return ToolRecord(calls=torch.cat([r.calls if r is not None else z for r, z in zip(records, zeros)]),
+                          errors=torch.cat([r.errors if r is not None else z for r, z in zip(records, zeros)]),
+                          rewards=rewards)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -341,4 +370,7 @@ def concat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
         logprobs=torch.cat([_pad_to(r.logprobs, width, 0.0, left=False) for r in rollouts]),
         truncated=torch.cat([r.truncated for r in rollouts]),
         group_size=rollouts[0].group_size,
+        action_mask=None if all(r.action_mask is None for r in rollouts) else torch.cat(
+            [_pad_to(r.loss_mask, width, 0, left=False) for r in rollouts]),
+        tools=ToolRecord.concat([r.tools for r in rollouts], [r.completion_ids.shape[0] for r in rollouts]),
     )

@@ -18,6 +18,7 @@ from aha.report import write_report
 from aha.tasks import get_task
 from aha.templates import apply_template
 from aha.checkpoint import prepare_out_dir
+from aha.tools import eval_engine, tool_schemas
 from aha.trackers import open_trackers
 from aha.train import check_prompt_lengths, run_plan, train
 
@@ -26,17 +27,17 @@ def run(cfg: Config, force: bool = False, console=None) -> dict:
     start = time.time()
     task = get_task(cfg.task, **cfg.task_options())
     model, tokenizer = load_model(cfg.model or ensure_base_model(console), detect_device())
-    eval_task = apply_template(task, tokenizer, cfg.template, cfg.think_prefill)   # as train() prompts
+    eval_task = apply_template(task, tokenizer, cfg.template, cfg.think_prefill, tool_schemas(cfg))   # as train() prompts
     check_prompt_lengths(cfg, eval_task, tokenizer, model)                         # before the run folder exists
     plan = run_plan(cfg, model, eval_task, tokenizer)              # refuses a run that cannot fit, before --out
     out = prepare_out_dir(cfg.out, force)
     spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed,
                     rows_per_pass=plan.eval_rows)
     with open_trackers(cfg.report_to, out, dataclasses.asdict(cfg)) as trackers:
-        before = evaluate(model, tokenizer, eval_task, spec, console=console, label="eval before RL")
+        before = evaluate(model, tokenizer, eval_task, spec, console=console, label="eval before RL", engine=eval_engine(cfg))
         trackers.log_eval(0, before)
         result = train(cfg, console=console, out=out, model=model, tokenizer=tokenizer, trackers=trackers)
-        after = evaluate(model, tokenizer, eval_task, spec, console=console, label="eval after RL")
+        after = evaluate(model, tokenizer, eval_task, spec, console=console, label="eval after RL", engine=eval_engine(cfg))
         trackers.log_eval(cfg.steps, after)
     history = result["history"]
     evals = [{"step": 0, **before}] + result["evals"] + [{"step": cfg.steps, **after}]

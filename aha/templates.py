@@ -54,6 +54,7 @@ class TemplatedTask:
     template: str
     tokenizer: object
     think_prefill: bool = False
+    tools: list | None = None      # function schemas the chat template lists (tool_format=chat, aha/tools/)
 
     def __post_init__(self):
         self.text = read_template(self.template)
@@ -64,7 +65,7 @@ class TemplatedTask:
         if self.template == "task":
             return self.task.prompt(problem)
         if self.template == "chat":
-            return self.tokenizer.apply_chat_template([{"role": "user", "content": problem.question}],
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": problem.question}], tools=self.tools,
                                                       tokenize=False, add_generation_prompt=True)
         return self.text.replace("{question}", problem.question)   # not str.format: questions hold braces
 
@@ -101,8 +102,9 @@ def prompt_prefill(task, problem: Problem) -> str:
     return task.prefill(problem) if isinstance(task, TemplatedTask) else ""
 
 
-def apply_template(task, tokenizer, template: str = "task", think_prefill: bool = False):
-    """The task itself when nothing changes (the built-in behaviour), else a `TemplatedTask`."""
+def apply_template(task, tokenizer, template: str = "task", think_prefill: bool = False, tools: list | None = None):
+    """The task itself when nothing changes (the built-in behaviour), else a `TemplatedTask`.
+    `tools`: function schemas for the chat template (aha/tools/ `tool_schemas`)."""
     if template == "task" and not think_prefill:
         return task
-    return TemplatedTask(task, template, tokenizer, think_prefill)
+    return TemplatedTask(task, template, tokenizer, think_prefill, tools)

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 PAD, EOS = "<|pad|>", "<|endoftext|>"
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+TOOL_TAGS = ["<tool>", "</tool>", "<output>", "</output>"]     # the tool demo's tokenizer adds these (aha/tools/)
 CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
 
 # Used by `aha chat` / `aha serve` to turn messages into the R1-Zero prompt the model was trained on.
@@ -21,13 +22,14 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate([PAD, EOS] + TAGS + CHARS)}
+def build_char_tokenizer(tags: list[str] = TAGS) -> PreTrainedTokenizerFast:
+    """`tags`: the tags that are single tokens (the tool demo's model adds TOOL_TAGS to TAGS)."""
+    vocab = {tok: i for i, tok in enumerate([PAD, EOS] + tags + CHARS)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     # Tags are ordinary (non-special) added tokens: they survive `skip_special_tokens=True`.
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in TAGS])
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in tags])
     tok.add_special_tokens([AddedToken(t, special=True) for t in (PAD, EOS)])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, eos_token=EOS, padding_side="left",

@@ -58,6 +58,8 @@ from aha.schedule import lr_factor
 from aha.tasks import get_task
 from aha.tasks.base import Problem, thought
 from aha.templates import apply_template, prompt_prefill
+from aha.tools import eval_engine, tool_engine, tool_schemas
+from aha.tools.interact import tool_metrics
 from aha.trackers import trackers_for
 from aha.vllm_rollout import engine_metrics, rollout_engine
 
@@ -90,6 +92,9 @@ def score(task, cfg: Config, texts: list[str], problems: list[Problem], rollout:
     for name in shaping:
         for s, text, length in zip(scores, texts, lengths):
             s[name] = SHAPING[name](Sample(text, length, cfg.max_new_tokens, s["accuracy"] >= 1, cfg.lang, cfg.overlong_cache))
+    if rollout.tools is not None and rollout.tools.rewards is not None:     # an env: tool's reward() (aha/tools/)
+        for s, value in zip(scores, rollout.tools.rewards.tolist()):
+            s["env"] = value
     rewards = torch.tensor([sum(weights.get(k, 0.0) * v for k, v in s.items()) for s in scores])
     return scores, rewards
 
@@ -99,7 +104,7 @@ def check_component_names(cfg: Config, task) -> None:
     silently weigh 0: stop before anything runs. The task's names come from scoring an empty answer."""
     problem = (task.eval_problems(1) or [next(iter(task.train_problems(cfg.seed)))])[0]
     given = getattr(task, "components", None) or task.score("", problem)
-    unknown = set(cfg.component_weights()) - {"accuracy", "format"} - set(SHAPING) - set(given)
+    unknown = set(cfg.component_weights()) - {"accuracy", "format", "env"} - set(SHAPING) - set(given)
     if unknown:
         raise AhaError(f"reward_weights names {', '.join(sorted(unknown))}, but task {cfg.task!r} gives the components "
                        f"{', '.join(k for k in given if k != 'skip')} and aha/rewards.py {', '.join(SHAPING)}")
@@ -186,7 +191,7 @@ def loss_rows(cfg: Config, batch_rows: torch.Tensor, advantages: torch.Tensor, r
     truncated completions out of the loss, but they still count as rows of the normaliser (TRL);
     with β = 0 a row whose advantage is 0 carries no gradient and is left out."""
     in_loss = batch_rows & ~rollout.truncated.cpu() if cfg.overlong == "mask" else batch_rows
-    norm = Normaliser(rows=int(batch_rows.sum()), tokens=int(rollout.completion_mask.cpu()[in_loss].sum()),
+    norm = Normaliser(rows=int(batch_rows.sum()), tokens=int(rollout.loss_mask.cpu()[in_loss].sum()),
                       max_len=cfg.max_new_tokens)
     if cfg.beta == 0:
         in_loss = in_loss & (advantages != 0)
@@ -295,7 +300,7 @@ def step_record(step: int, task, batch: Batch, spread, kept, skip, rows, loss_va
         "groups_kept": int(kept.sum()), "skipped_samples": int(skip.sum()), "loss": loss_value,
         "entropy": entropy, "grad_norm": grad_norm, "trained_rows": int(rows.numel()),
         "skipped_update": skipped, "time_generate": round(t_generate, 3), "time_update": round(t_update, 3),
-        **loss_metrics,
+        **loss_metrics, **tool_metrics(rollout),
     }
 
 
@@ -333,7 +338,7 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
         if model is None:
             model, tokenizer = build_model(cfg, console, resume_from)
         device = next(model.parameters()).device
-        task = apply_template(task, tokenizer, cfg.template, cfg.think_prefill)
+        task = apply_template(task, tokenizer, cfg.template, cfg.think_prefill, tool_schemas(cfg))
         check_component_names(cfg, task)
         check_prompt_lengths(cfg, task, tokenizer, model)
         peft_model = None
@@ -350,7 +355,7 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        engine = rollout_engine(cfg, model)            # the sampler: aha's torch engine, or vLLM
+        engine = tool_engine(cfg) or rollout_engine(cfg, model)   # the sampler: the tool loop, aha's torch engine, or vLLM
         plan = run_plan(cfg, model, task, tokenizer, world)
         if not resume and world.writes:
             if out is None:
@@ -468,7 +473,8 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
             record.update(engine_metrics(engine))      # rollout=vllm: the sampler/trainer log-prob gap, timings
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                 if world.writes:                       # rank 0 evaluates; the others wait
-                    result = evaluate(model, tokenizer, task, eval_spec, console=console, label=f"eval @ {step + 1}")
+                    result = evaluate(model, tokenizer, task, eval_spec, console=console, label=f"eval @ {step + 1}",
+                                      engine=eval_engine(cfg))
                     record["eval_pass@1"] = result["pass@1"]
                     evals.append({"step": step + 1, **{k: v for k, v in result.items() if k != "samples"}})
                 world.barrier()

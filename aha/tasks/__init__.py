@@ -2,6 +2,7 @@
 its answer extraction and its reward components. `get_task(name, **options)` picks one by name:
 
     addition                 built in (digits=3)
+    multiplication           digits × multiplier_digits (4 × 3 for the tool demo, aha/tools/), tool_frac=0.2
     countdown                TinyZero's countdown, generated (min_numbers=3, max_numbers=4)
     gsm8k                    data=PATH: rows with `question` and `answer` ending `#### n`
     math                     data=PATH: rows with `problem` and a `solution` holding `\\boxed{}`
@@ -22,7 +23,7 @@ import inspect
 from aha.errors import AhaError
 from aha.tasks.base import Problem, Task
 
-NAMES = "addition, countdown, gsm8k, math, code, humaneval, champ, arc, rg:NAME, jsonl:PATH, py:module:function"
+NAMES = "addition, multiplication, countdown, gsm8k, math, code, humaneval, champ, arc, rg:NAME, jsonl:PATH, py:module:function"
 
 
 def _task_class(name: str):
@@ -31,6 +32,9 @@ def _task_class(name: str):
     if name == "addition":
         from aha.tasks.addition import AdditionTask
         return AdditionTask, {}
+    if name == "multiplication":
+        from aha.tasks.multiplication import MultiplicationTask
+        return MultiplicationTask, {}
     if name == "countdown":
         from aha.tasks.countdown import CountdownTask
         return CountdownTask, {}
