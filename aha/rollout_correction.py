@@ -89,19 +89,29 @@ def rollout_mismatch(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor,
     return metrics
 
 
-def merge_mismatch(parts: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
-    """One step's mismatch from its micro-batches' [(tokens, rollout_mismatch(…))]: the maximum of
-    the maxima, token-weighted means of the rest.
+MISMATCH_KEYS = ("rollout_logp_diff_mean", "rollout_logp_diff_max", "rollout_kl")
+WEIGHT_KEYS = ("rollout_weight_mean", "rollout_weight_zero_frac")
 
-    >>> merge_mismatch([(1.0, {"rollout_logp_diff_mean": 0.4, "rollout_logp_diff_max": 0.4}),
-    ...                 (3.0, {"rollout_logp_diff_mean": 0.0, "rollout_logp_diff_max": 0.1})])
-    {'rollout_logp_diff_mean': 0.1, 'rollout_logp_diff_max': 0.4}
+
+def merge_mismatch(parts: list[tuple[float, dict[str, float]]], corrected: bool = False) -> dict[str, float]:
+    """One step's mismatch from its micro-batches' [(tokens, rollout_mismatch(…))]: the maximum of
+    the maxima, token-weighted means of the rest. The keys are always the same (`MISMATCH_KEYS`, and
+    `WEIGHT_KEYS` when `corrected`), 0 where no part has tokens, so that every process of a torchrun
+    job reduces the same metrics.
+
+    >>> merge_mismatch([(1.0, {"rollout_logp_diff_mean": 0.4, "rollout_logp_diff_max": 0.4, "rollout_kl": 0.1}),
+    ...                 (3.0, {"rollout_logp_diff_mean": 0.0, "rollout_logp_diff_max": 0.1, "rollout_kl": 0.1})])
+    {'rollout_logp_diff_mean': 0.1, 'rollout_logp_diff_max': 0.4, 'rollout_kl': 0.1}
     """
     parts = [(tokens, metrics) for tokens, metrics in parts if metrics and tokens > 0]
     total = sum(tokens for tokens, _ in parts)
     merged = {}
-    for name in parts[0][1] if parts else ():
-        values = [(tokens, metrics[name]) for tokens, metrics in parts]
-        merged[name] = (max(v for _, v in values) if name.endswith("_max")
-                        else sum(t * v for t, v in values) / total)
+    for name in MISMATCH_KEYS + (WEIGHT_KEYS if corrected else ()):
+        values = [(tokens, metrics[name]) for tokens, metrics in parts if name in metrics]
+        if not values:
+            merged[name] = 0.0
+        elif name.endswith("_max"):
+            merged[name] = max(v for _, v in values)
+        else:
+            merged[name] = sum(t * v for t, v in values) / sum(t for t, _ in values)
     return merged

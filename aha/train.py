@@ -271,7 +271,7 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
         means = {name: total / tokens if tokens else 0.0 for name, total in metric_sums.items()}
         loss_value, step_entropy, loss_metrics = world.reduce_update(
-            total_loss, torch.tensor(entropy_sum), torch.tensor(tokens), {**means, **merge_mismatch(mismatches)}, 1.0)
+            total_loss, torch.tensor(entropy_sum), torch.tensor(tokens), {**means, **merge_mismatch(mismatches, cfg.rollout_correction != "none")}, 1.0)
         skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if skipped:
             optimizer.zero_grad(set_to_none=True)

@@ -2,14 +2,16 @@
 
     aha train --model DIR tools=python max_turns=4             # the R1 format: <tool>CODE</tool>
     aha train --model DIR template=chat tools=python tool_format=chat   # an instruct model's <tool_call>
-    aha experiment tools --seeds 3 --out runs/tools             # the demo: RL discovers that the tool pays
+    aha eval RUN_DIR                                            # a run with tools: held-out pass@1 through the same loop
 
 - aha/tools/tools.py — the tools: the sandboxed `python` tool, `py:module:function`, `env:module:Class`;
 - aha/tools/formats.py — how calls are written and results shown (`tool_format=r1|chat`);
 - aha/tools/interact.py — the interaction loop, an engine with `generate`'s signature: the training
-  loop, dynamic sampling and `aha eval` call it exactly as they call `generate`;
-- aha/tools/serving.py — the same loop for `aha chat` and `aha serve` (the tools run server-side);
-- aha/tools/experiment.py — `aha experiment tools`.
+  loop, dynamic sampling and `aha eval` call it exactly as they call `generate`.
+
+Not yet: the loop in `aha chat` / `aha serve`, and `aha experiment tools` (the demo in which RL
+discovers that the tool pays; its task, `multiplication`, and its corpus, `aha pretrain --task
+multiplication --tool-frac 0.2`, exist).
 
 Departure from TRL and verl: a tool's output tokens stay in the completion (the policy reads them)
 but are masked out of the loss, the KL and the entropy by `Rollout.action_mask`, as TRL's
