@@ -84,12 +84,13 @@ def readable_prompts(tokenizer, task, problems: list, prefill: str, limit: int |
 
 
 def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=None, label: str = "eval",
-             engine=generate) -> dict:
+             engine=None) -> dict:
     """R1's protocol on the task's first `spec.problems` held-out problems. A problem whose prompt
     the model cannot read (too long for its context, or characters its tokenizer lacks) counts as
     k wrong answers and is counted in `unreadable_prompts`; the length, think, truncation and
     reflection figures are over the samples actually generated. `engine`: the sampler, `generate` or
     the tool loop (aha/tools/); with tools the result also has the tool-use figures."""
+    engine = engine or generate                       # looked up at call time (tests swap it)
     problems = task.eval_problems(spec.problems)
     params = SamplingParams(spec.max_new_tokens, spec.temperature, spec.top_p, 0, stop_token_ids(model, tokenizer),
                             stop_strings(tokenizer))

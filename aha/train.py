@@ -92,8 +92,9 @@ def score(task, cfg: Config, texts: list[str], problems: list[Problem], rollout:
     for name in shaping:
         for s, text, length in zip(scores, texts, lengths):
             s[name] = SHAPING[name](Sample(text, length, cfg.max_new_tokens, s["accuracy"] >= 1, cfg.lang, cfg.overlong_cache))
-    if rollout.tools is not None and rollout.tools.rewards is not None:     # an env: tool's reward() (aha/tools/)
-        for s, value in zip(scores, rollout.tools.rewards.tolist()):
+    tools = getattr(rollout, "tools", None)               # what the tool loop recorded (aha/tools/), or None
+    if tools is not None and tools.rewards is not None:     # an env: tool's reward() (aha/tools/)
+        for s, value in zip(scores, tools.rewards.tolist()):
             s["env"] = value
     rewards = torch.tensor([sum(weights.get(k, 0.0) * v for k, v in s.items()) for s in scores])
     return scores, rewards

@@ -61,14 +61,26 @@ def test_run_smoke_writes_the_report(tiny_model_dir, tmp_path):
     (["eval", "--model", "/nonexistent/model"], "does not exist"),
     (["frobnicate"], "invalid choice"),
 ])
-def test_bad_input_is_one_line_and_exit_2(args, words, tmp_path):
-    result = aha(*args, "--out", str(tmp_path / "o")) if args[0] == "train" else aha(*args)
-    assert result.returncode == 2
-    lines = [x for x in result.stderr.strip().splitlines() if x.strip()]
-    assert len(lines) == 1, result.stderr
+def test_bad_input_is_one_line_and_exit_2(args, words, tmp_path, capsys):
+    """In-process, through main() (tests/test_bad_input.py checks a fresh interpreter prints the same)."""
+    code, _, err = in_process([*args, "--out", str(tmp_path / "o")] if args[0] == "train" else args, capsys)
+    assert code == 2
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    assert len(lines) == 1, err
     assert words in lines[0]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def in_process(args: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `aha ARGS` run by main() in this process."""
+    from aha.cli import main
+    try:
+        code = main(args)
+    except SystemExit as exc:                     # argparse: --help, and its own usage errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code or 0, captured.out, captured.err
 
 
 def test_unreadable_model_dir(tmp_path):
@@ -79,10 +91,13 @@ def test_unreadable_model_dir(tmp_path):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_every_subcommand_has_help():
-    for sub in ("run", "train", "eval", "pretrain"):
-        result = aha(sub, "--help")
-        assert result.returncode == 0 and "usage: aha " + sub in result.stdout
+def test_every_subcommand_has_help(capsys):
+    from aha.cli import build_parser
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    assert {"run", "train", "eval", "pretrain", "plan", "bench", "import-model"} <= set(subcommands)
+    for sub in subcommands:
+        code, out, _ = in_process([sub, "--help"], capsys)
+        assert code == 0 and "usage: aha " + sub in out, sub
 
 
 def test_same_seed_gives_the_same_run(tiny_model_dir, tmp_path):

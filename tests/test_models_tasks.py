@@ -90,7 +90,7 @@ def test_reward_weights_parse_validate_and_extend():
     for module in (aha.config, aha.train):
         assert doctest.testmod(module).failed == 0
     cfg = load_config(overrides={"reward_weights": "format=0, tinyzero = 0.5"})
-    assert cfg.component_weights() == {"accuracy": 1.0, "format": 0.0, "overlong": 1.0, "tinyzero": 0.5}
+    assert cfg.component_weights() == {"accuracy": 1.0, "format": 0.0, "overlong": 1.0, "env": 1.0, "tinyzero": 0.5}
     for bad in ["accuracy", "accuracy=x", "a b=1", "skip=1", "format=1,format=2", "accuracy=nan"]:
         with pytest.raises(AhaError, match="reward_weights"):
             load_config(overrides={"reward_weights": bad})

@@ -16,7 +16,7 @@ from aha.config import Config
 from aha.dynamic import concat_rollouts, group_spread, kept_groups
 from aha.errors import AhaError
 from aha.presets import PRESETS
-from aha.model import load_model
+from aha.model import cpu_has_fast_bf16, load_model
 from aha.rewards import overlong_penalty
 from aha.rollout import Rollout, SamplingParams, generate
 from aha.tasks import get_task
@@ -186,12 +186,11 @@ def test_nan_stop_is_exit_2_through_the_cli(tiny_model_dir, tmp_path, scripted, 
 
 
 @pytest.mark.parametrize("algo", sorted(PRESETS))
-def test_every_preset_trains_on_the_built_in_model(algo, tmp_path):
+def test_every_preset_trains_on_the_built_in_model(algo, tmp_path, capsys):
     out = tmp_path / algo
-    result = subprocess.run([sys.executable, "-m", "aha", "train", "--algo", algo, "--steps", "3", "--out", str(out),
-                             "prompts_per_step=2", "group_size=4", "max_new_tokens=48", "eval_every=0"],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
+    code = main(["train", "--algo", algo, "--steps", "3", "--out", str(out),
+                 "prompts_per_step=2", "group_size=4", "max_new_tokens=48", "eval_every=0"])
+    assert code in (0, None), capsys.readouterr().err[-2000:]
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
@@ -199,6 +198,11 @@ def test_every_preset_trains_on_the_built_in_model(algo, tmp_path):
     assert ("reward_overlong" in records[0]) == (algo == "dapo")
     assert (out / "model" / "config.json").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["surrogate"] == PRESETS[algo]["surrogate"]
+    mode = Config().autocast                                  # the update under bf16: $AHA_AUTOCAST, or auto on AMX
+    bf16 = mode == "bf16" or (mode == "auto" and cpu_has_fast_bf16())
     for r in (r for r in records if r["trained_rows"]):
-        # aha's engine samples with the trainer's own weights in fp32: the sampler/trainer mismatch is ~0
-        assert r["rollout_logp_diff_mean"] < 1e-5 and r["rollout_logp_diff_max"] < 1e-4 and 0 <= r["rollout_kl"] < 1e-8
+        # aha's engine samples with the trainer's own weights in fp32: the sampler/trainer mismatch is ~0;
+        # a bf16 update differs from the fp32 sampler by bf16's rounding (README, "Numerics differ by CPU")
+        bound = (0.1, 1.0, 1e-2) if bf16 else (1e-5, 1e-4, 1e-8)
+        assert r["rollout_logp_diff_mean"] < bound[0] and r["rollout_logp_diff_max"] < bound[1], r
+        assert 0 <= r["rollout_kl"] < bound[2], r

@@ -236,9 +236,9 @@ def test_the_loop_passes_the_whole_batchs_normaliser(tiny_model_dir, tmp_path, m
     scripted(monkeypatch, [{"accuracy": 1.0, "format": 0.0}] * 4 + [{"accuracy": float(a), "format": 0.0} for a in (1, 0, 1, 0)])
     calls, real = [], aha.train.policy_loss
 
-    def recording(logp, old_logp, advantages, mask, spec, ref_logp=None, norm=None):
+    def recording(logp, old_logp, advantages, mask, spec, ref_logp=None, norm=None, **kwargs):
         calls.append((logp.shape[0], norm))
-        return real(logp, old_logp, advantages, mask, spec, ref_logp, norm)
+        return real(logp, old_logp, advantages, mask, spec, ref_logp, norm, **kwargs)
     monkeypatch.setattr(aha.train, "policy_loss", recording)
     model, tokenizer = load_model(tiny_model_dir)
     history = train(small(tmp_path / "n", steps=1, format_weight=0.0), out=tmp_path, model=model, tokenizer=tokenizer)["history"]
