@@ -13,12 +13,13 @@ device), and prints the predicted peak memory of the run broken down into its pa
   eval rows), writing a checkpoint (safetensors serialises a copy of the weights), and AdamW's
   step (its multi-tensor kernels make temporaries the size of two copies of the trained weights).
 
-Activation bytes per token and layer follow the usual count of the tensors autograd keeps (Korthikanti
-et al. 2022, "Reducing Activation Recomputation", §4.1, generalised to any MLP width and GQA):
-about 16·H + 4·I + 2·KV + 3·heads·S values per token and layer (H hidden, I MLP width, KV the
-key/value width, S the sequence length: the attention probabilities of an eager/math attention) —
-then the logits, full or in chunks (aha/logprobs.py). The constants were fitted against measured
-peak RSS on three configurations (README, "Will it fit"); expect ±25%.
+Activation bytes per token and layer are the tensors autograd keeps: 10·H + 4·I + 2·KV values
+per token and layer (H hidden, I MLP width, KV the key/value width), counted with
+`torch.autograd.graph.saved_tensors_hooks` on transformers' GPT-2 and Llama blocks (within 5%:
+tests/test_plan.py), plus 3·heads·S (S the sequence length) for the attention probabilities of an
+eager/math attention, which a masked batch may fall back to — then the logits, full or in chunks
+(aha/logprobs.py). Checked against measured peak RSS on three configurations (README, "Will it
+fit"); expect ±25%.
 
 The same estimate picks `micro_batch_tokens` and `rollout_batch_size` when they are auto, and
 `aha train` refuses, in one line and before it creates a run folder, a run in which even one row per
@@ -85,7 +86,7 @@ def activation_bytes_per_token(shape: ModelShape, sequence: int, value_bytes: in
     """Bytes autograd keeps per token for the backward pass, all layers (see the module docstring).
     With gradient checkpointing each layer keeps only its input, and one layer's activations exist at
     a time, while it is recomputed in the backward pass."""
-    per_layer = 16 * shape.hidden + 4 * shape.intermediate + 2 * shape.kv_width + 3 * shape.heads * sequence
+    per_layer = 10 * shape.hidden + 4 * shape.intermediate + 2 * shape.kv_width + 3 * shape.heads * sequence
     kept_layers = value_bytes * (shape.hidden * shape.layers + per_layer) if checkpointing else value_bytes * per_layer * shape.layers
     return kept_layers + 4 * shape.hidden * 2                                    # + embeddings and final norm
 

@@ -4,6 +4,7 @@ micro-batch, and the one-line refusal of a run that cannot fit."""
 import json
 
 import pytest
+import torch
 
 from aha.cli import main
 from aha.config import Config
@@ -21,9 +22,9 @@ def test_breakdown_equals_hand_computed_sizes():
     assert plan.weights == 40_000_000 and plan.gradients == 40_000_000          # fp32: 4 bytes a parameter
     assert plan.optimizer == 80_000_000 and plan.reference == 40_000_000         # AdamW's 2 moments; β > 0
     assert plan.static == 300_000_000 + 200_000_000
-    # activations per token: 4 bytes × (16·64 + 4·128 + 2·32 + 3·4·32) per layer × 2 layers + 4·64·2
-    per_token = 4 * (16 * 64 + 4 * 128 + 2 * 32 + 3 * 4 * 32) * 2 + 4 * 64 * 2
-    assert activation_bytes_per_token(SHAPE, 32, 4) == per_token == 16_384
+    # activations per token: 4 bytes × (10·64 + 4·128 + 2·32 + 3·4·32) per layer × 2 layers + 4·64·2
+    per_token = 4 * (10 * 64 + 4 * 128 + 2 * 32 + 3 * 4 * 32) * 2 + 4 * 64 * 2
+    assert activation_bytes_per_token(SHAPE, 32, 4) == per_token == 13_312
     # one micro-batch of 2 rows × 32 tokens, plus its logits (2 × 20 × 1,000 fp32, three copies)
     assert plan.micro_batch_rows == 2 and plan.update == 2 * 32 * per_token + 3 * 4 * 2 * 20 * 1_000
     # the rollout: KV cache of 8 rows × 32 positions × 2 layers × (K and V) × 32 × 4 bytes + sampling buffers
@@ -76,3 +77,32 @@ def test_a_run_that_cannot_fit_is_refused_before_its_run_folder(tmp_path, capsys
 def test_bad_micro_batch_size_is_one_line(tmp_path, capsys, value):
     assert main(["train", "--out", str(tmp_path / "r"), f"micro_batch_size={value}"]) == 2
     assert "micro_batch_size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_activation_count_equals_what_autograd_saves(arch):
+    """10·H + 4·I + 2·KV values per token and layer: the tensors autograd keeps for the backward pass
+    of transformers' own blocks (SDPA without a mask: no attention probabilities), counted by
+    saved_tensors_hooks, weights left out."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    config = (LlamaConfig(vocab_size=100, hidden_size=96, intermediate_size=256, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2) if arch == "llama" else
+              GPT2Config(vocab_size=100, n_embd=96, n_layer=2, n_head=4))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()      # no dropout: aha trains with disable_dropout
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, saved = set(), [0]
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), tuple(t.shape), t.dtype)
+        if key not in seen and key[0] not in weights:
+            seen.add(key)
+            saved[0] += t.numel() * t.element_size()
+        return t
+    rows, sequence = 3, 40
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.base_model(input_ids=torch.randint(0, 100, (rows, sequence)))
+    shape = ModelShape.of(config, 1)
+    probabilities = 4 * 3 * shape.heads * sequence * shape.layers             # not saved by SDPA without a mask
+    predicted = rows * sequence * (activation_bytes_per_token(shape, sequence, 4) - probabilities)
+    assert saved[0] == pytest.approx(predicted, rel=0.05)
