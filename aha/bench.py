@@ -257,8 +257,11 @@ def format_table(results: list[dict], peak: dict, cpu: str = "") -> str:
                          f"{s['tokens_per_s']:7.0f} {s['generate_s']:6.3f} {s['update_s']:6.3f} "
                          f"{s['generate_share']:7.1%} {s['update_share']:7.1%} {s['peak_rss_mb']:7.0f} "
                          f"{s['mfu']:7.1%} {ratio:>7} {ceiling:>7}")
-    lines.append("TRL/aha on the trl_bf16 line: TRL with bf16=True against the same aha steps; ceiling: TRL s/step ÷ "
-                 "aha's useful FLOPs at 100% of the peak")
+    if any("trl_bf16" in r for r in results):
+        lines.append("TRL/aha on the trl_bf16 line: TRL with bf16=True against the same aha steps")
+    else:
+        lines.append("no trl_bf16 line: this CPU has no fast bf16 (AMX / AVX512-BF16), where TRL's bf16=True only slows it")
+    lines.append("ceiling: TRL s/step ÷ aha's useful FLOPs at 100% of the peak (the most any speed-up can be)")
     return "\n".join(lines)
 
 
