@@ -292,49 +292,48 @@ def cmd_pretrain(args, console):
     print(json.dumps(pretrain(cfg, console=console)))
 
 
+def comma_ints(text: str, flag: str, example: str) -> tuple[int, ...]:
+    """`16,64` → (16, 64); anything else is one line naming the flag."""
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise AhaError(f"{flag} {text!r}: give whole numbers separated by commas, e.g. {example}") from None
+
+
+def show(table: str, out: dict, json_path: str | None) -> None:
+    """Print a bench's table; write its figures to `json_path` when given."""
+    print(table)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=2)
+
+
 def cmd_bench(args, console):
     import importlib.util
     if importlib.util.find_spec("trl") is None or importlib.util.find_spec("psutil") is None:
         raise AhaError("aha bench needs TRL and psutil: pip install 'aha[bench]'")
     import warnings
     warnings.filterwarnings("ignore")
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731  progress to stderr, the table to stdout
     if args.learn:
         from aha.bench_learn import format_learn_table, run_learn_race
-        try:
-            seeds = tuple(int(x) for x in args.seeds.split(","))
-        except ValueError:
-            raise AhaError(f"--seeds {args.seeds!r}: give whole numbers separated by commas, e.g. 0,1,2") from None
-        out = run_learn_race(seeds, args.learn_steps, say=lambda line: print(line, file=sys.stderr, flush=True))
-        print(format_learn_table(out))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
-        return
+        out = run_learn_race(comma_ints(args.seeds, "--seeds", "0,1,2"), args.learn_steps, say=say)
+        return show(format_learn_table(out), out, args.json)
     if args.memory:
         from aha.bench_memory import format_memory_table, run_memory_bench
-        try:
-            counts = tuple(int(c) for c in args.completions.split(","))
-        except ValueError:
-            raise AhaError(f"--completions {args.completions!r}: give multiples of 8 separated by commas, e.g. 16,64") from None
+        counts = comma_ints(args.completions, "--completions", "16,64")
         if any(c < 8 or c % 8 for c in counts):
             raise AhaError(f"--completions {args.completions!r}: each must be a multiple of 8 (groups of 8)")
-        out = run_memory_bench(counts, (args.max_new_tokens or [128])[0], say=lambda line: print(line, file=sys.stderr, flush=True))
-        print(format_memory_table(out))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
-        return
+        out = run_memory_bench(counts, (args.max_new_tokens or [128])[0], say=say)
+        return show(format_memory_table(out), out, args.json)
     if args.model:
         from aha.bench_model import cmd_bench_model
         return cmd_bench_model(args)
     from aha.bench import format_table, run_bench
     lengths = tuple(args.max_new_tokens or ((32, 128) if args.quick else (32,)))
     steps = 1 if args.quick else (args.steps or 5)
-    out = run_bench(lengths, args.warmup, steps, addition_at=lengths[:1] if args.quick else None, say=lambda line: print(line, file=sys.stderr, flush=True))
-    print(format_table(out["results"], out["peak"], out["cpu"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    out = run_bench(lengths, args.warmup, steps, addition_at=lengths[:1] if args.quick else None, say=say)
+    show(format_table(out["results"], out["peak"], out["cpu"]), out, args.json)
     print(f"speedup_vs_trl: {out['speedup_vs_trl']:.2f}")
 
 
