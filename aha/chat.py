@@ -1,6 +1,6 @@
 """`aha chat RUN_OR_MODEL_DIR`: talk to a trained model in the terminal.
 
-    aha chat runs/train [--hide-thinking] [--temperature 0.6] [--max-tokens 256]
+    aha chat runs/train [--hide-thinking] [--temperature 0.6] [--max-tokens 256] [--tools python|none]
 
 Answers stream token by token: the thinking (`<think> … </think>`) dimmed, or hidden with
 `--hide-thinking`, the answer in bold. The conversation is multi-turn: earlier turns go back to the
@@ -9,6 +9,11 @@ oldest turns dropped when the prompt would not fit the model's context. Ctrl-C s
 being written (that turn is forgotten), not the session; /exit, /quit or Ctrl-D (EOF) quit,
 /reset forgets the conversation. The dialogue goes to stdout, messages about it to stderr.
 Defaults follow R1's sampling advice: temperature 0.6, top-p 0.95.
+
+Tools: a run trained with tools (`tools=python`) calls them in chat too: each call runs as in
+training (the sandboxed python tool, aha/tools/live.py) and its result is shown on a line of its
+own (`tool → …`), even with --hide-thinking; `--tools none` turns them off, `--tools SPEC` names
+others.
 """
 
 import queue
@@ -20,6 +25,7 @@ from rich.markup import escape
 
 from aha.engine import Engine, GenerationParams, encode_chat, load_engine
 from aha.reasoning import ReasoningSplitter
+from aha.tools.live import ToolSession
 
 HELP = "/exit or Ctrl-D quits, /reset forgets the conversation, Ctrl-C stops an answer"
 
@@ -40,24 +46,25 @@ class Reply:
     finish_reason: str
 
 
-def fit_prompt(engine: Engine, messages: list[dict]) -> tuple[list[int], bool, list[dict]]:
+def fit_prompt(engine: Engine, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], bool, list[dict]]:
     """Prompt ids for `messages`, dropping the oldest exchanges until the prompt leaves room to answer."""
     while True:
-        ids, in_reasoning = encode_chat(engine.tokenizer, messages)
+        ids, in_reasoning = encode_chat(engine.tokenizer, messages, tools)
         if len(ids) < engine.max_context or len(messages) <= 1:
             return ids, in_reasoning, messages
         messages = messages[2:] if len(messages) > 2 else messages[1:]
 
 
-def run_turn(engine: Engine, messages: list[dict], settings: ChatSettings, out: Console) -> Reply:
-    """Stream one answer to `out`; KeyboardInterrupt cancels the generation and propagates."""
-    ids, in_reasoning, _ = fit_prompt(engine, messages)
+def run_turn(engine: Engine, messages: list[dict], settings: ChatSettings, out: Console, runner=None) -> Reply:
+    """Stream one answer to `out`, running its tool calls with `runner` (aha/tools/live.py); KeyboardInterrupt
+    cancels the generation and propagates."""
+    ids, in_reasoning, _ = fit_prompt(engine, messages, runner.schemas() if runner else None)
     if len(ids) >= engine.max_context:
         out.print(f"[red](the message is too long: {len(ids)} tokens; the model's context is {engine.max_context})[/]")
         return Reply(None, "", "too_long")
     params = GenerationParams(max_tokens=max(1, min(settings.max_tokens, engine.max_context - len(ids))),
                               temperature=settings.temperature, top_p=settings.top_p, seed=settings.seed)
-    handle = engine.submit(ids, params)
+    handle = ToolSession(engine, runner, ids, params) if runner else engine.submit(ids, params)
     splitter = ReasoningSplitter(in_reasoning)
     parts = {"reasoning": "", "content": ""}
     shown = None                           # the channel being written on screen
@@ -70,7 +77,10 @@ def run_turn(engine: Engine, messages: list[dict], settings: ChatSettings, out: 
             pieces = splitter.feed(event.text) + (splitter.finish() if event.finish_reason else [])
             for channel, text in pieces:
                 parts[channel] += text
-                shown = show(out, channel, text, shown, settings.show_thinking)
+                if event.kind == "tool":
+                    shown = show_tool(out, text, shown)
+                else:
+                    shown = show(out, channel, text, shown, settings.show_thinking)
             if event.finish_reason:
                 break
     finally:
@@ -97,7 +107,16 @@ def show(out: Console, channel: str, text: str, shown: str | None, show_thinking
     return "content"
 
 
-def chat_loop(engine: Engine, settings: ChatSettings, read_line: Callable[[], str], out: Console) -> list[dict]:
+def show_tool(out: Console, text: str, shown: str | None) -> None:
+    """A tool's result, on a line of its own whatever is hidden: the user sees what the model was told."""
+    if shown is not None:
+        out.print()
+    out.print(f"[yellow]tool →[/] {escape(text.strip())}")
+    return None
+
+
+def chat_loop(engine: Engine, settings: ChatSettings, read_line: Callable[[], str], out: Console,
+              runner=None) -> list[dict]:
     """The conversation until /exit or EOF; returns the history kept."""
     messages: list[dict] = []
     while True:
@@ -119,7 +138,7 @@ def chat_loop(engine: Engine, settings: ChatSettings, read_line: Callable[[], st
             continue
         turn = messages + [{"role": "user", "content": line}]
         try:
-            reply = run_turn(engine, turn, settings, out)
+            reply = run_turn(engine, turn, settings, out, runner)
         except KeyboardInterrupt:
             out.print("\n[dim](stopped; this turn is forgotten)[/]")
             continue
@@ -140,6 +159,8 @@ def add_chat_parser(subparsers) -> None:
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="longest answer (default: %(default)s)")
     p.add_argument("--seed", type=int, help="sampling seed (default: random)")
     p.add_argument("--device", help="cpu, cuda or mps (default: detected)")
+    p.add_argument("--tools", help="run the model's tool calls: python, py:module:function, env:module:Class, or none "
+                                   "(default: the tools the run trained with)")
 
 
 def model_summary(path: str) -> str:
@@ -155,10 +176,15 @@ def cmd_chat(args, console: Console) -> None:
     if args.temperature < 0 or not 0 < args.top_p <= 1 or args.max_tokens < 1:
         raise AhaError("need --temperature >= 0, 0 < --top-p <= 1 and --max-tokens >= 1")
     settings = ChatSettings(args.temperature, args.top_p, args.max_tokens, args.seed, not args.hide_thinking)
+    from aha.tools.live import tool_runner
+    runner = tool_runner(args.model, args.tools)
     engine = load_engine(args.model, args.device, max_batch=1).start()
     out = Console(highlight=False)
     console.print(f"[dim]chatting with {escape(args.model + model_summary(args.model))} ({HELP})[/]")
+    if runner:
+        console.print(f"[dim]tools: {escape(runner.toolbox.spec)} ({runner.call_format} format, up to {runner.max_turns} "
+                      "calls an answer; --tools none turns them off)[/]")
     try:
-        chat_loop(engine, settings, lambda: out.input("[bold cyan]you>[/] "), out)
+        chat_loop(engine, settings, lambda: out.input("[bold cyan]you>[/] "), out, runner)
     finally:
         engine.stop()

@@ -24,7 +24,9 @@ suffix; text that may still change (a trailing U+FFFD of an incomplete multi-byt
 the start of a stop string) is held back. Two kinds of stop: a request's `stop` strings (OpenAI's
 field) end the text *before* them, and the R1 answer's close `</answer>`, where this tokenizer
 writes it as several tokens (`aha.rollout.stop_strings`; one token is a stop token already), ends
-it *after* it: the tag stays in the text, as in training, for the reasoning splitter.
+it *after* it: the tag stays in the text, as in training, for the reasoning splitter. A
+request's `end` strings end it after them too (the tool loop's `</tool>`, aha/tools/live.py), and
+its final event carries the sampled token ids.
 """
 
 import asyncio
@@ -50,6 +52,7 @@ class GenerationParams:
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()             # stop strings: generation ends before them
+    end: tuple[str, ...] = ()              # end strings: generation ends after them (kept, as `</answer>`)
     n: int = 1                             # independent sequences for the same prompt
     seed: int | None = None                # sequence i samples from Generator(seed + i)
 
@@ -62,6 +65,8 @@ class Event:
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
+    token_ids: tuple[int, ...] = ()        # a final event's sampled tokens (the tool loop extends its context with them)
+    kind: str = "text"                     # "text": the model's; "tool": a tool's output (aha/tools/live.py)
 
 
 class Request:
@@ -276,7 +281,7 @@ class Engine:
         finish = "stop" if token in self.stop_ids else None
         stops = row.request.params.stop
         cut = min((at for at in (text.find(s) for s in stops) if at >= 0), default=-1)
-        end = min((at + len(s) for s in self.end_strings if (at := text.find(s)) >= 0), default=-1)
+        end = min((at + len(s) for s in self.end_strings + row.request.params.end if (at := text.find(s)) >= 0), default=-1)
         if end >= 0 and (cut < 0 or end <= cut):
             text, finish = text[:end], "stop"
         elif cut >= 0:
@@ -287,7 +292,7 @@ class Engine:
         new = text[len(row.sent):end] if end > len(row.sent) else ""
         row.sent += new
         if new or finish:
-            row.request.push(Event(row.index, new, finish, len(row.token_ids)))
+            row.request.push(Event(row.index, new, finish, len(row.token_ids), token_ids=tuple(row.token_ids) if finish else ()))
         return finish is not None
 
     def _trim_padding(self) -> None:
@@ -307,12 +312,15 @@ def resolve_model_dir(path: str | Path) -> Path:
     return path / "model" if (path / "model" / "config.json").is_file() else path
 
 
-def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], bool]:
-    """(prompt token ids, whether the prompt already opened a think block) for chat `messages`."""
+def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], bool]:
+    """(prompt token ids, whether the prompt already opened a think block) for chat `messages`; `tools`:
+    function schemas for a template that lists them (tool_format=chat)."""
     if not getattr(tokenizer, "chat_template", None):
-        from aha.tokenizer import CHAT_TEMPLATE     # the R1-Zero "User: …\nAssistant:" format
+        from aha.tokenizer import (
+            CHAT_TEMPLATE,  # the R1-Zero "User: …\nAssistant:" format
+        )
         tokenizer.chat_template = CHAT_TEMPLATE
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return ids, text.rstrip().endswith("<think>")
 

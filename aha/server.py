@@ -9,8 +9,15 @@ Like DeepSeek's API, the thinking comes back apart from the answer: `message.rea
 the rest with the `<answer>` tags removed (see aha/reasoning.py). All concurrent requests share
 one model through the continuous-batching engine (aha/engine.py).
 
-Departs from OpenAI: no tools, logprobs or penalties (they are ignored); bad input is a 400
-(404 for an unknown model, 401 without the API key) with OpenAI's error JSON, never a 500.
+Tools run server-side, when the server is started with them (`aha serve RUN --tools python`): a
+model that calls the sandboxed python tool mid-thought (`<tool>CODE</tool>`) gets its result
+(`<output>…</output>`) as in training and goes on, all inside one request (aha/tools/live.py). The
+calls and their results stay in the text where the model wrote them, so in `reasoning_content`
+for calls inside `<think>`. We chose this over returning OpenAI `tool_calls` for the client to run:
+an R1-format model calls tools inside its thinking, which a client never gets to continue.
+
+Departs from OpenAI: a request's `tools` / `tool_choice`, logprobs and penalties are ignored; bad
+input is a 400 (404 for an unknown model, 401 without the API key) with OpenAI's error JSON, never a 500.
 """
 
 import asyncio
@@ -29,6 +36,7 @@ from starlette.exceptions import HTTPException
 
 from aha.engine import Engine, GenerationParams, encode_chat, load_engine, resolve_model_dir
 from aha.reasoning import ReasoningSplitter
+from aha.tools.live import ToolSession
 
 
 class ApiError(Exception):
@@ -78,8 +86,9 @@ class ChatRequest(BaseModel):
 
 def create_app(model_dir: str | Path, api_key: str | None = None, device: str | None = None,
                max_batch: int = 64, max_tokens_cap: int = 4096, model_name: str | None = None,
-               engine: Engine | None = None) -> FastAPI:
-    """The app; loads the model now (AhaError on a bad dir); the engine thread runs while the app does."""
+               engine: Engine | None = None, tools=None) -> FastAPI:
+    """The app; loads the model now (AhaError on a bad dir); the engine thread runs while the app does.
+    `tools`: an aha.tools.live.ToolRunner whose tools the model's calls run (server-side), or None."""
     engine = engine or load_engine(model_dir, device, max_batch)
     resolved = resolve_model_dir(model_dir).resolve()
     model_id = model_name or (resolved.parent.name if resolved.name == "model" else resolved.name)  # the run's name
@@ -134,8 +143,9 @@ def create_app(model_dir: str | Path, api_key: str | None = None, device: str | 
     async def chat_completions(body: ChatRequest, request: Request):
         if body.model != model_id:
             raise ApiError(404, f"model {body.model!r} does not exist: this server serves {model_id!r}", "model", "model_not_found")
-        prompt_ids, in_reasoning, params = prepare(engine, body, cap)
-        handle = engine.submit(prompt_ids, params, loop=asyncio.get_running_loop())
+        prompt_ids, in_reasoning, params = prepare(engine, body, cap, tools.schemas() if tools else None)
+        loop = asyncio.get_running_loop()
+        handle = ToolSession(engine, tools, prompt_ids, params, loop) if tools else engine.submit(prompt_ids, params, loop=loop)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -146,10 +156,10 @@ def create_app(model_dir: str | Path, api_key: str | None = None, device: str | 
     return app
 
 
-def prepare(engine: Engine, body: ChatRequest, cap: int) -> tuple[list[int], bool, GenerationParams]:
+def prepare(engine: Engine, body: ChatRequest, cap: int, tools: list[dict] | None = None) -> tuple[list[int], bool, GenerationParams]:
     """Prompt ids, whether the prompt opened a think block, and the checked sampling parameters."""
     try:
-        prompt_ids, in_reasoning = encode_chat(engine.tokenizer, [m.as_dict() for m in body.messages])
+        prompt_ids, in_reasoning = encode_chat(engine.tokenizer, [m.as_dict() for m in body.messages], tools)
     except Exception as exc:               # the model's chat template rejected these messages
         raise ApiError(400, f"messages: the chat template refused them: {str(exc)[:200]}", "messages") from None
     room = engine.max_context - len(prompt_ids)

@@ -3,15 +3,18 @@
     aha train --model DIR tools=python max_turns=4             # the R1 format: <tool>CODE</tool>
     aha train --model DIR template=chat tools=python tool_format=chat   # an instruct model's <tool_call>
     aha eval RUN_DIR                                            # a run with tools: held-out pass@1 through the same loop
+    aha chat RUN_DIR / aha serve RUN_DIR --tools python         # its calls run live (aha/tools/live.py)
 
 - aha/tools/tools.py — the tools: the sandboxed `python` tool, `py:module:function`, `env:module:Class`;
 - aha/tools/formats.py — how calls are written and results shown (`tool_format=r1|chat`);
 - aha/tools/interact.py — the interaction loop, an engine with `generate`'s signature: the training
   loop, dynamic sampling and `aha eval` call it exactly as they call `generate`.
 
-Not yet: the loop in `aha chat` / `aha serve`, and `aha experiment tools` (the demo in which RL
-discovers that the tool pays; its task, `multiplication`, and its corpus, `aha pretrain --task
-multiplication --tool-frac 0.2`, exist).
+- aha/tools/live.py — the same loop for `aha chat` and `aha serve` (server-side tools), turns on the
+  continuous-batching engine.
+
+Not yet: `aha experiment tools` (the demo in which RL discovers that the tool pays; its task,
+`multiplication`, and its corpus, `aha pretrain --task multiplication --tool-frac 0.2`, exist).
 
 Departure from TRL and verl: a tool's output tokens stay in the completion (the policy reads them)
 but are masked out of the loss, the KL and the entropy by `Rollout.action_mask`, as TRL's
