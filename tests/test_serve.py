@@ -85,23 +85,9 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, memorise):
     """A run folder whose model/ memorised DOCS (200 AdamW steps of a 2-layer model)."""
-    from aha.model import build_model
-    from aha.tokenizer import build_char_tokenizer
-    tokenizer = build_char_tokenizer()
-    model = build_model("qwen2", tokenizer, seed=0, hidden=64, layers=2)
-    texts = [encode_text(tokenizer, user) + answer + tokenizer.eos_token for user, answer in DOCS]
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    positions = (batch["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)   # left padding: as at inference
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    torch.manual_seed(0)
-    for _ in range(200):
-        loss = model(**batch, position_ids=positions, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    model, tokenizer = memorise(DOCS, 200)
     out = tmp_path_factory.mktemp("runs") / RUN
     model.save_pretrained(out / "model")
     tokenizer.save_pretrained(out / "model")

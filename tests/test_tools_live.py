@@ -35,26 +35,12 @@ def broken(code: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tool_run(tmp_path_factory):
+def tool_run(tmp_path_factory, memorise):
     """A run folder: model/ memorised DOCS; config.yaml says it trained with tools=python."""
     from aha.config import Config, save_config
-    from aha.model import build_model
-    from aha.tokenizer import build_char_tokenizer
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    tokenizer = build_char_tokenizer()
-    model = build_model("qwen2", tokenizer, seed=0, hidden=64, layers=2)
-    texts = [prompt_text(tokenizer, user) + answer + tokenizer.eos_token for user, answer in DOCS]
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-    positions = (batch["attention_mask"].cumsum(dim=1) - 1).clamp(min=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    torch.manual_seed(0)
-    for _ in range(250):
-        loss = model(**batch, position_ids=positions, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    model, tokenizer = memorise(DOCS, 250)
     torch.set_num_threads(threads)
     out = tmp_path_factory.mktemp("runs") / "toolrun"
     model.save_pretrained(out / "model")

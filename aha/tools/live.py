@@ -20,6 +20,7 @@ counted: it is not the model's). Sampling seeds: turn k of sequence i samples fr
 `turn_seed(seed + i, k)`, so a fixed `seed` gives the same interaction again.
 """
 
+import itertools
 import queue
 import threading
 from dataclasses import dataclass, replace
@@ -130,7 +131,7 @@ class ToolSession:
         """Sequence `index`, turn after turn, until a turn holds no call or the budget is spent."""
         tokenizer, p = self.engine.tokenizer, self.params
         budget, own, calls = p.max_tokens, 0, 0
-        for turn in range(self.runner.max_turns + 1):
+        for turn in itertools.count():       # ends: a turn without a call, or after max_turns calls
             room = min(budget, self.engine.max_context - len(context))
             if room < 1:
                 return self._out.push(Event(index, finish_reason="length", completion_tokens=own))
@@ -154,7 +155,6 @@ class ToolSession:
             budget -= len(ids)
             context += ids
             self._out.push(Event(index, shown(self.format, tokenizer, ids, observations), kind="tool"))
-        self._out.push(Event(index, finish_reason="length", completion_tokens=own))
 
     def _turn(self, index: int, context: list[int], params: GenerationParams) -> tuple[Event | None, str]:
         """One engine request, its text relayed as it comes: (the final event, or None when cancelled; the text)."""
