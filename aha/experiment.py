@@ -40,7 +40,7 @@ import torch
 
 from aha.errors import AhaError
 
-EXPERIMENTS = ("distill-vs-rl", "length-bias", "entropy")   # the last two: aha/findings.py
+EXPERIMENTS = ("distill-vs-rl", "length-bias", "entropy", "tools")   # the last three: aha/findings.py
 
 
 @dataclass
@@ -321,11 +321,12 @@ def distill_vs_rl(cfg: ExperimentConfig, force: bool = False, console=None) -> d
 
 
 def add_experiment_parser(sub) -> None:
-    p = sub.add_parser("experiment", help="papers' findings as experiments: distill-vs-rl, length-bias, entropy",
+    p = sub.add_parser("experiment", help="papers' findings as experiments: distill-vs-rl, length-bias, entropy, tools",
                        description="distill-vs-rl: a small pretrained student distilled from an RL teacher vs the same "
                                    "student trained by RL alone, at equal student compute. length-bias: GRPO vs Dr. GRPO, "
                                    "the length of correct and wrong completions. entropy: GRPO vs clip-higher vs Clip-Cov, "
-                                   "policy entropy and pass@1. Mean ± std over seeds → --out/experiment.json, experiment.md "
+                                   "policy entropy and pass@1. tools: RL with the python tool vs without, on 4 × 3-digit "
+                                   "multiplication, held-out pass@1 and tool-use rate before and after. Mean ± std over seeds → --out/experiment.json, experiment.md "
                                    "(aha/experiment.py, aha/findings.py).")
     p.add_argument("name", choices=EXPERIMENTS)
     p.add_argument("--seeds", type=int, default=ExperimentConfig.seeds, help="seeds 0..N-1")
@@ -350,4 +351,4 @@ def cmd_distill_vs_rl(args, console) -> None:
 
 def cmd_experiment(args, console) -> None:
     from aha.findings import cmd_finding
-    {"distill-vs-rl": cmd_distill_vs_rl, "length-bias": cmd_finding, "entropy": cmd_finding}[args.name](args, console)
+    {"distill-vs-rl": cmd_distill_vs_rl, "length-bias": cmd_finding, "entropy": cmd_finding, "tools": cmd_finding}[args.name](args, console)

@@ -1,8 +1,9 @@
-"""`aha experiment length-bias` and `aha experiment entropy`: two findings of the 2025 papers on
-the built-in task, each arm × seed an `aha train` run, mean ± sample std over seeds, and a plot.
+"""`aha experiment length-bias`, `entropy` and `tools`: findings of the 2025 papers, and the tool
+demo, on built-in tasks, each arm × seed an `aha train` run, mean ± sample std over seeds, a plot.
 
     aha experiment length-bias --seeds 3 --out runs/length_bias
     aha experiment entropy --seeds 3 --out runs/entropy
+    aha experiment tools --seeds 3 --out runs/tools
     aha experiment entropy --quick --seeds 1 --out /tmp/ent          # a smoke run of every step
 
 length-bias (Dr. GRPO, "Understanding R1-Zero-Like Training", arXiv 2503.20783): GRPO's 1/|o|
@@ -28,6 +29,16 @@ ratio is exactly 1, and grpo and clip_higher would be the same run, so the arms 
 updates per rollout (`mu`). Measured: the policy's mean token entropy and the training pass rate
 at every step, held-out pass@1 every `eval_every` steps and at the end.
 
+tools (aha/tools/; TRL's `tools=`, verl's agent loop): can RL discover that a tool pays? The task
+is 4 × 3-digit multiplication, whose scratchpad is long and error-prone and whose `<tool>a*b</tool>`
+call is short and exact. The base model is pretrained (aha.pretrain, cached in DIR/cache) on a
+corpus where `tool_think_frac` of the answers are worked and only `tool_frac` of those call the
+tool, so at the start it mostly works by hand, and mostly errs. Arms: `tools` (tools=python: the
+call runs in the sandbox, its output is appended and masked out of the loss) and `no_tools` (the
+same model and RL, no tool: a call gets no output, the model writes its own). Measured: held-out
+pass@1 and tool-use rate before RL and after, through the arm's own loop (`aha eval`'s), the
+training pass rate, the share of training samples that call the tool, and the response length.
+
 Each experiment writes DIR/experiment.json (per seed and arm: the curves; summary: mean ± std over
 seeds of the first and last `window` steps' means), DIR/experiment.md and DIR/curves.png.
 """
@@ -45,6 +56,8 @@ from aha.errors import AhaError
 
 LENGTH_CURVES = ("response_tokens_correct", "response_tokens_wrong", "pass_rate", "think_rate")
 ENTROPY_CURVES = ("entropy", "pass_rate", "clip_frac", "response_tokens")
+TOOLS_CURVES = ("pass_rate", "response_tokens", "tool_use_rate")
+EVAL_KEYS = ("pass@1", "tool_use_rate")         # of a held-out eval, kept when present (tool_use_rate: with tools)
 
 
 @dataclass
@@ -66,10 +79,16 @@ class FindingConfig:
     eval_every: int = 25
     eval_problems: int = 100
     eval_k: int = 4
+    # tools
+    tool_digits: int = 4             # digits of the first factor (the second has 3)
+    tool_think_frac: float = 0.6     # share of the base corpus's answers that are worked
+    tool_frac: float = 0.3           # share of the worked answers that call the tool
+    tool_pretrain_steps: int = 2000
+    tool_new_tokens: int = 128       # the whole interaction, tool output included
 
 
 QUICK = {"steps": 3, "window": 2, "pad_examples": 16, "eval_every": 2, "eval_problems": 4, "eval_k": 1, "mu": 2,
-         "rl": {"prompts_per_step": 2, "group_size": 4}}
+         "tool_pretrain_steps": 3, "rl": {"prompts_per_step": 2, "group_size": 4}}
 BASES = ("padded", "builtin")
 
 
@@ -81,6 +100,36 @@ def entropy_arms(cfg: FindingConfig) -> dict[str, dict]:
     return {"grpo": {"algo": "grpo", "mu": cfg.mu},
             "clip_higher": {"algo": "grpo", "mu": cfg.mu, "clip_high": cfg.clip_higher},
             "clip_cov": {"algo": "grpo", "mu": cfg.mu, "surrogate": "clip_cov", "cov_share": cfg.cov_share}}
+
+
+def tools_arms(cfg: FindingConfig) -> dict[str, dict]:
+    return {"tools": {"tools": "python"}, "no_tools": {}}
+
+
+def tools_base(cfg: FindingConfig, cache: Path, console=None) -> Path:
+    """The multiplication base model of the tools demo (aha pretrain --task multiplication); made once, cached."""
+    from aha.pretrain import PretrainConfig, pretrain
+    path = cache / f"multiplication_d{cfg.tool_digits}_w{cfg.tool_think_frac:g}_t{cfg.tool_frac:g}_s{cfg.tool_pretrain_steps}"
+    if not (path / "config.json").is_file():
+        pretrain(PretrainConfig(out=str(path), task="multiplication", digits=cfg.tool_digits, think_frac=cfg.tool_think_frac,
+                                tool_frac=cfg.tool_frac, steps=cfg.tool_pretrain_steps), console)
+    return path
+
+
+def tools_settings(cfg: FindingConfig, cache: Path, console=None) -> dict:
+    return {"model": str(tools_base(cfg, cache, console)), "task": "multiplication", "digits": cfg.tool_digits,
+            "max_new_tokens": cfg.tool_new_tokens, "eval_every": cfg.eval_every, "eval_problems": cfg.eval_problems,
+            "eval_k": cfg.eval_k, "dump_rollouts_every": 1}
+
+
+def tool_call_curve(folder: Path, steps: int) -> dict[str, list]:
+    """Per step, the share of rollouts.jsonl's samples (the first of each group) that write a tool
+    call, whether or not a tool answered it: the one tool-use figure both arms have."""
+    found = [[] for _ in range(steps)]
+    for line in (folder / "rollouts.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        found[row["step"]].append(float("<tool>" in row["completion"] or "<tool_call>" in row["completion"]))
+    return {"tool_call_rate": [sum(v) / len(v) if v else None for v in found]}
 
 
 def padded_base(cfg: FindingConfig, cache: Path, console=None) -> Path:
@@ -141,27 +190,40 @@ def entropy_settings(cfg: FindingConfig, cache: Path, console=None) -> dict:
             "eval_problems": cfg.eval_problems, "eval_k": cfg.eval_k}
 
 
-def run_arm(settings: dict, arm: dict, cfg: FindingConfig, seed: int, folder: Path, curves: tuple[str, ...],
-            final_eval: bool, finding_extra=None, console=None) -> dict:
-    """One `aha train` run; its per-step curves, held-out evals, and a final held-out pass@1."""
-    from aha.config import load_config
+def held_out(run_cfg, model, tokenizer, seed: int, step: int, label: str, console=None) -> dict:
+    """Held-out pass@1 (and tool-use rate, with tools) through the run's own sampler, as `aha eval`."""
     from aha.evaluate import EvalSpec, evaluate
     from aha.tasks import get_task
+    from aha.tools import eval_engine
+    spec = EvalSpec(run_cfg.eval_problems, run_cfg.eval_k, max_new_tokens=run_cfg.max_new_tokens, seed=seed)
+    result = evaluate(model, tokenizer, get_task(run_cfg.task, **run_cfg.task_options()), spec, console=console,
+                      label=label, engine=eval_engine(run_cfg))
+    return {"step": step, **{key: result[key] for key in EVAL_KEYS if key in result}}
+
+
+def run_arm(settings: dict, arm: dict, cfg: FindingConfig, seed: int, folder: Path, curves: tuple[str, ...],
+            final_eval: bool, finding_extra=None, console=None, before_eval: bool = False) -> dict:
+    """One `aha train` run; its per-step curves, held-out evals, a final held-out pass@1 and, with
+    `before_eval`, one of the starting model first."""
+    from aha.config import load_config
+    from aha.model import load_model
     from aha.train import train
     overrides = {**settings, **cfg.rl, **arm, "steps": cfg.steps, "seed": seed, "out": str(folder)}
     run_cfg = load_config(None, overrides)
     folder.mkdir(parents=True)
     start = time.time()
+    before = []
+    if before_eval:
+        model, tokenizer = load_model(run_cfg.model, "cpu")
+        before = [held_out(run_cfg, model, tokenizer, seed, 0, f"eval {folder.name} before", console)]
     result = train(run_cfg, console=console, out=folder)
     record = {"curves": {key: [r.get(key) for r in result["history"]] for key in curves}
               | (finding_extra(folder, cfg.steps) if finding_extra else {}),
-              "evals": [{"step": e["step"], "pass@1": e["pass@1"]} for e in result["evals"]],
+              "evals": before + [{"step": e["step"], **{k: e[k] for k in EVAL_KEYS if k in e}} for e in result["evals"]],
               "seconds": round(time.time() - start, 1)}
     if final_eval:
-        spec = EvalSpec(run_cfg.eval_problems, run_cfg.eval_k, max_new_tokens=run_cfg.max_new_tokens, seed=seed)
-        final = evaluate(result["model"], result["tokenizer"], get_task(run_cfg.task, **run_cfg.task_options()), spec,
-                         console=console, label=f"eval {folder.name}")
-        record["evals"].append({"step": cfg.steps, "pass@1": final["pass@1"]})
+        record["evals"].append(held_out(run_cfg, result["model"], result["tokenizer"], seed, cfg.steps,
+                                        f"eval {folder.name}", console))
     return record
 
 
@@ -189,8 +251,11 @@ def summarise(per_seed: list[dict], window: int) -> dict:
                 values = [window_mean(run["curves"][curve], window, end == "last") for run in runs]
                 if all(v is not None for v in values):
                     summary[arm][curve][end] = list(mean_std(values))
-        if runs[0]["evals"]:
-            summary[arm]["final_pass@1"] = list(mean_std([run["evals"][-1]["pass@1"] for run in runs]))
+        for key in EVAL_KEYS:
+            if all(run["evals"] and key in run["evals"][-1] for run in runs):
+                summary[arm][f"final_{key}"] = list(mean_std([run["evals"][-1][key] for run in runs]))
+            if all(run["evals"] and run["evals"][0]["step"] == 0 and key in run["evals"][0] for run in runs):
+                summary[arm][f"before_{key}"] = list(mean_std([run["evals"][0][key] for run in runs]))
     return summary
 
 
@@ -203,6 +268,7 @@ class Finding:
     final_eval: bool
     panels: tuple[tuple[str, str], ...]      # (curve, title) of the plot
     rows: tuple[tuple[str, str, str], ...]   # (curve, column title, format) of the table
+    before_eval: bool = False                # also a held-out eval of the starting model (step 0)
 
 
 FINDINGS = {
@@ -218,6 +284,11 @@ FINDINGS = {
                        (("entropy", "policy entropy (nats per token)"), ("pass_rate", "training pass rate"),
                         ("clip_frac", "share of tokens clipped / cut")),
                        (("entropy", "entropy", ".3f"), ("pass_rate", "pass rate", ".3f"), ("clip_frac", "clipped", ".4f"))),
+    "tools": Finding(tools_arms, tools_settings, TOOLS_CURVES, tool_call_curve, True,
+                     (("pass_rate", "training pass rate"), ("tool_call_rate", "share of samples that call the tool"),
+                      ("response_tokens", "response length (tokens, tool output included)")),
+                     (("pass_rate", "pass rate", ".3f"), ("tool_call_rate", "tool calls", ".2f"),
+                      ("response_tokens", "tokens", ".1f")), before_eval=True),
 }
 
 
@@ -256,21 +327,26 @@ def markdown(report: dict, finding: Finding) -> str:
     n, window = len(report["seeds"]), report["config"]["window"]
     cell = lambda pair, fmt: "–" if pair is None else f"{pair[0]:{fmt}} ± {pair[1]:{fmt}}"
     head = " | ".join(f"{title} first → last {window} steps" for _, title, _ in finding.rows)
+    evals = [("pass@1", "held-out pass@1")] if finding.final_eval else []
+    evals += [("tool_use_rate", "held-out tool-use rate")] if finding.before_eval else []
+    change = " before → after" if finding.before_eval else ""
     lines = [f"# aha experiment {report['experiment']} ({n} seed{'s' * (n > 1)}, {report['config']['steps']} steps)", "",
-             f"| arm | {head} |" + (" final held-out pass@1 |" if finding.final_eval else ""),
-             "|---|" + "---:|" * (len(finding.rows) + finding.final_eval)]
+             f"| arm | {head} |" + "".join(f" {title}{change} |" if change else f" final {title} |" for _, title in evals),
+             "|---|" + "---:|" * (len(finding.rows) + len(evals))]
     for arm, metrics in report["summary"].items():
-        cells = [f"{cell(metrics[c].get('first'), fmt)} → {cell(metrics[c].get('last'), fmt)}" for c, _, fmt in finding.rows]
-        if finding.final_eval:
-            cells.append(cell(metrics.get("final_pass@1"), ".3f"))
+        cells = [f"{cell(metrics.get(c, {}).get('first'), fmt)} → {cell(metrics.get(c, {}).get('last'), fmt)}" for c, _, fmt in finding.rows]
+        for key, _ in evals:
+            final = cell(metrics.get(f"final_{key}"), ".3f")
+            cells.append(f"{cell(metrics.get(f'before_{key}'), '.3f')} → {final}" if change else final)
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def run_finding(name: str, cfg: FindingConfig, force: bool = False, console=None) -> dict:
     from aha.experiment import prepare
-    if min(cfg.seeds, cfg.steps, cfg.window, cfg.mu, cfg.pad_examples) < 1:
-        raise AhaError(f"experiment {name}: seeds, steps, window, mu and pad_examples must be at least 1")
+    if min(cfg.seeds, cfg.steps, cfg.window, cfg.mu, cfg.pad_examples, cfg.tool_pretrain_steps, cfg.tool_new_tokens) < 1:
+        raise AhaError(f"experiment {name}: seeds, steps, window, mu, pad_examples, tool_pretrain_steps and "
+                       "tool_new_tokens must be at least 1")
     if cfg.base not in BASES:
         raise AhaError(f"experiment {name}: base={cfg.base!r} is not one of {', '.join(BASES)}")
     finding = FINDINGS[name]
@@ -280,7 +356,7 @@ def run_finding(name: str, cfg: FindingConfig, force: bool = False, console=None
     per_seed = []
     for seed in range(cfg.seeds):
         arms = {arm: run_arm(settings, overrides, cfg, seed, out / f"seed{seed}" / arm, finding.curves, finding.final_eval,
-                             finding.extra, console) for arm, overrides in finding.arms(cfg).items()}
+                             finding.extra, console, finding.before_eval) for arm, overrides in finding.arms(cfg).items()}
         per_seed.append({"seed": seed, "arms": arms})
     report = {"experiment": name, "config": dataclasses.asdict(cfg), "settings": settings, "seeds": per_seed,
               "summary": summarise(per_seed, cfg.window), "wall_seconds": round(time.time() - start, 1)}

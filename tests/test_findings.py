@@ -78,3 +78,41 @@ def test_bad_finding_config(tmp_path):
     assert not (tmp_path / "x").exists()
     assert markdown({"seeds": [{}], "config": {"window": 1, "steps": 1}, "summary": {}, "experiment": "entropy"},
                     FINDINGS["entropy"]).count("|---|") == 1
+
+
+def test_tool_call_curve_counts_calls_of_either_format(tmp_path):
+    from aha.findings import tool_call_curve
+    rows = [{"step": 0, "completion": " <think><tool>12*34</tool><output>408</output></think> <answer>408</answer>"},
+            {"step": 0, "completion": " <think>12*4=48, 12*30=360</think> <answer>408</answer>"},
+            {"step": 1, "completion": '<tool_call>{"name": "python"}</tool_call>'},
+            {"step": 1, "completion": " <answer>408</answer>"}, {"step": 1, "completion": "<tool>1</tool>"}]
+    (tmp_path / "rollouts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert tool_call_curve(tmp_path, 3) == {"tool_call_rate": [0.5, 2 / 3, None]}
+
+
+def test_summary_of_evals_before_and_after():
+    run = lambda before, after, tools: {"curves": {}, "evals": [{"step": 0, "pass@1": before, **tools},
+                                                                 {"step": 5, "pass@1": after, **tools}]}
+    per_seed = [{"arms": {"tools": run(0.1, 0.5, {"tool_use_rate": 0.2}), "no_tools": run(0.1, 0.2, {})}},
+                {"arms": {"tools": run(0.3, 0.7, {"tool_use_rate": 0.4}), "no_tools": run(0.1, 0.2, {})}}]
+    summary = summarise(per_seed, window=1)
+    assert summary["tools"]["before_pass@1"] == pytest.approx([0.2, 0.1414213562]) and summary["tools"]["final_pass@1"][0] == 0.6
+    assert summary["tools"]["before_tool_use_rate"] == pytest.approx([0.3, 0.1414213562])
+    assert summary["no_tools"]["final_pass@1"] == [0.2, 0.0] and "final_tool_use_rate" not in summary["no_tools"]
+    row = markdown({"seeds": per_seed, "config": {"window": 1, "steps": 5}, "summary": summary, "experiment": "tools"},
+                   FINDINGS["tools"]).splitlines()[-1]
+    assert row.endswith("| 0.100 ± 0.000 → 0.200 ± 0.000 | – → – |")
+
+
+def test_tools_quick_end_to_end(tmp_path):
+    out = tmp_path / "tools"
+    assert main(tiny("tools", out)) == 0
+    report = json.loads((out / "experiment.json").read_text())
+    arms = report["seeds"][0]["arms"]
+    assert list(arms) == ["tools", "no_tools"] and report["settings"]["task"] == "multiplication"
+    assert "tools: python" in (out / "seed0" / "tools" / "config.yaml").read_text()
+    assert "tools: ''" in (out / "seed0" / "no_tools" / "config.yaml").read_text()
+    for name, arm in arms.items():
+        assert [e["step"] for e in arm["evals"]] == [0, 2] and len(arm["curves"]["tool_call_rate"]) == 2
+        assert ("tool_use_rate" in arm["evals"][0]) == (name == "tools")     # through the arm's own loop
+    assert (out / "cache" / "multiplication_d4_w0.6_t0.3_s3" / "config.json").is_file()
