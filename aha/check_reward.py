@@ -31,7 +31,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from aha.config import Config, parse_reward_weights
+from aha.config import Config, apply_overrides, parse_reward_weights
 from aha.errors import AhaError
 from aha.rewards import SHAPING, Sample
 from aha.tasks.base import Problem
@@ -205,6 +205,9 @@ def add_check_reward_parser(sub) -> None:
     p.add_argument("--data", help="data file for file-backed tasks (gsm8k, math, py:…)")
     p.add_argument("--digits", type=int, default=3, help="addition: digits per operand")
     p.add_argument("--problems", type=int, default=3, help="problems to probe")
+    p.add_argument("--task-config", default="{}", metavar="YAML",
+                   help="the task's own options, as the config key task_config, e.g. "
+                        "'{config: {min_terms: 2, max_terms: 3, min_digits: 1, max_digits: 1}}' for rg:chain_sum")
     p.add_argument("--reward-weights", default="", metavar="NAME=W,…",
                    help="weights on top of accuracy=1, format=0.1, as the config key reward_weights")
 
@@ -212,7 +215,8 @@ def add_check_reward_parser(sub) -> None:
 def check_task(name: str, args) -> int:
     """Probe one task and print what earns undeserved credit; the number of such completions."""
     from aha.tasks import get_task
-    cfg = Config(task=name, digits=args.digits, data=args.data or "", reward_weights=args.reward_weights)
+    cfg = apply_overrides(Config(task=name, digits=args.digits, data=args.data or "", reward_weights=args.reward_weights),
+                          {"task_config": args.task_config}, "--task-config")
     weights = cfg.component_weights()
     task = get_task(cfg.task, **cfg.task_options())
     first = (task.eval_problems(1) or [next(task.train_problems(0))])[0]

@@ -30,6 +30,8 @@ class Config:
     data: str = ""                   # file-backed tasks: JSONL / Parquet / HF dataset dir
     eval_data: str = ""              # optional separate held-out file
     skip_bad_rows: bool = False      # skip and count rows without an answer instead of stopping
+    task_config: dict = field(default_factory=dict)   # the task's own keyword options, e.g. for rg:NAME
+                                     # {eval_size: 100, config: {min_terms: 2}} (reasoning-gym's dataset config)
     template: str = "task"           # prompt: task (its own) | r1_zero | chat | PATH with {question}; aha/templates.py
     think_prefill: bool = False      # append <think> to every prompt
     out: str = "runs/train"
@@ -131,7 +133,7 @@ class Config:
             options["eval_data"] = self.eval_data
         if self.skip_bad_rows:
             options["skip_bad_rows"] = True
-        return options
+        return options | self.task_config
 
     def component_weights(self) -> dict[str, float]:
         """Weight of each reward component by name: accuracy/format from their own keys, DAPO's
@@ -321,8 +323,20 @@ def load_config(path: str | None = None, overrides: dict | None = None, base: di
         raise AhaError(f"unknown algo {algo!r}: choose one of {', '.join(PRESETS)}")
     apply_overrides(cfg, PRESETS[algo], f"preset {algo}")
     apply_overrides(cfg, file_values, str(path))
+    if path and "template" in file_values:
+        cfg.template = beside(cfg.template, Path(path).parent)
     apply_overrides(cfg, overrides, "command line")
     return cfg.validate()
+
+
+def beside(template: str, folder: Path) -> str:
+    """A config file's relative template path, read from the file's own folder when it is there
+    and not in the working directory (`recipes/x.yaml` naming `x.prompt.txt` works from anywhere)."""
+    from aha.templates import NAMED
+    if template in NAMED or Path(template).is_absolute() or Path(template).is_file():
+        return template
+    candidate = folder / template
+    return str(candidate.resolve()) if candidate.is_file() else template
 
 
 def save_config(cfg: Config, path: Path) -> None:

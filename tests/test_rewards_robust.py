@@ -148,3 +148,14 @@ def test_check_reward_cli_exit_codes_on_py_rewards(tmp_path, monkeypatch, capsys
     assert capsys.readouterr().err.startswith("aha check-reward: error: --reward-weights names nope, but task 'addition' gives")
     assert main(["check-reward", "py:probe_rewards_i15:exact"]) == 2          # no --data
     assert "needs a data file" in capsys.readouterr().err
+
+
+def test_check_reward_task_config_finds_chain_sums_own_scorer_and_exact_closes_it(capsys):
+    pytest.importorskip("reasoning_gym")
+    one_digit = "config: {min_terms: 2, max_terms: 3, min_digits: 1, max_digits: 1}"
+    assert main(["check-reward", "rg:chain_sum", "--problems", "1", "--task-config", "{" + one_digit + "}"]) == 1
+    assert "the wrong and the gold answer in one: accuracy 0.166667 > 0   '<answer>1 or 0</answer>'" in capsys.readouterr().out
+    assert main(["check-reward", "rg:chain_sum", "--problems", "1", "--task-config", "{exact: true, " + one_digit + "}"]) == 0
+    assert ": 0 of " in capsys.readouterr().out
+    assert main(["check-reward", "rg:chain_sum", "--task-config", "{colour: red}"]) == 2
+    assert capsys.readouterr().err.strip() == "aha check-reward: error: task 'rg:chain_sum' does not take option(s) colour"

@@ -8,7 +8,9 @@ Problems are generated locally, nothing is downloaded. The score is the dataset'
 Departure: reasoning-gym's default scorer, which about a third of its datasets keep, pays
 len(gold)/len(answer) to any answer that contains the gold ("0 or 162", a list of every number);
 those datasets are scored by exact match here. Datasets with a scorer of their own keep it:
-`aha check-reward rg:NAME` shows whether it can be gamed (rg:spell_backward's prefix credit can).
+`aha check-reward rg:NAME` shows whether it can be gamed (rg:spell_backward's prefix credit can,
+and so can rg:chain_sum's decimal credit); `exact=True` (`task_config: {exact: true}`) scores any
+dataset by exact match of the answer text.
 
 Held-out split: the evaluation set is the first `eval_size` items of the dataset built with a
 seed of its own; the training stream is built from seeds derived from the training seed, and
@@ -27,7 +29,7 @@ CHUNK = 1000
 
 
 class ReasoningGymTask:
-    def __init__(self, dataset: str, eval_size: int = 200, config: dict | None = None):
+    def __init__(self, dataset: str, eval_size: int = 200, config: dict | None = None, exact: bool = False):
         try:
             import reasoning_gym
         except ImportError as exc:
@@ -39,7 +41,9 @@ class ReasoningGymTask:
         self.eval_size = eval_size
         self._create = reasoning_gym.create_dataset
         from reasoning_gym.dataset import ProceduralDataset
-        self.exact_match = DATASETS[dataset][0].score_answer is ProceduralDataset.score_answer
+        # exact=True: the answer must equal the gold text; a dataset's own scorer may pay partial
+        # credit to hedges (chain_sum: '<answer>1 or 0</answer>' earns 1/6, `aha check-reward`)
+        self.exact_match = exact or DATASETS[dataset][0].score_answer is ProceduralDataset.score_answer
         try:
             self.eval_dataset = self._create(dataset, size=eval_size, seed=EVAL_SEED, **self.config)
         except Exception as exc:       # bad config keys or values
