@@ -102,7 +102,7 @@ def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=
     encoded = readable_prompts(tokenizer, task, problems, prefill, limit, spec.skip_unreadable, spec.max_new_tokens)
     correct: list = [None] * len(problems)            # per problem: its k accuracies
     answers: list = [None] * len(problems)
-    texts, lengths, thinking, truncated, samples, rollouts = [], [], [], [], [], []
+    texts, lengths, thinking, truncated, samples, rollouts, formats = [], [], [], [], [], [], []
     unreadable = 0
     was_training = model.training
     model.eval()
@@ -134,6 +134,7 @@ def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=
                                         "answer": problem.answer, "correct": scores[i]["accuracy"]})
                     texts += responses
                     thinking += [float(thought(text)) for text in responses]
+                    formats += [s.get("format") for s in scores[i:i + spec.k]]
                 lengths += rollout.lengths.tolist()
                 truncated += rollout.truncated.float().tolist()
             bar.update(job, advance=len(chunk))
@@ -142,7 +143,19 @@ def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=
     return {**sample_metrics(correct, answers, texts, spec), "think_rate": sum(thinking) / generated,
             "mean_response_tokens": sum(lengths) / generated, "truncation_rate": sum(truncated) / generated,
             "problems": len(problems), "unreadable_prompts": unreadable, "k": spec.k, "temperature": spec.temperature,
-            "top_p": spec.top_p, **eval_tool_metrics(rollouts), "samples": samples}
+            "top_p": spec.top_p, **format_rate(formats), **eval_tool_metrics(rollouts), "samples": samples}
+
+
+def format_rate(formats: list) -> dict:
+    """{"format_rate": share of samples with full format credit} when the task scores a `format`
+    component for every sample (the built-in tasks, rg:, …); {} otherwise.
+
+    >>> format_rate([1.0, 0.0, 1.0, 1.0]), format_rate([1.0, None]), format_rate([])
+    ({'format_rate': 0.75}, {}, {})
+    """
+    if not formats or any(f is None for f in formats):
+        return {}
+    return {"format_rate": sum(f >= 1.0 for f in formats) / len(formats)}
 
 
 def eval_tool_metrics(rollouts: list) -> dict:
@@ -167,7 +180,8 @@ def table_columns(results: list[dict]) -> list[str]:
     """The metric columns of a side-by-side comparison, pass@j in order of j."""
     passes = sorted({key for r in results for key in r if key.startswith("pass@")}, key=lambda key: int(key[5:]))
     cons = sorted({key for r in results for key in r if key.startswith("cons@")}, key=lambda key: int(key[5:]))
-    return passes + cons + ["mean_accuracy", "think_rate", "reflection_rate", "mean_response_tokens", "truncation_rate"]
+    formats = ["format_rate"] if any("format_rate" in r for r in results) else []
+    return passes + cons + ["mean_accuracy", *formats, "think_rate", "reflection_rate", "mean_response_tokens", "truncation_rate"]
 
 
 def _cell(value) -> str:

@@ -47,6 +47,7 @@ def run(cfg: Config, force: bool = False, console=None) -> dict:
         "before_pass1": before["pass@1"], "after_pass1": after["pass@1"],
         "gain": after["pass@1"] - before["pass@1"],
         "before_think_rate": before["think_rate"], "after_think_rate": after["think_rate"],
+        **{f"{when}_format_rate": ev["format_rate"] for when, ev in (("before", before), ("after", after)) if "format_rate" in ev},
         "before_response_tokens": before["mean_response_tokens"], "after_response_tokens": after["mean_response_tokens"],
         "mean_response_tokens_first": sum(r["response_tokens"] for r in first) / len(first),
         "mean_response_tokens_last": sum(r["response_tokens"] for r in last) / len(last),

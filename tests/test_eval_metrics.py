@@ -108,3 +108,16 @@ def test_eval_compares_several_models(tiny_model_dir, tmp_path, capsys):
 def test_eval_bad_pass_k_is_one_line(capsys):
     assert main(["eval", "--pass-k", "1,x"]) == 2
     assert "--pass-k" in capsys.readouterr().err
+
+
+def test_format_rate_is_the_share_of_well_formed_samples():
+    """4 problems × 1 sample: every sample is in `samples`, so the rate can be recounted by hand."""
+    from aha.base import ensure_base_model
+    from aha.evaluate import evaluate
+    from aha.model import load_model
+    from aha.tasks import get_task
+    from aha.tasks.base import is_well_formed
+    model, tokenizer = load_model(ensure_base_model(None), "cpu")
+    result = evaluate(model, tokenizer, get_task("addition"), EvalSpec(problems=4, k=1, max_new_tokens=64))
+    assert len(result["samples"]) == 4
+    assert result["format_rate"] == sum(is_well_formed(s["completion"]) for s in result["samples"]) / 4
