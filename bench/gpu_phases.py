@@ -227,11 +227,12 @@ def phase_matmul(ctx: Ctx) -> None:
 
 def gap_at(ctx: Ctx, model, sampler, prompts, group: int, params) -> dict:
     """Mean and max |log p_sampler − log p_trainer| over the sampled tokens, the trainer's from its
-    own forward (aha/logprobs.py) at the sampling temperature."""
+    own forward (aha/logprobs.py) at the sampling temperature, in the model's own precision (no
+    autocast: bf16 weights on a GPU; on a CPU with fast bf16, `auto` would measure bf16's rounding)."""
     from aha.vllm_rollout import engine_metrics, trainer_gap
     rollout = sampler(model, prompts, group, params, model.config.pad_token_id, seed=3)
     engine_metrics(sampler)                              # a vLLM engine measured it too: drop its copy
-    tokens, total, largest = trainer_gap(model, rollout, params.temperature, "auto")
+    tokens, total, largest = trainer_gap(model, rollout, params.temperature, "off")
     return {"tokens": tokens, "mean": total / max(tokens, 1), "max": largest}
 
 

@@ -204,12 +204,20 @@ def update_difference(run_a, run_b) -> float:
 # bf16: u = 2^-8 ≈ 3.9e-3 is the unit roundoff of a bf16 logit or activation. Split over 2 processes,
 # the matmuls have other shapes and accumulate in another order, so now and then a bf16 rounding
 # flips by one unit. At step 0 (same weights on both sides) the grad norm and the entropy, sums over
-# many elements, stay within u (measured 2.8e-4 on AVX2 with bf16 forced, 2.5e-4 on an AMX Xeon).
-# From step 1 on, AdamW has carried those flips into the weights (its per-element steps do not shrink
-# with the gradient: the updates differ by 6.1e-2 measured, bound 0.15), so later steps get 4u
-# (measured 4.6e-3). The loss is still 0 up to float32 noise (ratio 1, advantages sum to 0).
+# many elements, stay within u (measured 2.8e-4 on AVX2 with bf16 forced, 2.5e-4 on an AMX Xeon,
+# 2.4e-4 on an AMD EPYC with AVX512-BF16): that is the check of the bf16 reduction. From step 1 on
+# the two runs no longer share their weights: AdamW's first steps are ±lr for every element whatever
+# its gradient's size, so elements whose gradient is rounding noise move by ±lr with a sign that the
+# rounding picks, and the later grad norms are a chaotic function of those flips, machine-dependent:
+# step 2 differed by 4.6e-3 on the AMX Xeon and by 46% on the AVX512-BF16 EPYC, where the same
+# one-process run with micro_batch_size=2 (only the summation order changed) already differs by 7%.
+# So in bf16 only step 0's numbers are compared, and the weights' update within 0.5 (measured 6.1e-2
+# on AVX2, 0.41 on the EPYC, 0.047 for the one-process micro-batch change): a gross error (a wrong
+# reduction, a rank's gradient dropped) still fails step 0. The loss is 0 up to float32 noise at
+# every step (ratio 1, advantages sum to 0), and the rewards, sampled before any update diverges
+# far, must match.
 TOLERANCE = {"fp32": {"step 0": 5e-5, "later": 5e-5, "entropy": 1e-5, "update": 1e-2},
-             "bf16": {"step 0": 2 ** -8, "later": 4 * 2 ** -8, "entropy": 4 * 2 ** -8, "update": 0.15}}
+             "bf16": {"step 0": 2 ** -8, "later": None, "entropy": 4 * 2 ** -8, "update": 0.5}}
 
 
 @pytest.mark.parametrize("strategy, precision", [("ddp", "fp32"), ("fsdp", "fp32"), ("ddp", "bf16")])
@@ -225,6 +233,8 @@ def test_two_processes_train_as_one(runs, strategy, precision):
             assert a[key] == b[key], (a["step"], key)
         assert b["loss"] == pytest.approx(a["loss"], rel=0, abs=1e-6)
         bound = tolerance["step 0" if a["step"] == 0 else "later"]
+        if bound is None:                                   # bf16 after step 0: see TOLERANCE
+            continue
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=bound), (a["step"], precision)
         assert (a["entropy"] is None and b["entropy"] is None) or b["entropy"] == pytest.approx(
             a["entropy"], rel=tolerance["entropy"])

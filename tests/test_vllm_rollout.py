@@ -255,7 +255,7 @@ def test_the_sampler_trainer_gap_is_measured_on_every_generation(fake, tiny):
     from aha.vllm_rollout import engine_metrics
     model, tok = tiny
     model.eval()
-    engine = engine_for(model)
+    engine = engine_for(model, autocast="off")       # the reference is fp32 (auto: bf16 on AMX/AVX512-BF16 CPUs)
     fake.logprob = 0.0
     prompts = [tok("12+345=")["input_ids"], tok("7+8=")["input_ids"]]
     params = SamplingParams(max_new_tokens=5, temperature=0.7, stop_token_ids=(tok.eos_token_id,))
