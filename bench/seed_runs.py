@@ -54,7 +54,8 @@ def plot(folders: list[Path], path: Path) -> None:
     for ax, (key, title) in zip(axes, PANELS):
         curves = [[row[key] for row in history] for history in histories]
         for folder, curve in zip(folders, curves):
-            ax.plot(curve, alpha=0.35, linewidth=1, label=folder.name)
+            seed = json.loads((folder / "report.json").read_text())["seed"]
+            ax.plot(curve, alpha=0.35, linewidth=1, label=f"seed {seed}")
         steps = min(len(c) for c in curves)
         mean = [statistics.mean(c[i] for c in curves) for i in range(steps)]
         ax.plot(smooth(mean, 3), color="black", linewidth=2, label="mean (smoothed)")
