@@ -196,7 +196,7 @@ def memory_plan(cfg: Config, shape: ModelShape, prompt_tokens: int, *, trainable
     rollout_budget = max(AUTO_ROLLOUT_BYTES, free // 4) if gpu else AUTO_ROLLOUT_BYTES     # a GPU decodes wide batches fast
     # a training step's rows in one pass where they fit in an eighth of the free memory: decoding is
     # bound by reading the weights once per step, so 3 passes of 24 rows cost ~3× one pass of 64
-    # (SmolLM2-135M, 64 rows × 128 tokens: 54 s in 3 passes of 256 MiB, 31 s in one of 0.5 GiB)
+    # (SmolLM2-135M, 64 rows × 128 tokens in `aha bench --model`: 53.8 s in 3 passes of 24, 35.2 s in one)
     step_budget = rollout_budget if gpu else max(AUTO_ROLLOUT_BYTES, free // 8)
     rollout_rows = cfg.rollout_batch_size or rows_that_fit(step_budget, per_rollout_row, cfg.group_size, rows_total)
     rollout = rollout_bytes(shape, rollout_rows, prompt_tokens, completion, weight_bytes)
