@@ -133,9 +133,23 @@ def run_learn_race(seeds: tuple[int, ...], steps: int = 150, eval_every: int = 2
                      "aha_final_pass1": aha_curve[-1][1], "aha_rl_seconds": aha_curve[-1][0],
                      "trl_rl_seconds": trl_curve[-1][0],
                      "ratio": (trl_time / aha_time) if aha_time else None})
-    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
-    return {"rows": rows, "steps": steps, "median_ratio": statistics.median(ratios) if ratios else None,
-            "reached": f"{len(ratios)} of {len(rows)}"}
+    reached = sum(r["ratio"] is not None for r in rows)
+    return {"rows": rows, "steps": steps, "median_ratio": median_ratio([r["ratio"] for r in rows]),
+            "reached": f"{reached} of {len(rows)}"}
+
+
+def median_ratio(ratios: list[float | None]) -> float | None:
+    """The median over all seeds, a seed on which aha never reached the target counting as the worst
+    ratio (0), so that dropping it cannot flatter aha; None when aha reached it on no seed.
+
+    >>> median_ratio([2.03, None, 2.23])
+    2.03
+    >>> median_ratio([2.0, 3.0]), median_ratio([None]) is None
+    (2.5, True)
+    """
+    if all(r is None for r in ratios):
+        return None
+    return statistics.median(0.0 if r is None else r for r in ratios)
 
 
 def format_learn_table(result: dict) -> str:
@@ -147,6 +161,6 @@ def format_learn_table(result: dict) -> str:
                      f"{r['trl_seconds_to_target']:11.1f} {ratio}")
     median = result["median_ratio"]
     lines.append(f"median TRL/aha RL wall time to TRL's final pass@1: "
-                 f"{median:.2f}× (reached by aha on {result['reached']} seeds)" if median else
+                 f"{median:.2f}× (reached by aha on {result['reached']} seeds; a seed not reached counts as 0)" if median else
                  f"aha did not reach TRL's final pass@1 on any seed ({result['reached']})")
     return "\n".join(lines)
