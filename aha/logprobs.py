@@ -70,7 +70,7 @@ def chunk_tokens_for(vocab: int) -> int:
 def _chunk_logprobs(hidden, weight, bias, targets, temperature: float):
     """(log p (K,), entropy (K,)) of `targets` (K,) under logits = head(hidden (K, H)) / temperature."""
     logits = F.linear(hidden, weight, bias).float()                                   # (K, V)
-    if temperature > 0:
+    if temperature > 0 and temperature != 1.0:          # x / 1.0 is x: skip a pass over (·, V)
         logits = logits / temperature
     logsumexp = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logsumexp
@@ -190,7 +190,7 @@ def _full_logits_logprobs(model, prompt_ids, prompt_mask, completion_ids, comple
                           temperature: float, share_prompts: bool):
     logits = _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, group_size,
                       share_prompts).float()                          # (R, T, V)
-    if temperature > 0:
+    if temperature > 0 and temperature != 1.0:          # x / 1.0 is x: skip a pass over (·, V)
         logits = logits / temperature
     logsumexp = torch.logsumexp(logits, dim=-1)
     logp = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logsumexp

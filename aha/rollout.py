@@ -237,7 +237,7 @@ def sample_next(logits: Tensor, uniforms: Tensor, params: SamplingParams) -> tup
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
         return tokens, torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None]).squeeze(1)
-    scaled = logits / params.temperature
+    scaled = logits / params.temperature if params.temperature != 1.0 else logits      # x / 1.0 is x
     filtered = filter_logits(scaled, params.top_k, params.top_p)
     cumulative = torch.softmax(filtered, dim=-1).double().cumsum(dim=-1)                   # (A, V)
     # u·total < total, so the search stays inside the vocabulary; a token of probability 0 adds
