@@ -279,6 +279,21 @@ def generate(model, prompts: list[list[int]], group_size: int, params: SamplingP
     return concat_rollouts(parts, pad_id)
 
 
+def decode_mask(model, attention: Tensor) -> Tensor | None:
+    """The attention mask of a one-token decoding step as SDPA takes it, (N, 1, 1, L): 0 where a row
+    attends, −inf on its padding; None where the model's own mask must be built (not SDPA, or a
+    sliding window). transformers passes a ready 4-D mask through unchanged and would otherwise build
+    a boolean one at every step, which SDPA on CPU converts at every layer (64 rows × 4 heads: 219 µs
+    a call against 147 µs with this mask; the same numbers, as SDPA turns a boolean mask into exactly
+    these values)."""
+    config = model.config
+    if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sliding_window", None) is not None:
+        return None
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(attention.shape, dtype=dtype, device=attention.device).masked_fill(
+        attention == 0, float("-inf"))[:, None, None, :]
+
+
 @torch.no_grad()
 def _generate_rows(model, prompts: list[list[int]], group_size: int, params: SamplingParams, pad_id: int,
                    seed: int, row_offset: int, prompt_width: int, tokenizer) -> Rollout:
@@ -305,6 +320,7 @@ def _generate_rows(model, prompts: list[list[int]], group_size: int, params: Sam
     attn = torch.ones((n, prompt_len + params.max_new_tokens), dtype=torch.long, device=device)
     attn[:, :prompt_len] = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, Lp + max_new), sliced per step
     next_pos = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
+    additive = decode_mask(model, attn)                     # (N, 1, 1, Lp + max_new) or None
 
     tokens = torch.full((n, params.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n, params.max_new_tokens), device=device)
@@ -336,7 +352,9 @@ def _generate_rows(model, prompts: list[list[int]], group_size: int, params: Sam
             keep = running.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             active, running, tok, attn, next_pos = active[keep], running[keep], tok[keep], attn[keep], next_pos[keep]
-        out = model(input_ids=tok[:, None], attention_mask=attn[:, :prompt_len + step + 1], position_ids=next_pos,
+            additive = additive[keep] if additive is not None else None
+        mask = additive if additive is not None else attn
+        out = model(input_ids=tok[:, None], attention_mask=mask[..., :prompt_len + step + 1], position_ids=next_pos,
                     use_cache=True, **{cache_kw: cache})
         logits, next_pos = out.logits[:, -1], next_pos + 1
 

@@ -204,3 +204,20 @@ def test_stop_strings_of_several_tokens_end_the_completion_after_the_stop_text()
     assert found >= 3, "the stop strings should be hit"
     with pytest.raises(ValueError, match="need the tokenizer"):
         generate(model, [prompt], 1, params, tok.pad_token_id, seed=0)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
+def test_the_ready_decode_mask_samples_what_the_models_own_mask_does(arch, monkeypatch):
+    """The additive (N, 1, 1, L) decode mask (aha/rollout.py `decode_mask`) against transformers'
+    own mask, built at each step: the same tokens and bit-identical log-probs, padding included."""
+    import aha.rollout as rollout_module
+    tok = build_char_tokenizer()
+    model = tiny_model(arch, tok, seed=4)
+    assert rollout_module.decode_mask(model, torch.ones(2, 5, dtype=torch.long)) is not None
+    prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("3+4", "12+345", "60+7")]   # unequal lengths
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, stop_token_ids=tuple(tok.convert_tokens_to_ids(list(STOP_CHARS))))
+    ours = generate(model, prompts, 4, params, tok.pad_token_id, seed=3)
+    monkeypatch.setattr(rollout_module, "decode_mask", lambda model, attention: None)
+    theirs = generate(model, prompts, 4, params, tok.pad_token_id, seed=3)
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert torch.equal(ours.logprobs, theirs.logprobs)
