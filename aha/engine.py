@@ -43,7 +43,7 @@ import torch
 from transformers import DynamicCache
 
 from aha.errors import AhaError
-from aha.rollout import SamplingParams, cache_kwarg, left_pad, sample_next, stop_strings, stop_token_ids
+from aha.rollout import SamplingParams, cache_kwarg, decode_mask, left_pad, sample_next, stop_strings, stop_token_ids
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,9 @@ class Engine:
             self._reset_batch()
             return True
         self._attn = torch.cat([self._attn, torch.ones_like(self._attn[:, :1])], dim=1)
-        out = self.model(input_ids=tokens[:, None], attention_mask=self._attn, position_ids=self._next_pos,
+        additive = decode_mask(self.model, self._attn)      # as aha/rollout.py decodes: SDPA's mask, ready
+        out = self.model(input_ids=tokens[:, None], attention_mask=self._attn if additive is None else additive,
+                         position_ids=self._next_pos,
                          use_cache=True, **{self._cache_kw: self._cache})
         self._logits, self._next_pos = out.logits[:, -1, :self.vocab_size].float(), self._next_pos + 1
         return True
