@@ -139,3 +139,40 @@ def test_big_logits_switch_to_the_chunked_head(monkeypatch):
     completion_logprobs(model, rollout, rows, 1.0)
     vocab, hidden = model.config.vocab_size, model.config.hidden_size
     assert set(shapes[:plain]) == {vocab} and set(shapes[plain:]) == {hidden}   # hidden states instead of logits
+
+
+@pytest.mark.parametrize("bias, temperature, chunk", [(False, 1.0, 4), (True, 0.7, 3), (True, 1.3, 64)])
+def test_fused_head_equals_log_softmax_and_its_gradient(bias, temperature, chunk):
+    """The fused head (two reused chunk buffers, the logit gradient formed in place) against
+    torch's log_softmax over the full logits: log-probs, entropy, and the gradients of the hidden
+    states, the weight and the bias, for a last chunk shorter than the others and for one chunk."""
+    from aha.logprobs import FusedHeadLogprobs
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias).double().float()
+    hidden = torch.randn(10, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (10,))
+    upstream = torch.randn(10)                                   # dL/dlogp, as the policy loss gives it
+    logp, entropy = FusedHeadLogprobs.apply(hidden, head.weight, head.bias, targets, 1.0 / temperature, chunk)
+    (logp * upstream).sum().backward()
+    fused = [hidden.grad.clone()] + [p.grad.clone() for p in head.parameters()]
+    hidden.grad = None
+    head.zero_grad(set_to_none=True)
+    logits = head(hidden) / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    reference = log_probs.gather(1, targets[:, None]).squeeze(1)
+    (reference * upstream).sum().backward()
+    expected = [hidden.grad] + [p.grad for p in head.parameters()]
+    assert torch.allclose(logp, reference.detach(), atol=1e-5)
+    assert torch.allclose(entropy, -(log_probs.exp() * log_probs).sum(-1).detach(), atol=1e-5)
+    assert not entropy.requires_grad and len(fused) == len(expected) == (3 if bias else 2)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fused, expected))
+
+
+def test_fused_head_only_in_fp32_without_autocast():
+    """bf16 weights, or autocast on, keep the checkpointed chunks (their numerics stay as they were)."""
+    from aha.logprobs import fused_head_applies
+    hidden, weight = torch.randn(3, 4), torch.nn.Parameter(torch.randn(5, 4))
+    assert fused_head_applies(hidden, weight)
+    assert not fused_head_applies(hidden.bfloat16(), weight.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fused_head_applies(hidden, weight)
