@@ -20,10 +20,12 @@ in fp32 is 5 GB for 64 completions × 128 tokens × 152k. When the logits of `ro
 the identity for the duration, `hidden_not_logits`), and the head runs on chunks of `chunk_tokens`
 real completion tokens (padding never reaches it): each chunk's logits are recomputed in the
 backward pass, so at most one chunk's logits exist at a time, forward or backward. In fp32 without
-autocast this is one autograd function, `FusedHeadLogprobs`, that reuses two chunk buffers and
-accumulates the weight gradient in place (SmolLM2-135M, 64 × 128 tokens: the update 69.6 → 54.2 s,
-system time 51 → 23 s, `aha bench --model`); otherwise each chunk runs under
-`torch.utils.checkpoint`. The entropy is taken without gradient in the same chunk. The result
+autocast this is one autograd function, `FusedHeadLogprobs`, that reuses chunk buffers,
+accumulates the weight gradient in place, and keeps the probabilities for backward when they fit
+`KEEP_PROBS_BYTES` (SmolLM2-135M, 64 × 128 tokens in micro-batches of 7 rows: the update 69.6 →
+54.2 s and system time 51 → 23 s in `aha bench --model` with the chunks recomputed; keeping the
+probabilities took another 11% off, 55.2 → 48.9 s, in a side-by-side probe); otherwise each chunk
+runs under `torch.utils.checkpoint`. The entropy is taken without gradient in the same chunk. The result
 equals the one-shot path to float rounding (tests/test_logprobs.py).
 """
 
@@ -39,6 +41,7 @@ from aha.rollout import Rollout, cache_kwarg
 
 LOGIT_BYTES = 32 * 2**20             # fp32 logits of one forward above this: chunk the output head
 CHUNK_LOGIT_BYTES = 32 * 2**20       # fp32 logits of one chunk
+KEEP_PROBS_BYTES = 256 * 2**20       # the fused head keeps a micro-batch's probabilities for backward up to this
 
 
 def output_head(model):
@@ -88,8 +91,10 @@ def chunked_logprobs(hidden, head: torch.nn.Linear, targets, mask, temperature: 
     keep = mask.bool()
     flat_hidden, flat_targets = hidden[keep], targets[keep]                            # (K, H), (K,)
     if fused_head_applies(flat_hidden, head.weight):
+        keep_probs = (torch.is_grad_enabled() and (flat_hidden.requires_grad or head.weight.requires_grad)
+                      and 4 * flat_targets.numel() * head.out_features <= KEEP_PROBS_BYTES)
         logp, entropy = FusedHeadLogprobs.apply(flat_hidden, head.weight, head.bias, flat_targets,
-                                                1.0 / temperature if temperature > 0 else 1.0, chunk_tokens)
+                                                1.0 / temperature if temperature > 0 else 1.0, chunk_tokens, keep_probs)
     else:
         logps, entropies = [], []
         for start in range(0, flat_targets.numel(), chunk_tokens):
@@ -131,63 +136,77 @@ def _shifted_logits(out, hidden, weight, bias, scale: float):
 
 class FusedHeadLogprobs(torch.autograd.Function):
     """log p (K,) of `targets` under softmax((hidden @ W.T + b) · scale), and the entropy (K,), `chunk`
-    tokens at a time through two reused (chunk, V) buffers.
+    tokens at a time.
 
     The chunked head under `torch.utils.checkpoint` allocates each chunk's logits, softmax and
     logit gradient afresh and returns a whole (V, H) weight gradient per chunk that autograd then
     adds up: at a 49k vocabulary, 113 MB allocated, page-faulted in and summed 48 times a
-    micro-batch. Here backward recomputes each chunk's logits in place, forms the logit gradient
-    g · scale · (onehot − p) in the same buffer, and accumulates the weight gradient with one addmm_
-    into a single buffer. Same FLOPs (the head's forward runs again in backward); equal to the
-    checkpointed path to float rounding (tests/test_logprobs.py). The entropy carries no gradient."""
+    micro-batch. Here the chunks go through reused buffers, the logit gradient
+    g · scale · (onehot − p) is formed in place, and the weight gradient is accumulated with addmm_
+    into a single buffer. When the probabilities of all K tokens fit in `KEEP_PROBS_BYTES` they are
+    kept from the forward pass for the backward, which then skips the head's recomputation (one of
+    its four matmuls); otherwise backward recomputes each chunk. Equal to log_softmax to float
+    rounding (tests/test_logprobs.py). The entropy carries no gradient. `keep`: keep the probabilities
+    (the caller decides: only when a backward pass will follow and they fit)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, scale: float, chunk: int):
+    def forward(ctx, hidden, weight, bias, targets, scale: float, chunk: int, keep: bool):
         count, vocab = hidden.shape[0], weight.shape[0]
         logp = torch.empty(count, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logp)
-        logits = hidden.new_empty(min(chunk, count), vocab)
-        work = torch.empty_like(logits)
+        probs = hidden.new_empty(count, vocab) if keep else None
+        logits = None if keep else hidden.new_empty(min(chunk, count), vocab)
+        work = hidden.new_empty(min(chunk, count), vocab)
         for start in range(0, count, chunk):
             piece = slice(start, start + chunk)
-            x = logits[: hidden[piece].shape[0]]
+            x = probs[piece] if keep else logits[: hidden[piece].shape[0]]
             e = work[: x.shape[0]]
             _shifted_logits(x, hidden[piece], weight, bias, scale)                 # x' = x − max
             torch.exp(x, out=e)
             total = e.sum(dim=-1)                                                  # Σ e^x'
             log_total = total.log()
             logp[piece] = x.gather(1, targets[piece, None]).squeeze(1) - log_total
-            entropy[piece] = log_total - e.mul_(x).sum(dim=-1) / total             # log Σ − Σ p x'
+            weighted = torch.bmm(e[:, None, :], x[:, :, None]).view(-1)            # Σ e^x' x', no (k, V) temporary
+            entropy[piece] = log_total - weighted / total                          # log Σ − Σ p x'
+            if keep:
+                torch.div(e, total[:, None], out=x)                                # p, for backward
         ctx.save_for_backward(hidden, weight, bias, targets)
-        ctx.scale, ctx.chunk = scale, chunk
+        ctx.scale, ctx.chunk, ctx.probs = scale, chunk, probs
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets = ctx.saved_tensors
-        scale, chunk = ctx.scale, ctx.chunk
+        scale, chunk, probs = ctx.scale, ctx.chunk, ctx.probs
+        ctx.probs = None                                  # formed into the logit gradient in place below
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_weight = torch.empty_like(weight) if need_weight else None
         grad_bias = torch.zeros_like(bias) if need_bias else None
-        logits = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])
+        logits = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0]) if probs is None else None
         for start in range(0, hidden.shape[0], chunk):
             piece = slice(start, start + chunk)
-            x = logits[: hidden[piece].shape[0]]
-            _shifted_logits(x, hidden[piece], weight, bias, scale)
-            x.exp_()
-            x.div_(x.sum(dim=-1, keepdim=True))                                     # p
+            if probs is None:
+                x = logits[: hidden[piece].shape[0]]
+                _shifted_logits(x, hidden[piece], weight, bias, scale)
+                x.exp_()
+                x.div_(x.sum(dim=-1, keepdim=True))                                 # p
+            else:
+                x = probs[piece]
             g = (grad_logp[piece] * scale)[:, None]                                 # dL/dlogits = g·scale·(onehot − p)
             x.mul_(-g).scatter_add_(1, targets[piece, None], g)
             if need_hidden:
                 torch.mm(x, weight, out=grad_hidden[piece])
             if need_weight:
-                grad_weight.addmm_(x.t(), hidden[piece])
+                if start == 0:
+                    torch.mm(x.t(), hidden[piece], out=grad_weight)
+                else:
+                    grad_weight.addmm_(x.t(), hidden[piece])
             if need_bias:
                 grad_bias.add_(x.sum(dim=0))
-        return grad_hidden, grad_weight, grad_bias, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None
 
 
 def can_share_prompts(model) -> bool:

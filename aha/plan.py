@@ -35,7 +35,7 @@ import torch
 
 from aha.config import Config
 from aha.errors import AhaError
-from aha.logprobs import CHUNK_LOGIT_BYTES, LOGIT_BYTES
+from aha.logprobs import CHUNK_LOGIT_BYTES, KEEP_PROBS_BYTES, LOGIT_BYTES
 
 AUTO_MAX_TOKENS = 8192               # micro_batch_tokens=auto on a CPU: at most this many tokens per forward/backward
 AUTO_UPDATE_BYTES = 2 * 2**30        # … and at most this much activation + logit memory (bigger buys a CPU nothing)
@@ -93,10 +93,11 @@ def activation_bytes_per_token(shape: ModelShape, sequence: int, value_bytes: in
 
 def logit_bytes(shape: ModelShape, rows: int, completion: int) -> int:
     """Logit memory of one micro-batch's forward/backward: full (R, T, V) fp32 logits in three copies
-    (logits, their temperature-scaled copy, their gradient), or one chunk's in four when chunked."""
+    (logits, their temperature-scaled copy, their gradient), or one chunk's in four when chunked,
+    plus the probabilities the fused head keeps for backward when they fit KEEP_PROBS_BYTES."""
     full = 4 * rows * completion * shape.vocab
     if full > LOGIT_BYTES:
-        return 4 * CHUNK_LOGIT_BYTES
+        return 4 * CHUNK_LOGIT_BYTES + (full if full <= KEEP_PROBS_BYTES else 0)
     return 3 * full
 
 

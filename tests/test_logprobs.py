@@ -141,18 +141,20 @@ def test_big_logits_switch_to_the_chunked_head(monkeypatch):
     assert set(shapes[:plain]) == {vocab} and set(shapes[plain:]) == {hidden}   # hidden states instead of logits
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("bias, temperature, chunk", [(False, 1.0, 4), (True, 0.7, 3), (True, 1.3, 64)])
-def test_fused_head_equals_log_softmax_and_its_gradient(bias, temperature, chunk):
+def test_fused_head_equals_log_softmax_and_its_gradient(bias, temperature, chunk, keep):
     """The fused head (two reused chunk buffers, the logit gradient formed in place) against
     torch's log_softmax over the full logits: log-probs, entropy, and the gradients of the hidden
-    states, the weight and the bias, for a last chunk shorter than the others and for one chunk."""
+    states, the weight and the bias, for a last chunk shorter than the others and for one chunk;
+    with the probabilities kept for backward and recomputed there."""
     from aha.logprobs import FusedHeadLogprobs
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias).double().float()
     hidden = torch.randn(10, 16, requires_grad=True)
     targets = torch.randint(0, 50, (10,))
     upstream = torch.randn(10)                                   # dL/dlogp, as the policy loss gives it
-    logp, entropy = FusedHeadLogprobs.apply(hidden, head.weight, head.bias, targets, 1.0 / temperature, chunk)
+    logp, entropy = FusedHeadLogprobs.apply(hidden, head.weight, head.bias, targets, 1.0 / temperature, chunk, keep)
     (logp * upstream).sum().backward()
     fused = [hidden.grad.clone()] + [p.grad.clone() for p in head.parameters()]
     hidden.grad = None
