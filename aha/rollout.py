@@ -27,6 +27,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
+from aha.cpu_linear import onednn_linears
 from aha.errors import AhaError
 from aha.model import check_context, model_context
 
@@ -273,9 +274,10 @@ def generate(model, prompts: list[list[int]], group_size: int, params: SamplingP
     per_chunk = max(1, (max_rows or n) // group_size)                  # prompts per pass
     width = max(len(p) for p in prompts)                               # every chunk padded alike
     check_context(width, params.max_new_tokens, model_context(model), "use a shorter prompt or template, or lower max_new_tokens")
-    parts = [_generate_rows(model, prompts[start:start + per_chunk], group_size, params, pad_id, seed,
-                            row_offset + start * group_size, width, tokenizer)
-             for start in range(0, len(prompts), per_chunk)]
+    with torch.inference_mode(), onednn_linears(model):          # aha/cpu_linear.py
+        parts = [_generate_rows(model, prompts[start:start + per_chunk], group_size, params, pad_id, seed,
+                                row_offset + start * group_size, width, tokenizer)
+                 for start in range(0, len(prompts), per_chunk)]
     return concat_rollouts(parts, pad_id)
 
 

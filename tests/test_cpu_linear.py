@@ -1,0 +1,36 @@
+"""Decoding's large linear layers through oneDNN (aha/cpu_linear.py): the same outputs as torch's
+linear to fp32 rounding, only inside the context and only without autograd, small layers untouched."""
+
+import pytest
+import torch
+
+from aha.cpu_linear import MIN_WEIGHT, fast_layers, onednn_available, onednn_linears
+
+pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+
+
+def model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512, bias=False),
+                               torch.nn.Linear(512, 8))
+
+
+def test_large_layers_match_torch_linear_and_are_restored():
+    net, x = model(), torch.randn(5, 1, 512)
+    assert [(l.in_features, l.out_features) for l in fast_layers(net)] == [(512, 1024), (1024, 512)]   # 512 × 8 < MIN_WEIGHT
+    with torch.inference_mode():
+        expected = net(x)
+        with onednn_linears(net):
+            assert all("forward" in l.__dict__ for l in fast_layers(net))
+            got = net(x)
+    assert got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert not any("forward" in l.__dict__ for l in net.modules())          # torch's path again
+
+
+def test_nothing_changes_under_autograd_or_for_small_or_bf16_layers():
+    net = model()
+    with onednn_linears(net):                                                # grad enabled: the op has no backward
+        assert not any("forward" in l.__dict__ for l in net.modules())
+    small = torch.nn.Linear(64, 64)
+    assert 64 * 64 < MIN_WEIGHT and fast_layers(small) == []
+    assert fast_layers(model().bfloat16()) == []
