@@ -59,6 +59,18 @@ def prompts_file(path: Path, count: int = 256, seed: int = 0) -> Path:
     return path
 
 
+def aha_prompt(question: str) -> str:
+    """The prompt `aha train --data` renders for a row's question (aha/tasks/data.py): the TRL side
+    of the benches gets these same strings.
+
+    >>> aha_prompt("876+530")
+    'User: 876+530\\nAssistant:'
+    """
+    from aha.tasks.base import Problem
+    from aha.tasks.data import RowTask
+    return RowTask.prompt(None, Problem(question, ""))
+
+
 def peak_rss(command: list[str], env: dict | None = None, timeout: float = 3600) -> tuple[int, int, str]:
     """(peak RSS in bytes, exit code, the stderr tail) of `command` run as a process of its own."""
     with tempfile.TemporaryFile() as err:
@@ -81,7 +93,7 @@ TRL_SCRIPT = """
 import sys, json
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
-from aha.bench_memory import spread_reward
+from aha.bench_memory import aha_prompt, spread_reward
 from aha.model import load_model
 model_dir, data, out, completions, max_new_tokens, steps = sys.argv[1:7]
 completions, max_new_tokens, steps = int(completions), int(max_new_tokens), int(steps)
@@ -92,7 +104,7 @@ config = GRPOConfig(output_dir=out, per_device_train_batch_size=8, gradient_accu
                     use_cpu=True, bf16=False, report_to=[], save_strategy="no", max_steps=steps, loss_type="grpo",
                     temperature=1.0, top_p=1.0, top_k=0, seed=0, disable_tqdm=True, logging_steps=1)
 trainer = GRPOTrainer(model=model, reward_funcs=spread_reward, args=config,
-                      train_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in rows]), processing_class=tokenizer)
+                      train_dataset=Dataset.from_list([{"prompt": aha_prompt(r["prompt"])} for r in rows]), processing_class=tokenizer)
 trainer.train()
 """
 

@@ -5,7 +5,9 @@ The same work on both sides: `warmup + steps` GRPO steps of 8 prompts × 8 compl
 one update per rollout, the loss `seq_mean` (TRL's `loss_type="grpo"`), a reward with a spread in
 every group (`aha.bench_memory.spread_reward`), so neither side can skip a row, and neither
 recomputes activations (TRL's `gradient_checkpointing=False`, aha's default). The prompts are the
-built-in addition task's questions as plain text (no chat template), the same strings on both sides.
+built-in addition task's questions as `aha train --data` renders them, `User: 876+530\nAssistant:`
+(no chat template), and TRL's dataset holds those same strings (`aha_prompt`). Until 2026-12-05
+TRL got the bare question, 7 tokens shorter, and wrote ~10% shorter completions than aha.
 
 aha runs its real command, `aha train --task py:aha.bench_memory:spread_reward`, and its s/step is
 `time_generate + time_update` of each step in its `metrics.jsonl`. TRL 1.16 runs `GRPOTrainer.train()`
@@ -32,7 +34,7 @@ import json, sys, time
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
-from aha.bench_memory import spread_reward
+from aha.bench_memory import aha_prompt, spread_reward
 from aha.model import load_model
 model_dir, data, out, steps, max_new_tokens, prompts, group, lr, record = sys.argv[1:10]
 steps, max_new_tokens, prompts, group = int(steps), int(max_new_tokens), int(prompts), int(group)
@@ -61,7 +63,7 @@ config = GRPOConfig(output_dir=out, per_device_train_batch_size=group, gradient_
                     logging_steps=1)
 reward.__name__ = "spread_reward"
 trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, callbacks=[Timer()],
-                      train_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in rows]), processing_class=tokenizer)
+                      train_dataset=Dataset.from_list([{"prompt": aha_prompt(r["prompt"])} for r in rows]), processing_class=tokenizer)
 generate = trainer._generate
 def timed_generate(*args, **kwargs):
     t0 = time.perf_counter()
