@@ -7,7 +7,7 @@ torch's fp32 `linear` on a CPU calls MKL's sgemm. For the thin matmuls of decodi
 rows against a weight of 0.3M+ entries) oneDNN's fp32 kernel, `torch.ops.mkldnn._linear_pointwise`
 (the one inductor's CPU backend emits), is faster on the AMD EPYC (family 25 model 17) this was
 measured on: 64 rows × SmolLM2-135M's shapes, 576→1536 133 → 178 GFLOP/s, 576→576 130 → 147, its
-output head 576→49,152 100 → 161; at the update's ~1,000 rows the two are equal, and below
+output head 576→49,152 100 → 161 (at 1 row, as `aha chat` decodes: 9.2 → 4.5 ms); at the update's ~1,000 rows the two are equal, and below
 `MIN_WEIGHT` entries oneDNN's per-call overhead makes it slower (576→192: 88 → 96 µs), so those
 layers (and every layer of the tiny built-in model) keep torch's own path.
 
@@ -40,10 +40,14 @@ def _onednn_forward(layer: torch.nn.Linear):
 
 
 @contextmanager
-def onednn_linears(model):
-    """While inside, `model`'s large fp32 CPU linear layers run through oneDNN (no-op where oneDNN is
-    missing or nothing qualifies). Only for code without autograd (decoding under inference_mode)."""
-    layers = fast_layers(model) if onednn_available() and not torch.is_grad_enabled() else []
+def onednn_linears(model, layers: list[torch.nn.Linear] | None = None):
+    """While inside, `model`'s large fp32 CPU linear layers (`layers`: `fast_layers(model)` found once
+    by a caller that decodes step by step) run through oneDNN; a no-op where oneDNN is missing or
+    nothing qualifies. Only for code without autograd (decoding under inference_mode)."""
+    if not onednn_available() or torch.is_grad_enabled():
+        layers = []
+    elif layers is None:
+        layers = fast_layers(model)
     for layer in layers:
         layer.forward = _onednn_forward(layer)
     try:

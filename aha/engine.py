@@ -43,6 +43,7 @@ import torch
 from transformers import DynamicCache
 
 from aha.errors import AhaError
+from aha.cpu_linear import fast_layers, onednn_available, onednn_linears
 from aha.rollout import SamplingParams, cache_kwarg, decode_mask, left_pad, sample_next, stop_strings, stop_token_ids
 
 
@@ -143,6 +144,7 @@ class Engine:
         self.stop_ids = stop_token_ids(model, tokenizer)
         self.end_strings = stop_strings(tokenizer)           # kept in the text, unlike a request's `stop`
         self._cache_kw = cache_kwarg(model)
+        self._fast_layers = fast_layers(model) if onednn_available() else []     # found once, not at every step
         self._waiting: deque[Request] = deque()
         self._lock, self._wake, self._stopping = threading.Lock(), threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
@@ -195,7 +197,12 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> bool:
-        """Admit, sample one token for each sequence, evict, decode. False when there was nothing to do."""
+        """Admit, sample one token for each sequence, evict, decode. False when there was nothing to do.
+        A large model's linear layers run through oneDNN on CPU, as in aha/rollout.py (aha/cpu_linear.py)."""
+        with onednn_linears(self.model, self._fast_layers):
+            return self._step()
+
+    def _step(self) -> bool:
         self._admit()
         if not self.rows:
             return False

@@ -34,3 +34,24 @@ def test_nothing_changes_under_autograd_or_for_small_or_bf16_layers():
     small = torch.nn.Linear(64, 64)
     assert 64 * 64 < MIN_WEIGHT and fast_layers(small) == []
     assert fast_layers(model().bfloat16()) == []
+
+
+def test_the_serving_engine_decodes_a_large_model_through_onednn(monkeypatch):
+    """`aha chat` / `aha serve`'s engine finds the large layers once and uses them at each step;
+    with the threshold lowered the built-in tiny model's engine takes that path and still writes."""
+    import aha.cpu_linear as cpu_linear
+    from aha.engine import Engine, GenerationParams
+    from aha.model import load_model
+    from pathlib import Path
+    monkeypatch.setattr(cpu_linear, "MIN_WEIGHT", 1)
+    model, tokenizer = load_model(str(Path(cpu_linear.__file__).parent / "assets" / "base"))
+    engine = Engine(model, tokenizer)
+    assert engine._fast_layers and engine._fast_layers == fast_layers(model)
+    seen = []
+    original = cpu_linear._onednn_forward
+    monkeypatch.setattr(cpu_linear, "_onednn_forward", lambda layer: seen.append(layer) or original(layer))
+    request = engine.submit(tokenizer("User: 2+3\nAssistant:")["input_ids"], GenerationParams(max_tokens=4, temperature=0.0))
+    while engine.step():
+        pass
+    assert seen and all(not "forward" in layer.__dict__ for layer in engine._fast_layers)
+    assert request.get(timeout=1) is not None
