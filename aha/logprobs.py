@@ -183,7 +183,7 @@ class FusedHeadLogprobs(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = torch.empty_like(weight) if need_weight else None
+        grad_weight = (torch.empty_like(weight) if hidden.shape[0] else torch.zeros_like(weight)) if need_weight else None
         grad_bias = torch.zeros_like(bias) if need_bias else None
         logits = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0]) if probs is None else None
         for start in range(0, hidden.shape[0], chunk):

@@ -178,3 +178,14 @@ def test_fused_head_only_in_fp32_without_autocast():
     assert not fused_head_applies(hidden.bfloat16(), weight.bfloat16())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert not fused_head_applies(hidden, weight)
+
+
+def test_fused_head_without_tokens_gives_zero_gradients():
+    """A micro-batch with no real token (K = 0): empty log-probs, and a zero weight gradient, not
+    whatever memory the gradient buffer was given."""
+    from aha.logprobs import FusedHeadLogprobs
+    head, hidden = torch.nn.Linear(16, 50), torch.randn(0, 16, requires_grad=True)
+    logp, entropy = FusedHeadLogprobs.apply(hidden, head.weight, head.bias, torch.zeros(0, dtype=torch.long), 1.0, 4, True)
+    (logp.sum() + 0 * head.weight.sum()).backward()
+    assert logp.shape == entropy.shape == (0,)
+    assert torch.equal(head.weight.grad, torch.zeros_like(head.weight)) and torch.equal(head.bias.grad, torch.zeros(50))
