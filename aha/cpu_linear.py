@@ -5,10 +5,11 @@
 
 torch's fp32 `linear` on a CPU calls MKL's sgemm. For the thin matmuls of decoding (a few dozen
 rows against a weight of 0.3M+ entries) oneDNN's fp32 kernel, `torch.ops.mkldnn._linear_pointwise`
-(the one inductor's CPU backend emits), is faster on the AMD EPYC (family 25 model 17) this was
-measured on: 64 rows × SmolLM2-135M's shapes, 576→1536 133 → 178 GFLOP/s, 576→576 130 → 147, its
-output head 576→49,152 100 → 161 (at 1 row, as `aha chat` decodes: 9.2 → 4.5 ms); at the update's ~1,000 rows the two are equal, and below
-`MIN_WEIGHT` entries oneDNN's per-call overhead makes it slower (576→192: 88 → 96 µs), so those
+(the one inductor's CPU backend emits), is faster for most shapes on the AMD EPYC (family 25 model
+17) this was measured on (`bench/speed_probes_2026_12_05.py`, 64 rows of SmolLM2-135M, GFLOP/s:
+576→1536 167 → 200, 1536→576 103 → 188, the output head 576→49,152 112 → 176, and at 1 row, as
+`aha chat` decodes, 6 → 14; one shape, 576→576, 165 → 138): a whole `generate` of 64 × 128 tokens
+~15% faster. Below `MIN_WEIGHT` entries oneDNN's per-call overhead makes it slower, so those
 layers (and every layer of the tiny built-in model) keep torch's own path.
 
 Both are fp32 GEMMs that sum in different orders: the logits differ at rounding level (~1e-6

@@ -24,7 +24,7 @@ autocast this is one autograd function, `FusedHeadLogprobs`, that reuses chunk b
 accumulates the weight gradient in place, and keeps the probabilities for backward when they fit
 `KEEP_PROBS_BYTES` (SmolLM2-135M, 64 × 128 tokens in micro-batches of 7 rows: the update 69.6 →
 54.2 s and system time 51 → 23 s in `aha bench --model` with the chunks recomputed; keeping the
-probabilities took another 11% off, 55.2 → 48.9 s, in a side-by-side probe); otherwise each chunk
+probabilities took off another 3–11%, `bench/speed_probes_2026_12_05.py`); otherwise each chunk
 runs under `torch.utils.checkpoint`. The entropy is taken without gradient in the same chunk. The result
 equals the one-shot path to float rounding (tests/test_logprobs.py).
 """
