@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from aha.errors import AhaError, Stopped
+from aha.infra.errors import AhaError, Stopped
 
 
 class Parser(argparse.ArgumentParser):
@@ -28,7 +28,7 @@ TRAIN_FLAGS = [("--model", str, "transformers model dir (default: the built-in b
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file of config keys (see aha/config.py)")
+    p.add_argument("--config", help="YAML file of config keys (see aha/infra/config.py)")
     for flag, kind, text in TRAIN_FLAGS:
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
@@ -41,7 +41,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def resume_config(args):
     """The saved config of the run in --resume DIR; only `steps` may change (to extend the run)."""
     from pathlib import Path
-    from aha.config import load_config, parse_kv
+    from aha.infra.config import load_config, parse_kv
     overrides = parse_kv(args.overrides)
     if args.steps is not None:
         overrides["steps"] = args.steps
@@ -61,7 +61,7 @@ def resume_config(args):
 
 
 def config_from_args(args):
-    from aha.config import load_config, parse_kv
+    from aha.infra.config import load_config, parse_kv
     overrides = parse_kv(args.overrides)
     for flag, _, _ in TRAIN_FLAGS:
         key = flag[2:].replace("-", "_")
@@ -75,7 +75,7 @@ def config_from_args(args):
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
-    from aha.sample import SampleConfig
+    from aha.stages.rejection import SampleConfig
     d = SampleConfig()
     p.add_argument("--task", default=d.task, help="task name (its TRAINING problems are used)")
     p.add_argument("--digits", type=int, default=3, help="addition: digits per operand")
@@ -93,7 +93,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_sft_args(p: argparse.ArgumentParser) -> None:
-    from aha.sft import SFTConfig
+    from aha.stages.sft import SFTConfig
     d = SFTConfig()
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -144,7 +144,7 @@ def build_parser() -> Parser:
     p.add_argument("--nproc", type=int, default=0, metavar="N",
                    help="train on N local processes: re-launches itself through torchrun (docs/distributed.md)")
 
-    from aha.eval_cli import add_eval_parser
+    from aha.eval.cli import add_eval_parser
     add_eval_parser(sub)
 
     add_data_parsers(sub)
@@ -154,17 +154,17 @@ def build_parser() -> Parser:
                                    "(aha run) and writes curves.png and report.md there; safe while the run goes on.")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of aha train or aha run")
 
-    from aha.chat import add_chat_parser
-    from aha.serve_cli import add_serve_parser
+    from aha.serve.chat import add_chat_parser
+    from aha.serve.cli import add_serve_parser
     add_chat_parser(sub)
     add_serve_parser(sub)
-    from aha.experiment import add_experiment_parser
-    from aha.pipeline import add_pipeline_parser
+    from aha.stages.experiment import add_experiment_parser
+    from aha.stages.pipeline import add_pipeline_parser
     add_pipeline_parser(sub)
     add_experiment_parser(sub)
-    from aha.check_reward import add_check_reward_parser
+    from aha.tasks.check_reward import add_check_reward_parser
     add_check_reward_parser(sub)
-    from aha.import_model import add_import_parser
+    from aha.infra.import_model import add_import_parser
     add_import_parser(sub)
 
     p = sub.add_parser("bench", help="time aha's GRPO step against TRL's GRPOTrainer on the same work (needs the bench extra)",
@@ -184,7 +184,7 @@ def build_parser() -> Parser:
     p.add_argument("--seeds", default="0,1,2", help="--learn: seeds (the median ratio is reported)")
     p.add_argument("--learn-steps", type=int, default=150, help="--learn: RL steps per side")
     p.add_argument("--model", help="instead: aha vs TRL on this model dir (e.g. from aha import-model), 8 × 8 completions, "
-                                   "fp32, each side in its own process: s/step and peak RSS (aha/bench_model.py)")
+                                   "fp32, each side in its own process: s/step and peak RSS (aha/bench/model.py)")
 
     p = sub.add_parser("plan", help="predict the peak memory and time per step of an aha train run, before it runs",
                        description="Takes the config and flags of aha train and runs nothing: prints the predicted peak "
@@ -201,7 +201,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("pretrain", help="train the tiny base model on the synthetic corpus",
                        description="Next-token pretraining of the built-in tiny model on a corpus made by the task generator.")
-    from aha.pretrain import PretrainConfig
+    from aha.stages.pretrain import PretrainConfig
     d = PretrainConfig()
     p.add_argument("--out", default=d.out)
     p.add_argument("--arch", default=d.arch, help="qwen2 or deepseek_v3")
@@ -218,7 +218,7 @@ def build_parser() -> Parser:
 
 
 def cmd_run(args, console):
-    from aha.run import run
+    from aha.stages.run import run
     if args.resume:
         raise AhaError(f"aha run does not resume; continue its training with: aha train --resume {args.resume}")
     report = run(config_from_args(args), force=args.force, console=console)
@@ -229,13 +229,13 @@ def cmd_run(args, console):
 
 def cmd_train(args, console):
     if args.nproc > 1:                       # check the input here, then re-launch through torchrun
-        from aha.distributed import relaunch, shard_bounds
+        from aha.infra.distributed import relaunch, shard_bounds
         shard_bounds((resume_config(args) if args.resume else config_from_args(args)).prompts_per_step, 0, args.nproc)
         if relaunch(args.argv, args.nproc):
             raise AhaError(f"the {args.nproc}-process run failed: see the first error above")
         return
-    from aha.distributed import torchrun_env
-    from aha.train import train
+    from aha.infra.distributed import torchrun_env
+    from aha.core.train import train
     if args.resume:
         result = train(resume_config(args), console=console, resume=True)
     else:
@@ -245,7 +245,7 @@ def cmd_train(args, console):
 
 
 def cmd_eval(args, console):
-    from aha.eval_cli import cmd_eval as evaluate
+    from aha.eval.cli import cmd_eval as evaluate
     evaluate(args, console)
 
 
@@ -254,8 +254,8 @@ def task_options(args) -> dict:
 
 
 def sample_config(args, model: str, out: str):
-    from aha.evaluate import resolve_model_dir
-    from aha.sample import SampleConfig
+    from aha.eval.evaluate import resolve_model_dir
+    from aha.stages.rejection import SampleConfig
     return SampleConfig(model=resolve_model_dir(model), task=args.task, task_options=task_options(args), out=out,
                         prompts=args.prompts, k=args.k, temperature=args.temperature, top_p=args.top_p,
                         max_new_tokens=args.max_new_tokens, max_tokens=args.max_tokens, max_repetition=args.max_repetition,
@@ -263,29 +263,29 @@ def sample_config(args, model: str, out: str):
 
 
 def sft_config(args, model: str, data: str):
-    from aha.evaluate import resolve_model_dir
-    from aha.sft import SFTConfig
+    from aha.eval.evaluate import resolve_model_dir
+    from aha.stages.sft import SFTConfig
     return SFTConfig(model=resolve_model_dir(model), data=data, out=args.out, epochs=args.epochs, lr=args.lr,
                      batch_tokens=args.batch_tokens, seq_len=args.seq_len, seed=args.seed)
 
 
 def cmd_sft(args, console):
-    from aha.sft import sft
+    from aha.stages.sft import sft
     print(json.dumps(sft(sft_config(args, args.model, args.data), console=console)))
 
 
 def cmd_sample(args, console):
-    from aha.sample import sample
+    from aha.stages.rejection import sample
     print(json.dumps(sample(sample_config(args, args.model, args.out), console=console)))
 
 
 def cmd_distill(args, console):
-    from aha.distill import distill
+    from aha.stages.distill import distill
     print(json.dumps(distill(sample_config(args, args.teacher, ""), sft_config(args, args.student, ""), console=console)))
 
 
 def cmd_pretrain(args, console):
-    from aha.pretrain import PretrainConfig, pretrain
+    from aha.stages.pretrain import PretrainConfig, pretrain
     cfg = PretrainConfig(out=args.out, arch=args.arch, hidden=args.hidden, layers=args.layers, steps=args.steps,
                          think_frac=args.think_frac, seed=args.seed, digits=args.digits, max_seconds=args.max_seconds,
                          task=args.task, tool_frac=args.tool_frac)
@@ -316,20 +316,20 @@ def cmd_bench(args, console):
     warnings.filterwarnings("ignore")
     say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731  progress to stderr, the table to stdout
     if args.learn:
-        from aha.bench_learn import format_learn_table, run_learn_race
+        from aha.bench.learn import format_learn_table, run_learn_race
         out = run_learn_race(comma_ints(args.seeds, "--seeds", "0,1,2"), args.learn_steps, say=say)
         return show(format_learn_table(out), out, args.json)
     if args.memory:
-        from aha.bench_memory import format_memory_table, run_memory_bench
+        from aha.bench.memory import format_memory_table, run_memory_bench
         counts = comma_ints(args.completions, "--completions", "16,64")
         if any(c < 8 or c % 8 for c in counts):
             raise AhaError(f"--completions {args.completions!r}: each must be a multiple of 8 (groups of 8)")
         out = run_memory_bench(counts, (args.max_new_tokens or [128])[0], say=say)
         return show(format_memory_table(out), out, args.json)
     if args.model:
-        from aha.bench_model import cmd_bench_model
+        from aha.bench.model import cmd_bench_model
         return cmd_bench_model(args)
-    from aha.bench import format_table, run_bench
+    from aha.bench.bench import format_table, run_bench
     lengths = tuple(args.max_new_tokens or ((32, 128) if args.quick else (32,)))
     steps = 1 if args.quick else (args.steps or 5)
     out = run_bench(lengths, args.warmup, steps, addition_at=lengths[:1] if args.quick else None, say=say)
@@ -338,7 +338,7 @@ def cmd_bench(args, console):
 
 
 def cmd_plan(args, console):
-    from aha.plan import format_plan, plan_command
+    from aha.infra.plan import format_plan, plan_command
     result = plan_command(config_from_args(args), calibrate=not args.no_time, device=args.device,
                           device_gib=args.device_memory, prompt_tokens=args.prompt_tokens)
     print(format_plan(result))
@@ -348,37 +348,37 @@ def cmd_plan(args, console):
 
 
 def cmd_report(args, console):
-    from aha.report import write_report
+    from aha.infra.report import write_report
     console.print(f"wrote {write_report(args.run_dir)} and curves.png")
 
 
 def cmd_chat(args, console):
-    from aha.chat import cmd_chat as chat
+    from aha.serve.chat import cmd_chat as chat
     chat(args, console)
 
 
 def cmd_serve(args, console):
-    from aha.serve_cli import cmd_serve as serve
+    from aha.serve.cli import cmd_serve as serve
     serve(args, console)
 
 
 def cmd_pipeline(args, console):
-    from aha.pipeline import cmd_pipeline as pipeline
+    from aha.stages.pipeline import cmd_pipeline as pipeline
     pipeline(args, console)
 
 
 def cmd_experiment(args, console):
-    from aha.experiment import cmd_experiment as experiment
+    from aha.stages.experiment import cmd_experiment as experiment
     experiment(args, console)
 
 
 def cmd_import_model(args, console):
-    from aha.import_model import cmd_import_model as convert
+    from aha.infra.import_model import cmd_import_model as convert
     convert(args, console)
 
 
 def cmd_check_reward(args, console) -> int:
-    from aha.check_reward import cmd_check_reward as check
+    from aha.tasks.check_reward import cmd_check_reward as check
     return check(args, console)
 
 
@@ -389,7 +389,7 @@ COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cm
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aha.model import return_freed_memory_to_the_os
+    from aha.infra.model import return_freed_memory_to_the_os
     return_freed_memory_to_the_os()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -398,9 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.argv = list(sys.argv[1:] if argv is None else argv)      # for `train --nproc` to re-launch itself
-    from aha.card import record_command
+    from aha.infra.card import record_command
     record_command(args.argv)                                      # the model cards name the command
-    from aha.progress import console
+    from aha.infra.progress import console
     try:
         code = COMMANDS[args.command](args, console)      # None, or an exit code of its own (check-reward)
     except AhaError as exc:

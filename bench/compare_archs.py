@@ -12,9 +12,9 @@ import json
 import tempfile
 from pathlib import Path
 
-from aha.evaluate import EvalSpec, evaluate
-from aha.model import load_model
-from aha.pretrain import PretrainConfig, pretrain
+from aha.eval.evaluate import EvalSpec, evaluate
+from aha.infra.model import load_model
+from aha.stages.pretrain import PretrainConfig, pretrain
 from aha.tasks import get_task
 
 

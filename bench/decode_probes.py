@@ -21,9 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from aha.base import ensure_base_model
-from aha.model import load_model, return_freed_memory_to_the_os
-from aha.rollout import SamplingParams, generate
+from aha.infra.base import ensure_base_model
+from aha.infra.model import load_model, return_freed_memory_to_the_os
+from aha.core.rollout import SamplingParams, generate
 
 
 def timed(fn, repeat: int) -> float:
@@ -79,8 +79,8 @@ def decode_probes(path: str) -> list[str]:
 
 def head_child(path: str, whole: bool) -> None:
     """One process: 8 rows × 128 completion tokens of random ids, forward + backward of the log-probs."""
-    from aha import logprobs
-    from aha.rollout import Rollout
+    from aha.core import logprobs
+    from aha.core.rollout import Rollout
     return_freed_memory_to_the_os()
     model, _ = load_model(path)
     if whole:

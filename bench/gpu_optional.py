@@ -1,12 +1,12 @@
 """The phases of bench/gpu_check.py that need an optional package, each skipped in one line where
 it is missing:
 
-- `vllm`: the vLLM backend (aha/vllm_rollout.py) on the 0.5B model: tokens/s at 64 and 256 rows
+- `vllm`: the vLLM backend (aha/infra/vllm_rollout.py) on the 0.5B model: tokens/s at 64 and 256 rows
   (weight sync, wake/sleep timed apart from generation), the log-prob gap at both settings, and RL
   steps with rollout=vllm;
 - `trl`: TRL 1.16's GRPOTrainer, its transformers generation, on the RL phase's work (the 0.5B
   model, 8 prompts × 8 samples × 512 new tokens, the same identical-work reward), timed per step by
-  aha/bench_trl.py's callback, where TRL and `datasets` are installed.
+  aha/bench/trl.py's callback, where TRL and `datasets` are installed.
 """
 
 import importlib.util
@@ -25,8 +25,8 @@ def phase_vllm(ctx: Ctx) -> None:
     the RL phase's steps with rollout=vllm."""
     if importlib.util.find_spec("vllm") is None:
         raise Skip("vLLM is not installed (pip install 'aha[gpu]' on a machine with a network)")
-    from aha.config import Config
-    from aha.vllm_rollout import rollout_engine
+    from aha.infra.config import Config
+    from aha.infra.vllm_rollout import rollout_engine
     model = build(ctx, "0.5b")
     folder = ctx.scratch / "vllm_model"
     model.config.save_pretrained(folder)                 # load_format="dummy": the config alone, weights come from model
@@ -67,8 +67,8 @@ def phase_trl(ctx: Ctx) -> None:
     missing = [name for name in ("trl", "datasets") if importlib.util.find_spec(name) is None]
     if missing:
         raise Skip(f"{' and '.join(missing)} not installed: TRL's GRPOTrainer is not measured")
-    from aha.bench import spread_rewards
-    from aha.bench_trl import StepTimer, build_trainer
+    from aha.bench.bench import spread_rewards
+    from aha.bench.trl import StepTimer, build_trainer
     sizes = ctx.sizes
     model = build(ctx, "0.5b")
     ctx.part.put("model", model_facts(model))

@@ -180,7 +180,7 @@ def phase_device(ctx: Ctx) -> None:
              "cuda": torch.version.cuda, "platform": platform.platform(), "cpus": os.cpu_count(),
              "optional": {name: version_of(name) for name in ("vllm", "trl", "datasets", "accelerate", "peft", "flash-attn",
                                                               "psutil", "rich")},
-             "aha_plan": importlib.util.find_spec("aha.plan") is not None}
+             "aha_plan": importlib.util.find_spec("aha.infra.plan") is not None}
     if ctx.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         facts.update(gpu=props.name, capability=f"{props.major}.{props.minor}", memory_bytes=props.total_memory,
@@ -227,9 +227,9 @@ def phase_matmul(ctx: Ctx) -> None:
 
 def gap_at(ctx: Ctx, model, sampler, prompts, group: int, params) -> dict:
     """Mean and max |log p_sampler − log p_trainer| over the sampled tokens, the trainer's from its
-    own forward (aha/logprobs.py) at the sampling temperature, in the model's own precision (no
+    own forward (aha/core/logprobs.py) at the sampling temperature, in the model's own precision (no
     autocast: bf16 weights on a GPU; on a CPU with fast bf16, `auto` would measure bf16's rounding)."""
-    from aha.vllm_rollout import engine_metrics, trainer_gap
+    from aha.infra.vllm_rollout import engine_metrics, trainer_gap
     rollout = sampler(model, prompts, group, params, model.config.pad_token_id, seed=3)
     engine_metrics(sampler)                              # a vLLM engine measured it too: drop its copy
     tokens, total, largest = trainer_gap(model, rollout, params.temperature, "off")
@@ -238,8 +238,8 @@ def gap_at(ctx: Ctx, model, sampler, prompts, group: int, params) -> dict:
 
 def measure_sampler(ctx: Ctx, model, sampler, label: str) -> None:
     """tokens/s at each row count of ctx.sizes, and the log-prob gap at T 1 and at T 0.7 / top-p 0.9."""
-    from aha.rollout import SamplingParams
-    from aha.vllm_rollout import engine_metrics
+    from aha.core.rollout import SamplingParams
+    from aha.infra.vllm_rollout import engine_metrics
     sizes, vocab, pad = ctx.sizes, model.config.vocab_size, model.config.pad_token_id
     group = 8 if not ctx.tiny else 4
     warm = SamplingParams(max_new_tokens=4, stop_token_ids=())
@@ -269,8 +269,8 @@ def measure_sampler(ctx: Ctx, model, sampler, label: str) -> None:
 
 def engine_phase(size: str):
     def phase(ctx: Ctx) -> None:
-        """aha's torch engine (aha/rollout.py): tokens/s at 64 and 256 rows, and its log-prob gap."""
-        from aha.rollout import generate
+        """aha's torch engine (aha/core/rollout.py): tokens/s at 64 and 256 rows, and its log-prob gap."""
+        from aha.core.rollout import generate
         model = build(ctx, size)
         ctx.part.put("model", model_facts(model))
         measure_sampler(ctx, model, generate, "torch_engine")
@@ -283,16 +283,16 @@ def engine_phase(size: str):
 
 
 def rl_steps(ctx: Ctx, model, engine, label: str) -> None:
-    """A few GRPO steps as aha/train.py runs them (rollout → reward → advantage → loss rows →
+    """A few GRPO steps as aha/core/train.py runs them (rollout → reward → advantage → loss rows →
     policy_update), on an identical-work reward (a spread in every group, so every row trains):
     s/step, the generate/update split, the update's MFU and peak memory (with `aha plan`'s
-    prediction where aha/plan.py exists)."""
-    from aha.algos import LossSpec
-    from aha.bench import spread_rewards
-    from aha.config import Config
-    from aha.rollout import SamplingParams
-    from aha.train import group_advantages, loss_rows, policy_update
-    from aha.vllm_rollout import engine_metrics
+    prediction where aha/infra/plan.py exists)."""
+    from aha.core.algos import LossSpec
+    from aha.bench.bench import spread_rewards
+    from aha.infra.config import Config
+    from aha.core.rollout import SamplingParams
+    from aha.core.train import group_advantages, loss_rows, policy_update
+    from aha.infra.vllm_rollout import engine_metrics
     sizes, vocab = ctx.sizes, model.config.vocab_size
     cfg = Config(prompts_per_step=sizes.rl_prompts, group_size=sizes.rl_group, max_new_tokens=sizes.rl_tokens,
                  lr=1e-6, seed=0)
@@ -346,9 +346,9 @@ def rl_steps(ctx: Ctx, model, engine, label: str) -> None:
 
 
 def plan_prediction(cfg, model_config, prompt_tokens: int, device: str) -> tuple[dict, int, int]:
-    """`aha plan`'s predicted peak memory for this work (aha/plan.py), and the micro-batch token budget
+    """`aha plan`'s predicted peak memory for this work (aha/infra/plan.py), and the micro-batch token budget
     and rollout rows it chooses, which the steps then use as `aha train` would."""
-    from aha.plan import ModelShape, count_parameters_of, device_memory, memory_plan, process_rss
+    from aha.infra.plan import ModelShape, count_parameters_of, device_memory, memory_plan, process_rss
     weight_bytes = 2 if device == "cuda" else 4
     plan = memory_plan(cfg, ModelShape.of(model_config, count_parameters_of(model_config)), prompt_tokens,
                        weight_bytes=weight_bytes, process_bytes=process_rss() if device == "cpu" else 0,
@@ -359,7 +359,7 @@ def plan_prediction(cfg, model_config, prompt_tokens: int, device: str) -> tuple
 
 def rl_phase(size: str):
     def phase(ctx: Ctx) -> None:
-        from aha.rollout import generate
+        from aha.core.rollout import generate
         model = build(ctx, size)
         ctx.part.put("model", model_facts(model))
         rl_steps(ctx, model, generate, "rl")

@@ -27,8 +27,8 @@ QUESTIONS = ["What is 12 + 30?", "hi", "Add 4096 and 1024.", "Why is the sky blu
 
 
 def tiny_model_dir() -> str:
-    from aha.model import build_model
-    from aha.tokenizer import build_char_tokenizer
+    from aha.infra.model import build_model
+    from aha.infra.tokenizer import build_char_tokenizer
     out = Path(tempfile.mkdtemp(prefix="aha-bench-")) / "tiny"
     tokenizer = build_char_tokenizer()
     build_model("qwen2", tokenizer, seed=0, hidden=64, layers=2).save_pretrained(out / "model")
@@ -40,7 +40,7 @@ def start_server(model_dir: str, max_batch: int, torch_threads: int) -> tuple[su
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = (f"import torch, uvicorn; from aha.server import create_app; torch.set_num_threads({torch_threads} or torch.get_num_threads()); "
+    code = (f"import torch, uvicorn; from aha.serve.server import create_app; torch.set_num_threads({torch_threads} or torch.get_num_threads()); "
             f"uvicorn.run(create_app({model_dir!r}, model_name='bench', max_batch={max_batch}), "
             f"host='127.0.0.1', port={port}, log_level='warning')")
     server = subprocess.Popen([sys.executable, "-c", code])

@@ -1,5 +1,5 @@
 """Compare the algorithm presets: train each for the same steps on the same task and seeds, then
-print a markdown table of held-out pass@1 (R1 protocol, aha.evaluate) and mean response length.
+print a markdown table of held-out pass@1 (R1 protocol, aha.eval.evaluate) and mean response length.
 
     nice -n 19 python bench/presets.py --steps 100 --seeds 0 1 2
     python bench/presets.py --steps 50 --presets grpo dapo eval_problems=100 max_new_tokens=48
@@ -14,9 +14,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from aha.config import load_config, parse_kv
-from aha.presets import PRESETS
-from aha.run import run
+from aha.infra.config import load_config, parse_kv
+from aha.core.presets import PRESETS
+from aha.stages.run import run
 
 
 def bench(presets: list[str], seeds: list[int], steps: int, out: Path, overrides: dict) -> list[dict]:

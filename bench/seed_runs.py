@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from aha.report import read_jsonl, smooth  # noqa: E402
+from aha.infra.report import read_jsonl, smooth  # noqa: E402
 
 PANELS = (("pass_rate", "training pass rate"), ("reward_format", "format reward (share well-formed)"),
           ("response_tokens", "response tokens"))

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from aha.config import load_config
-from aha.evaluate import EvalSpec, evaluate
-from aha.logprobs import completion_logprobs
-from aha.model import load_model
-from aha.rollout import SamplingParams, generate, stop_strings, stop_token_ids
+from aha.infra.config import load_config
+from aha.eval.evaluate import EvalSpec, evaluate
+from aha.core.logprobs import completion_logprobs
+from aha.infra.model import load_model
+from aha.core.rollout import SamplingParams, generate, stop_strings, stop_token_ids
 from aha.tasks import get_task
-from aha.templates import R1_ZERO, TemplatedTask
+from aha.tasks.templates import R1_ZERO, TemplatedTask
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "smollm2-135m-cpu.yaml"
 

@@ -2,7 +2,7 @@
 
     python bench/speed_probes_2026_12_05.py models/smollm2-135m-instruct
 
-- linear: GFLOP/s of torch's fp32 linear (MKL) and of oneDNN's (`aha/cpu_linear.py`) for the
+- linear: GFLOP/s of torch's fp32 linear (MKL) and of oneDNN's (`aha/core/cpu_linear.py`) for the
   model's decoding shapes at 64 rows and the output head at 1 row;
 - generate: seconds of one `generate` of 64 rows × 128 tokens with oneDNN's layers and without,
   alternating, 3 times each in one process;
@@ -19,11 +19,11 @@ import time
 
 import torch
 
-import aha.cpu_linear as cpu_linear
-import aha.logprobs as logprobs
-from aha.engine import Engine, GenerationParams
-from aha.model import load_model, return_freed_memory_to_the_os
-from aha.rollout import Rollout, SamplingParams, generate
+import aha.core.cpu_linear as cpu_linear
+import aha.core.logprobs as logprobs
+from aha.serve.engine import Engine, GenerationParams
+from aha.infra.model import load_model, return_freed_memory_to_the_os
+from aha.core.rollout import Rollout, SamplingParams, generate
 
 
 def gflops(fn, flop: float, repeat: int) -> float:

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from aha.model import build_model
-from aha.tokenizer import build_char_tokenizer
+from aha.infra.model import build_model
+from aha.infra.tokenizer import build_char_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""aha/algos.py against values computed by hand, plus properties that must hold for any input.
+"""aha/core/algos.py against values computed by hand, plus properties that must hold for any input.
 
 Run: python -m pytest tests/test_algos.py -q
 """
@@ -9,8 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from aha.algos import (ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, LossSpec, Normaliser, high_entropy_mask, policy_loss)
-from aha.rollout_correction import rollout_mismatch, rollout_weights
+from aha.core.algos import (ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, LossSpec, Normaliser, high_entropy_mask, policy_loss)
+from aha.core.rollout_correction import rollout_mismatch, rollout_weights
 
 NO_CLIP = LossSpec(clip_low=None, clip_high=None)
 

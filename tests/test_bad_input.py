@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from aha.cli import main
-from aha.tokenizer import build_char_tokenizer
+from aha.infra.tokenizer import build_char_tokenizer
 
 REWARDS = '''
 def boom(prompts, completions, **columns):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from aha.bench import spread_rewards, useful_flops
+from aha.bench.bench import spread_rewards, useful_flops
 
 
 def test_spread_reward_gives_every_group_a_spread():
@@ -24,8 +24,8 @@ def test_useful_flops_by_hand():
 
 
 def test_bench_model_is_the_issue_size():
-    from aha.bench import bench_model
-    from aha.tokenizer import build_char_tokenizer
+    from aha.bench.bench import bench_model
+    from aha.infra.tokenizer import build_char_tokenizer
     model = bench_model(build_char_tokenizer())
     c = model.config
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads,
@@ -36,7 +36,7 @@ def test_bench_model_is_the_issue_size():
 def test_bench_smoke_one_step_each_side():
     pytest.importorskip("trl")
     pytest.importorskip("psutil")
-    from aha.bench import run_pair
+    from aha.bench.bench import run_pair
     result = run_pair("spread", 4, warmup=0, steps=1, peak_flops=1e9, hidden=64, layers=1,
                       prompts_per_step=2, group_size=4, trl_bf16=True)
     for side in ("aha", "trl", "trl_bf16"):
@@ -48,7 +48,7 @@ def test_bench_smoke_one_step_each_side():
     assert result["speedup_bf16"] == pytest.approx(result["trl_bf16"]["s_per_step"] / result["aha"]["s_per_step"])
     # the ceiling: TRL's s/step over aha's FLOP floor at the peak given (1 GFLOP/s)
     assert result["ceiling"] == pytest.approx(result["trl"]["s_per_step"] / (result["aha"]["flops_per_step"] / 1e9))
-    from aha.bench import cpu_name, format_table
+    from aha.bench.bench import cpu_name, format_table
     table = format_table([result], {"fp32": 1e9, "bf16": 1e9, "peak": 1e9}, "Test CPU")
     assert "CPU: Test CPU" in table and "trl_bf16" in table and cpu_name()
 
@@ -65,7 +65,7 @@ def test_bench_without_trl_says_so(monkeypatch, capsys):
 
 def test_bench_model_runs_each_side_in_its_own_process(tiny_model_dir):
     pytest.importorskip("trl")
-    from aha.bench_model import format_model_table, run_model_bench
+    from aha.bench.model import format_model_table, run_model_bench
     result = run_model_bench(str(tiny_model_dir), steps=1, warmup=1, max_new_tokens=6, prompts=2, group=2)
     for side in ("aha", "trl"):
         s = result[side]

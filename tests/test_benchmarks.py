@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 
-from aha.errors import AhaError
-from aha.evaluate import EvalSpec, evaluate
-from aha.model import load_model
+from aha.infra.errors import AhaError
+from aha.eval.evaluate import EvalSpec, evaluate
+from aha.infra.model import load_model
 from aha.tasks import get_task
 from aha.tasks.base import Problem
 

@@ -11,9 +11,9 @@ import json
 import psutil
 import pytest
 
-from aha import sandbox
+from aha.tasks import sandbox
 from aha.cli import main
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 from aha.tasks import code as code_module
 from aha.tasks import get_task
 from aha.tasks.base import Problem

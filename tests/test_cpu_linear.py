@@ -1,10 +1,11 @@
-"""Decoding's large linear layers through oneDNN (aha/cpu_linear.py): the same outputs as torch's
+"""Decoding's large linear layers through oneDNN (aha/core/cpu_linear.py): the same outputs as torch's
 linear to fp32 rounding, only inside the context and only without autograd, small layers untouched."""
 
 import pytest
 import torch
 
-from aha.cpu_linear import MIN_WEIGHT, fast_layers, onednn_available, onednn_linears
+from aha.core.cpu_linear import MIN_WEIGHT, fast_layers, onednn_available, onednn_linears
+from aha.infra.base import SHIPPED
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
 
@@ -39,12 +40,12 @@ def test_nothing_changes_under_autograd_or_for_small_or_bf16_layers():
 def test_the_serving_engine_decodes_a_large_model_through_onednn(monkeypatch):
     """`aha chat` / `aha serve`'s engine finds the large layers once and uses them at each step;
     with the threshold lowered the built-in tiny model's engine takes that path and still writes."""
-    import aha.cpu_linear as cpu_linear
-    from aha.engine import Engine, GenerationParams
-    from aha.model import load_model
+    import aha.core.cpu_linear as cpu_linear
+    from aha.serve.engine import Engine, GenerationParams
+    from aha.infra.model import load_model
     from pathlib import Path
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT", 1)
-    model, tokenizer = load_model(str(Path(cpu_linear.__file__).parent / "assets" / "base"))
+    model, tokenizer = load_model(str(SHIPPED))
     engine = Engine(model, tokenizer)
     assert engine._fast_layers and engine._fast_layers == fast_layers(model)
     seen = []

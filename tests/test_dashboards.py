@@ -16,10 +16,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from aha.card import read_card, summary
+from aha.infra.card import read_card, summary
 from aha.cli import main
-from aha.errors import AhaError
-from aha.trackers import parse_report_to
+from aha.infra.errors import AhaError
+from aha.infra.trackers import parse_report_to
 
 SMALL = ["eval_problems=4", "eval_k=2", "prompts_per_step=2", "group_size=4", "max_new_tokens=16", "checkpoint_every=0"]
 
@@ -146,7 +146,7 @@ def test_report_to_names_are_checked(capsys):
 
 
 def test_chat_and_serve_show_the_card_summary(tb_run):
-    from aha.chat import model_summary
+    from aha.serve.chat import model_summary
     assert model_summary(str(tb_run)) == ": " + summary(tb_run / "model")
     assert model_summary(str(tb_run / "model")).startswith(": grpo on addition, 3 steps from ")
     assert model_summary("/nonexistent") == ""              # no card: nothing to show
@@ -155,7 +155,7 @@ def test_chat_and_serve_show_the_card_summary(tb_run):
 def test_a_resumed_run_hides_what_the_crashed_one_logged_past_its_checkpoint(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from aha.trackers import open_trackers
+    from aha.infra.trackers import open_trackers
     with open_trackers("tensorboard", tmp_path, {"seed": 0}) as crashed:
         for step in range(5):
             crashed.log_step({"step": step, "loss": float(step)})

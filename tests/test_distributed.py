@@ -1,4 +1,4 @@
-"""Scale-out (aha/distributed.py): the pure pieces against hand-computed values, then the real thing —
+"""Scale-out (aha/infra/distributed.py): the pure pieces against hand-computed values, then the real thing —
 the same seed and global batch on 1 process and on 2 torchrun processes over gloo, DDP and FSDP2.
 
 Tolerances, and what was measured on the 2-core CI machine (3 steps, lr 1e-3, built-in base model):
@@ -26,15 +26,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from aha.algos import LossSpec, Normaliser, policy_loss
+from aha.core.algos import LossSpec, Normaliser, policy_loss
 from aha.cli import main
-from aha.base import ensure_base_model
-from aha.config import load_config, parse_kv
-from aha.distributed import SINGLE, World, loss_scale, row_owner, shard_bounds, torchrun_command
-from aha.errors import AhaError
-from aha.model import load_model
-from aha.rollout import SamplingParams, generate
-from aha.train import train
+from aha.infra.base import ensure_base_model
+from aha.infra.config import load_config, parse_kv
+from aha.infra.distributed import SINGLE, World, loss_scale, row_owner, shard_bounds, torchrun_command
+from aha.infra.errors import AhaError
+from aha.infra.model import load_model
+from aha.core.rollout import SamplingParams, generate
+from aha.core.train import train
 
 # --- pure pieces ----------------------------------------------------------------------------------
 

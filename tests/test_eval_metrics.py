@@ -1,4 +1,4 @@
-"""pass@k, cons@k, reflection rate (aha/passk.py) and the multi-model `aha eval`."""
+"""pass@k, cons@k, reflection rate (aha/eval/passk.py) and the multi-model `aha eval`."""
 
 import json
 import random
@@ -7,9 +7,9 @@ from math import comb
 import pytest
 
 from aha.cli import main
-from aha.evaluate import EvalSpec, markdown_table, resolve_model_dir, sample_metrics
-from aha.errors import AhaError
-from aha.passk import cons_at_k, majority_answer, mean_pass_at_k, pass_at_k, reflection_rate
+from aha.eval.evaluate import EvalSpec, markdown_table, resolve_model_dir, sample_metrics
+from aha.infra.errors import AhaError
+from aha.eval.passk import cons_at_k, majority_answer, mean_pass_at_k, pass_at_k, reflection_rate
 
 
 @pytest.mark.parametrize("n,c,k,expected", [(4, 1, 2, 0.5), (4, 0, 2, 0.0), (4, 4, 2, 1.0), (4, 4, 4, 1.0),
@@ -112,9 +112,9 @@ def test_eval_bad_pass_k_is_one_line(capsys):
 
 def test_format_rate_is_the_share_of_well_formed_samples():
     """4 problems × 1 sample: every sample is in `samples`, so the rate can be recounted by hand."""
-    from aha.base import ensure_base_model
-    from aha.evaluate import evaluate
-    from aha.model import load_model
+    from aha.infra.base import ensure_base_model
+    from aha.eval.evaluate import evaluate
+    from aha.infra.model import load_model
     from aha.tasks import get_task
     from aha.tasks.base import is_well_formed
     model, tokenizer = load_model(ensure_base_model(None), "cpu")

@@ -1,4 +1,4 @@
-"""`aha experiment length-bias` and `aha experiment entropy` (aha/findings.py): the summary over
+"""`aha experiment length-bias` and `aha experiment entropy` (aha/stages/findings.py): the summary over
 seeds by hand, and one tiny end-to-end run of each through the CLI.
 
 Run: python -m pytest tests/test_findings.py -q
@@ -9,8 +9,8 @@ import json
 import pytest
 
 from aha.cli import main
-from aha.errors import AhaError
-from aha.findings import FINDINGS, FindingConfig, markdown, padded_base, run_finding, summarise
+from aha.infra.errors import AhaError
+from aha.stages.findings import FINDINGS, FindingConfig, markdown, padded_base, run_finding, summarise
 
 
 def test_summary_is_mean_and_std_of_window_means_over_seeds():
@@ -59,7 +59,7 @@ def test_length_bias_on_the_padded_model(tmp_path):
 
 
 def test_padding_changes_neither_score_nor_format():
-    from aha.findings import answer_padding
+    from aha.stages.findings import answer_padding
     from aha.tasks.addition import AdditionTask
     task = AdditionTask()
     problem = next(task.train_problems(0))
@@ -81,7 +81,7 @@ def test_bad_finding_config(tmp_path):
 
 
 def test_tool_call_curve_counts_calls_of_either_format(tmp_path):
-    from aha.findings import tool_call_curve
+    from aha.stages.findings import tool_call_curve
     rows = [{"step": 0, "completion": " <think><tool>12*34</tool><output>408</output></think> <answer>408</answer>"},
             {"step": 0, "completion": " <think>12*4=48, 12*30=360</think> <answer>408</answer>"},
             {"step": 1, "completion": '<tool_call>{"name": "python"}</tool_call>'},

@@ -87,9 +87,9 @@ def test_update_flops_by_hand():
 
 
 def test_rollout_flops_counts_each_groups_prompt_once():
-    from aha.rollout import Rollout
-    from aha.tokenizer import build_char_tokenizer
-    from aha.model import build_model
+    from aha.core.rollout import Rollout
+    from aha.infra.tokenizer import build_char_tokenizer
+    from aha.infra.model import build_model
     model = build_model("qwen2", build_char_tokenizer(), seed=0, hidden=32, layers=2)
     c = model.config
     rollout = Rollout(prompt_ids=torch.zeros(4, 3, dtype=torch.long), prompt_mask=torch.tensor([[0, 1, 1]] * 2 + [[1, 1, 1]] * 2),
@@ -142,8 +142,8 @@ def test_aha_plans_prediction_is_recorded_and_its_budgets_used():
     """The runbook records aha plan's prediction for its RL work and runs the steps with the micro-batch
     budget and rollout rows the plan chose (as `aha train` does)."""
     from transformers import Qwen2Config
-    from aha.config import Config
-    from aha.plan import ModelShape, count_parameters_of, memory_plan
+    from aha.infra.config import Config
+    from aha.infra.plan import ModelShape, count_parameters_of, memory_plan
     config = Qwen2Config(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=128)
     cfg = Config(group_size=4, prompts_per_step=2, max_new_tokens=16)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from aha.health import HealthMonitor
+from aha.core.health import HealthMonitor
 
 
 def healthy(step: int, **changes) -> dict:

@@ -92,7 +92,7 @@ def tiny_gguf(tmp_path_factory):
 
 def test_round_trip_gives_the_same_model(tiny_gguf, tmp_path, capfd):
     from transformers import AutoModelForCausalLM
-    from aha.model import load_model
+    from aha.infra.model import load_model
     path, original = tiny_gguf
     out = tmp_path / "imported"
     assert main(["import-model", str(path), "--out", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""The update's forward pass: each prompt run once for its group (aha/logprobs.py) gives the same
+"""The update's forward pass: each prompt run once for its group (aha/core/logprobs.py) gives the same
 log-probs and gradients as the plain per-row forward, on every architecture aha builds, and runs
 the prompt for P rows instead of P × G."""
 
@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from aha.logprobs import completion_logprobs
-from aha.model import tiny_config
-from aha.rollout import SamplingParams, generate
-from aha.tokenizer import build_char_tokenizer
+from aha.core.logprobs import completion_logprobs
+from aha.infra.model import tiny_config
+from aha.core.rollout import SamplingParams, generate
+from aha.infra.tokenizer import build_char_tokenizer
 
 
 def build(arch: str):
@@ -67,11 +67,11 @@ def test_each_prompt_runs_once_per_group():
 
 
 def test_bf16_autocast_loss_and_gradient_stay_close_to_fp32():
-    """Documented tolerance of `autocast=bf16` (aha/model.py): on this batch the GRPO loss within
+    """Documented tolerance of `autocast=bf16` (aha/infra/model.py): on this batch the GRPO loss within
     1e-3, per-token log-probs within 0.02, gradient cosine > 0.999 against fp32 (measured on the
     2-core CI machine: 1e-5, 0.0028 and 1.00000)."""
-    from aha.algos import LossSpec, Normaliser, policy_loss
-    from aha.model import autocast, cpu_has_fast_bf16
+    from aha.core.algos import LossSpec, Normaliser, policy_loss
+    from aha.infra.model import autocast, cpu_has_fast_bf16
     model, tokenizer = build("qwen2")
     rollout = rollout_of(model, tokenizer)
     rows = torch.arange(12)
@@ -127,7 +127,7 @@ def test_head_in_chunks_equals_the_full_logits_and_their_gradient(arch, share):
 
 def test_big_logits_switch_to_the_chunked_head(monkeypatch):
     """Above LOGIT_BYTES the chunked head runs by itself: no (R, T, V) tensor from the model."""
-    import aha.logprobs as logprobs
+    import aha.core.logprobs as logprobs
     model, tokenizer = build("qwen2")
     rollout = rollout_of(model, tokenizer)
     rows = torch.arange(12)
@@ -148,7 +148,7 @@ def test_fused_head_equals_log_softmax_and_its_gradient(bias, temperature, chunk
     torch's log_softmax over the full logits: log-probs, entropy, and the gradients of the hidden
     states, the weight and the bias, for a last chunk shorter than the others and for one chunk;
     with the probabilities kept for backward and recomputed there."""
-    from aha.logprobs import FusedHeadLogprobs
+    from aha.core.logprobs import FusedHeadLogprobs
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 50, bias=bias).double().float()
     hidden = torch.randn(10, 16, requires_grad=True)
@@ -172,7 +172,7 @@ def test_fused_head_equals_log_softmax_and_its_gradient(bias, temperature, chunk
 
 def test_fused_head_only_in_fp32_without_autocast():
     """bf16 weights, or autocast on, keep the checkpointed chunks (their numerics stay as they were)."""
-    from aha.logprobs import fused_head_applies
+    from aha.core.logprobs import fused_head_applies
     hidden, weight = torch.randn(3, 4), torch.nn.Parameter(torch.randn(5, 4))
     assert fused_head_applies(hidden, weight)
     assert not fused_head_applies(hidden.bfloat16(), weight.bfloat16())
@@ -183,7 +183,7 @@ def test_fused_head_only_in_fp32_without_autocast():
 def test_fused_head_without_tokens_gives_zero_gradients():
     """A micro-batch with no real token (K = 0): empty log-probs, and a zero weight gradient, not
     whatever memory the gradient buffer was given."""
-    from aha.logprobs import FusedHeadLogprobs
+    from aha.core.logprobs import FusedHeadLogprobs
     head, hidden = torch.nn.Linear(16, 50), torch.randn(0, 16, requires_grad=True)
     logp, entropy = FusedHeadLogprobs.apply(hidden, head.weight, head.bias, torch.zeros(0, dtype=torch.long), 1.0, 4, True)
     (logp.sum() + 0 * head.weight.sum()).backward()

@@ -11,11 +11,11 @@ import json
 import pytest
 import torch
 
-import aha.train
+import aha.core.train
 from aha.cli import main
-from aha.config import load_config
-from aha.errors import AhaError
-from aha.rollout import generate
+from aha.infra.config import load_config
+from aha.infra.errors import AhaError
+from aha.core.rollout import generate
 
 SMALL = ["prompts_per_step=2", "group_size=4", "max_new_tokens=40", "eval_every=0", "eval_problems=4", "eval_k=1"]
 
@@ -34,7 +34,7 @@ def test_rollout_correction_reads_the_samplers_logprobs(tiny_model_dir, tmp_path
             rollout.logprobs = rollout.logprobs + 0.5 * rollout.completion_mask
             return rollout
         return engine
-    monkeypatch.setattr(aha.train, "rollout_engine", skewed_engine)
+    monkeypatch.setattr(aha.core.train, "rollout_engine", skewed_engine)
     for low, kept in [(0.5, 1.0), (0.7, 0.0)]:
         out = tmp_path / f"low{low}"
         assert main(["train", "--model", str(tiny_model_dir), "--algo", "gmpo", "--steps", "2", "--out", str(out), *SMALL, "mu=2",

@@ -1,4 +1,4 @@
-"""The `aha` process's malloc settings (aha/model.py `return_freed_memory_to_the_os`): freed
+"""The `aha` process's malloc settings (aha/infra/model.py `return_freed_memory_to_the_os`): freed
 logits-sized blocks go back to the OS, which glibc's defaults do not guarantee. Each case runs in
 a fresh interpreter, so that this test process's own heap does not matter."""
 
@@ -9,13 +9,13 @@ import pytest
 
 SCRIPT = """
 import sys, torch
-from aha.model import return_freed_memory_to_the_os
-from aha.plan import process_rss
+from aha.infra.model import return_freed_memory_to_the_os
+from aha.infra.plan import process_rss
 if sys.argv[1] == "tuned":
     assert return_freed_memory_to_the_os()
 base = process_rss()
 for _ in range(4):
-    logits = torch.ones(4 << 20)          # 16 MB of fp32 logits (a chunk is up to 32 MB, aha/logprobs.py)
+    logits = torch.ones(4 << 20)          # 16 MB of fp32 logits (a chunk is up to 32 MB, aha/core/logprobs.py)
     del logits
 print((process_rss() - base) >> 20)
 """
@@ -36,7 +36,7 @@ def test_freed_logit_chunks_go_back_to_the_os():
 
 FAULTS = """
 import resource, sys, torch
-from aha.model import return_freed_memory_to_the_os
+from aha.infra.model import return_freed_memory_to_the_os
 assert return_freed_memory_to_the_os(**({"threshold": 1 << 20} if sys.argv[1] == "1MB" else {}))
 for _ in range(3):
     torch.ones(1 << 20)                   # warm the heap up

@@ -1,4 +1,4 @@
-"""Micro-batched update (aha/train.py `policy_update`): the gradient accumulated over micro-batches
+"""Micro-batched update (aha/core/train.py `policy_update`): the gradient accumulated over micro-batches
 equals the one-shot step's, because every micro-batch divides by the normaliser of the whole batch.
 
 Checked to 1e-6 relative for each aggregation, with β > 0 (a reference model), with μ > 1 (the
@@ -10,12 +10,12 @@ import copy
 import pytest
 import torch
 
-from aha.algos import LossSpec, Normaliser
-from aha.config import Config
-from aha.model import build_model
-from aha.rollout import SamplingParams, generate
-from aha.tokenizer import build_char_tokenizer
-from aha.train import micro_batch_size, micro_batches, policy_update
+from aha.core.algos import LossSpec, Normaliser
+from aha.infra.config import Config
+from aha.infra.model import build_model
+from aha.core.rollout import SamplingParams, generate
+from aha.infra.tokenizer import build_char_tokenizer
+from aha.core.train import micro_batch_size, micro_batches, policy_update
 
 
 def relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from aha.cli import main
-from aha.model import tiny_config
-from aha.tokenizer import build_char_tokenizer
+from aha.infra.model import tiny_config
+from aha.infra.tokenizer import build_char_tokenizer
 
 SMALL = ["prompts_per_step=2", "group_size=2", "max_new_tokens=16", "eval_every=0", "dump_rollouts_every=1"]
 
@@ -83,11 +83,11 @@ def test_train_each_architecture_on_each_task(model_dirs, data_files, tmp_path, 
 def test_reward_weights_parse_validate_and_extend():
     import doctest
 
-    import aha.config
-    import aha.train
-    from aha.config import load_config
-    from aha.errors import AhaError
-    for module in (aha.config, aha.train):
+    import aha.infra.config
+    import aha.core.train
+    from aha.infra.config import load_config
+    from aha.infra.errors import AhaError
+    for module in (aha.infra.config, aha.core.train):
         assert doctest.testmod(module).failed == 0
     cfg = load_config(overrides={"reward_weights": "format=0, tinyzero = 0.5"})
     assert cfg.component_weights() == {"accuracy": 1.0, "format": 0.0, "overlong": 1.0, "env": 1.0, "tinyzero": 0.5}
@@ -97,9 +97,9 @@ def test_reward_weights_parse_validate_and_extend():
 
 
 def test_reward_weights_reach_the_reward():
-    from aha.config import Config
+    from aha.infra.config import Config
     from aha.tasks import get_task
-    from aha.train import score
+    from aha.core.train import score
     task = get_task("countdown")
     problem = next(task.train_problems(0))
     texts = ["<answer>1+2</answer>", "no answer"]
@@ -119,10 +119,10 @@ def test_unknown_component_name_stops_the_run(model_dirs, tmp_path, capsys):
 
 def test_shaping_components_by_name_are_computed_weighted_and_logged():
     from types import SimpleNamespace
-    from aha.config import Config
-    from aha.rewards import cosine_length, repetition_penalty
+    from aha.infra.config import Config
+    from aha.tasks.rewards import cosine_length, repetition_penalty
     from aha.tasks import get_task
-    from aha.train import score
+    from aha.core.train import score
     task = get_task("addition")
     problem = next(task.train_problems(0))
     right = f"<think>the sum is the sum is the sum is</think> <answer>{problem.answer}</answer>"
@@ -143,9 +143,9 @@ def test_shaping_components_by_name_are_computed_weighted_and_logged():
 
 def test_language_component_follows_lang():
     from types import SimpleNamespace
-    from aha.config import Config
+    from aha.infra.config import Config
     from aha.tasks import get_task
-    from aha.train import score
+    from aha.core.train import score
     task = get_task("addition")
     problem = next(task.train_problems(0))
     english = "<think>First I add the units and carry the one, then I add the tens.</think> <answer>1</answer>"
@@ -169,9 +169,9 @@ def test_skipped_samples_leave_the_loss(model_dirs, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) + "\n" for i in range(10)))
-    import aha.train
+    import aha.core.train
     skipped_per_step, trained_per_step = [], []
-    real_score, real_logprobs = aha.train.score, aha.train.completion_logprobs
+    real_score, real_logprobs = aha.core.train.score, aha.core.train.completion_logprobs
 
     def recording_score(*args, **kwargs):
         scores, rewards = real_score(*args, **kwargs)
@@ -182,8 +182,8 @@ def test_skipped_samples_leave_the_loss(model_dirs, tmp_path, monkeypatch):
         trained_per_step.append((len(skipped_per_step) - 1, set(rows.tolist())))
         return real_logprobs(model, rollout, rows, temperature)
 
-    monkeypatch.setattr(aha.train, "score", recording_score)
-    monkeypatch.setattr(aha.train, "completion_logprobs", recording_logprobs)
+    monkeypatch.setattr(aha.core.train, "score", recording_score)
+    monkeypatch.setattr(aha.core.train, "completion_logprobs", recording_logprobs)
     out = tmp_path / "run"
     code = main(["train", "--model", str(model_dirs["qwen2"]), "--task", "py:skipping_rewards:half", "--steps", "3",
                  "--out", str(out), f"data={data}", "prompts_per_step=2", "group_size=4", "max_new_tokens=16",
@@ -202,11 +202,11 @@ def test_skipped_samples_leave_the_loss(model_dirs, tmp_path, monkeypatch):
 # --- prompt templates ---------------------------------------------------------------------------
 
 def test_templates_render_and_prefill(tmp_path):
-    from aha.config import load_config
-    from aha.errors import AhaError
+    from aha.infra.config import load_config
+    from aha.infra.errors import AhaError
     from aha.tasks import get_task
     from aha.tasks.base import Problem
-    from aha.templates import R1_ZERO, apply_template
+    from aha.tasks.templates import R1_ZERO, apply_template
     tokenizer = build_char_tokenizer()
     task = get_task("gsm8k", data=write_gsm(tmp_path))
     problem = Problem("What is {x} + 1?", "2")
@@ -248,8 +248,8 @@ def test_train_with_r1_zero_template_and_think_prefill(model_dirs, tmp_path):
 
 
 def test_stop_tokens_include_the_models_end_of_turn(model_dirs):
-    from aha.model import load_model
-    from aha.train import stop_token_ids
+    from aha.infra.model import load_model
+    from aha.core.train import stop_token_ids
     model, tokenizer = load_model(model_dirs["qwen2"])
     answer_close = tokenizer.convert_tokens_to_ids("</answer>")
     assert stop_token_ids(model, tokenizer) == tuple(sorted({tokenizer.eos_token_id, answer_close}))
@@ -290,7 +290,7 @@ def test_lora_trains_adapters_only_and_saves_a_merged_plain_model(model_dirs, tm
 
 def test_lora_merge_keeps_the_function_and_targets_per_architecture(model_dirs):
     pytest.importorskip("peft")
-    from aha.lora import add_lora, merged, target_modules
+    from aha.infra.lora import add_lora, merged, target_modules
     assert target_modules("gpt2") == ["c_attn", "c_proj", "c_fc"] and target_modules("deepseek_v3") == "all-linear"
     for arch in ("qwen2", "deepseek_v3"):
         model = AutoModelForCausalLM.from_pretrained(model_dirs[arch])
@@ -308,7 +308,7 @@ def test_lora_merge_keeps_the_function_and_targets_per_architecture(model_dirs):
 
 
 def test_training_dtype_follows_the_hardware():
-    from aha.model import detect_dtype
+    from aha.infra.model import detect_dtype
     assert detect_dtype("cpu") == torch.float32 and detect_dtype("mps") == torch.float32
     if torch.cuda.is_available():
         assert detect_dtype("cuda") == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)

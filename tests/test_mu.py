@@ -6,10 +6,10 @@ import json
 import torch
 
 from aha.cli import main
-from aha.model import build_model
-from aha.rollout import SamplingParams, generate
-from aha.tokenizer import build_char_tokenizer
-from aha.train import completion_logprobs
+from aha.infra.model import build_model
+from aha.core.rollout import SamplingParams, generate
+from aha.infra.tokenizer import build_char_tokenizer
+from aha.core.train import completion_logprobs
 
 
 def test_rollout_logprobs_equal_a_training_forward():

@@ -1,4 +1,4 @@
-"""R1's four-stage pipeline (aha/pipeline.py) and the distill-vs-rl experiment (aha/experiment.py)."""
+"""R1's four-stage pipeline (aha/stages/pipeline.py) and the distill-vs-rl experiment (aha/stages/experiment.py)."""
 
 import json
 from pathlib import Path
@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from aha.base import SHIPPED
-from aha.errors import AhaError
-from aha.experiment import TokenCounter, aggregate, matched_sft_rows, mean_std, sft_budget_tokens, student_flops
-from aha.pipeline import QUICK, PipelineConfig, load_pipeline_config, pipeline
+from aha.infra.base import SHIPPED
+from aha.infra.errors import AhaError
+from aha.stages.experiment import TokenCounter, aggregate, matched_sft_rows, mean_std, sft_budget_tokens, student_flops
+from aha.stages.pipeline import QUICK, PipelineConfig, load_pipeline_config, pipeline
 from aha.tasks import get_task
 
 ROOT = Path(__file__).parent.parent
@@ -110,8 +110,8 @@ def test_flops_and_the_matched_sft_budget():
 
 
 def test_token_counter_counts_real_tokens_forward_and_trained(tiny_model_dir):
-    from aha.model import load_model
-    from aha.rollout import SamplingParams, generate
+    from aha.infra.model import load_model
+    from aha.core.rollout import SamplingParams, generate
     model, tokenizer = load_model(tiny_model_dir)
     counter = TokenCounter(model)
     prompts = [[10, 11, 12], [13, 14, 15, 16, 17]]                       # 8 prompt tokens, left-padded to 5
@@ -178,13 +178,13 @@ def test_experiment_quick_end_to_end(tmp_path, capsys):
 def test_doctests():
     import doctest
 
-    import aha.experiment
-    assert doctest.testmod(aha.experiment).failed == 0
+    import aha.stages.experiment
+    assert doctest.testmod(aha.stages.experiment).failed == 0
 
 
 def test_experiment_keys_are_typed_and_checked():
-    from aha.experiment import ExperimentConfig
-    from aha.pipeline import apply_typed
+    from aha.stages.experiment import ExperimentConfig
+    from aha.stages.pipeline import apply_typed
     cfg = apply_typed(ExperimentConfig(), {"student_rl_steps": "20,60", "sft_lr": "5e-4"}, "command line")
     assert cfg.student_rl_steps == (20, 60) and cfg.sft_lr == 5e-4
     assert apply_typed(ExperimentConfig(), {"student_rl_steps": [7]}, "f.yaml").student_rl_steps == (7,)
@@ -195,7 +195,7 @@ def test_experiment_keys_are_typed_and_checked():
 
 
 def test_cold_start_data_from_a_file_or_the_task(tmp_path):
-    from aha.pipeline import cold_start_rows
+    from aha.stages.pipeline import cold_start_rows
     data = tmp_path / "cold.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f" <think>r{i}</think> <answer>{i}</answer>"}) + "\n"
                             for i in range(5)))

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from aha.base import SHIPPED
-from aha.pretrain import PretrainConfig, pretrain
+from aha.infra.base import SHIPPED
+from aha.stages.pretrain import PretrainConfig, pretrain
 
 
 def test_same_seed_same_weights(tmp_path):

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aha.config import Config, load_config
-from aha.templates import NAMED
+from aha.infra.config import Config, load_config
+from aha.tasks.templates import NAMED
 
 # pipeline_*.yaml are `aha pipeline` configs, loaded in tests/test_pipeline.py
 RECIPES = sorted(p for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml") if not p.name.startswith("pipeline"))
@@ -67,7 +67,7 @@ def test_smollm2_recipe_task_and_prompt(tmp_path, monkeypatch):
 
 
 def test_task_config_reaches_the_task_and_bad_options_are_one_line():
-    from aha.errors import AhaError
+    from aha.infra.errors import AhaError
     from aha.tasks import get_task
     cfg = load_config(None, {"task": "addition", "task_config": "{digits: 2}"})
     assert cfg.task_options() == {"digits": 2} and get_task(cfg.task, **cfg.task_options()).digits == 2

@@ -13,12 +13,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import aha.checkpoint
-from aha.checkpoint import RunLock, complete_checkpoints
+import aha.infra.checkpoint
+from aha.infra.checkpoint import RunLock, complete_checkpoints
 from aha.cli import main
-from aha.config import Config
-from aha.errors import AhaError
-from aha.train import train
+from aha.infra.config import Config
+from aha.infra.errors import AhaError
+from aha.core.train import train
 
 SETTINGS = ["prompts_per_step=4", "group_size=4", "max_new_tokens=24", "eval_problems=4", "eval_k=1", "eval_every=0",
             "checkpoint_every=2", "lr=3e-3", "dump_rollouts_every=1", "lr_schedule=cosine", "warmup_steps=1"]
@@ -133,7 +133,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_last_good_one(tmp_path, monke
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(aha.checkpoint.torch, "save", save_until_the_disk_fills)
+    monkeypatch.setattr(aha.infra.checkpoint.torch, "save", save_until_the_disk_fills)
     out = tmp_path / "run"
     with pytest.raises(AhaError) as info:
         train(small_config(out))
@@ -152,17 +152,17 @@ def nan_loss(logp, old_logp, advantages, mask, spec, ref_logp=None, norm=None, *
 
 
 def test_the_nan_stop_leaves_the_last_good_checkpoint_loadable(tmp_path, monkeypatch):
-    import aha.train
-    real_loss = aha.train.policy_loss
-    monkeypatch.setattr(aha.train, "policy_loss", lambda *a, **k: nan_loss(*a, **k) if step_now[0] >= 2 else real_loss(*a, **k))
+    import aha.core.train
+    real_loss = aha.core.train.policy_loss
+    monkeypatch.setattr(aha.core.train, "policy_loss", lambda *a, **k: nan_loss(*a, **k) if step_now[0] >= 2 else real_loss(*a, **k))
     step_now = [0]
-    real_record = aha.train.step_record
+    real_record = aha.core.train.step_record
 
     def count(step, *args, **kwargs):
         step_now[0] = step + 1
         return real_record(step, *args, **kwargs)
 
-    monkeypatch.setattr(aha.train, "step_record", count)
+    monkeypatch.setattr(aha.core.train, "step_record", count)
     out = tmp_path / "run"
     with pytest.raises(AhaError, match=r"NaN/inf for 2 steps in a row .*last good checkpoint: ") as stop:
         train(small_config(out, steps=8, max_bad_steps=2, checkpoint_every=2))

@@ -2,9 +2,9 @@ import doctest
 
 import pytest
 
-from aha import rewards
-from aha.errors import AhaError
-from aha.rewards import (cosine_length, format_soft, format_strict, language_consistency, overlong_penalty,
+from aha.tasks import rewards
+from aha.infra.errors import AhaError
+from aha.tasks.rewards import (cosine_length, format_soft, format_strict, language_consistency, overlong_penalty,
                          repetition_penalty, tag_count)
 
 HOSTILE = ["", "no tags", "<think>", "</answer><answer>", "<answer>" * 1000, "\x00\uffff☃ 𝟙 ünï",

@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 
 import aha.tasks.base
-from aha.check_reward import check_reward
+from aha.tasks.check_reward import check_reward
 from aha.cli import main
-from aha.config import Config
+from aha.infra.config import Config
 from aha.tasks import get_task
 
 WEIGHTS = Config().component_weights()          # accuracy 1, format 0.1: the default reward

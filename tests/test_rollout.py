@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from aha.model import build_model
-from aha.rollout import SamplingParams, filter_logits, generate, left_pad, row_uniforms, sample_next
-from aha.tokenizer import build_char_tokenizer
+from aha.infra.model import build_model
+from aha.core.rollout import SamplingParams, filter_logits, generate, left_pad, row_uniforms, sample_next
+from aha.infra.tokenizer import build_char_tokenizer
 
 
 def naive_generate(model, prompts, group_size, params, pad_id, seed):
@@ -182,7 +182,7 @@ def test_stop_strings_of_several_tokens_end_the_completion_after_the_stop_text()
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, pad_token_id=0, eos_token_id=1)
     model = AutoModelForCausalLM.from_config(config).eval()
-    from aha.rollout import stop_strings
+    from aha.core.rollout import stop_strings
     assert stop_strings(tok) == ("</answer>",)
     found = 0
     for stop in ("</answer>", "an", "e>", "sw"):
@@ -208,9 +208,9 @@ def test_stop_strings_of_several_tokens_end_the_completion_after_the_stop_text()
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
 def test_the_ready_decode_mask_samples_what_the_models_own_mask_does(arch, monkeypatch):
-    """The additive (N, 1, 1, L) decode mask (aha/rollout.py `decode_mask`) against transformers'
+    """The additive (N, 1, 1, L) decode mask (aha/core/rollout.py `decode_mask`) against transformers'
     own mask, built at each step: the same tokens and bit-identical log-probs, padding included."""
-    import aha.rollout as rollout_module
+    import aha.core.rollout as rollout_module
     tok = build_char_tokenizer()
     model = tiny_model(arch, tok, seed=4)
     assert rollout_module.decode_mask(model, torch.ones(2, 5, dtype=torch.long)) is not None

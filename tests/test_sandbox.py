@@ -1,4 +1,4 @@
-"""Hostile programs against aha.sandbox, and honest ones that must score exactly what they earn.
+"""Hostile programs against aha.tasks.sandbox, and honest ones that must score exactly what they earn.
 
 Run: python -m pytest tests/test_sandbox.py -q        (about 15 s on 2 cores)
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from aha import sandbox
-from aha.sandbox import run_python, run_tests
+from aha.tasks import sandbox
+from aha.tasks.sandbox import run_python, run_tests
 
 LIMITS = {"timeout_s": 2.0, "cpu_s": 1, "memory_mb": 256}
 REPO = Path(__file__).resolve().parents[1]

@@ -40,7 +40,7 @@ def test_hostile_suite_passes_from_a_venv_and_a_project_under_tmp(tmp_under_tmp)
     shutil.copytree(REPO / "aha", project / "aha", ignore=shutil.ignore_patterns("__pycache__", "assets"))
     (project / "tests").mkdir()
     shutil.copy(REPO / "tests" / "test_sandbox.py", project / "tests" / "test_sandbox.py")
-    check = subprocess.run([python, "-c", "import sys, aha.sandbox as s; print(sys.prefix); print(s.__file__)"],
+    check = subprocess.run([python, "-c", "import sys, aha.tasks.sandbox as s; print(sys.prefix); print(s.__file__)"],
                            cwd=project, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(project)})
     prefix, module = check.stdout.split()
     assert prefix.startswith("/tmp/") and module.startswith(str(project)), check.stdout + check.stderr

@@ -2,7 +2,7 @@
 
 A tiny model is trained for a few seconds to say ` <think>abc</think> <answer>7</answer>` to
 "hi" and ` <answer>5</answer>` to "yo" (greedy), so the tests can check exact thinking and
-answers; every served text is also compared with `aha.rollout.generate` on the same prompt (the
+answers; every served text is also compared with `aha.core.rollout.generate` on the same prompt (the
 reference KV-cache sampler), through the real `openai` client against uvicorn on 127.0.0.1.
 """
 
@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from aha.engine import Engine, GenerationParams, encode_chat, stop_token_ids
-from aha.reasoning import ReasoningSplitter, split_reasoning
-from aha.rollout import SamplingParams, generate
+from aha.serve.engine import Engine, GenerationParams, encode_chat, stop_token_ids
+from aha.serve.reasoning import ReasoningSplitter, split_reasoning
+from aha.core.rollout import SamplingParams, generate
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -100,20 +100,20 @@ def encode_text(tokenizer, user: str) -> str:
 
 @pytest.fixture(scope="session")
 def loaded(run_dir):
-    from aha.model import load_model
+    from aha.infra.model import load_model
     return load_model(run_dir / "model")
 
 
 def test_run_folder_loads_the_tokenizer_it_was_saved_with(loaded):
     """Every served text depends on it: `AutoTokenizer` picks the model type's tokenizer class
     (Qwen2Tokenizer, byte-level) over the saved char tokenizer, and spaces vanish."""
-    from aha.tokenizer import build_char_tokenizer
+    from aha.infra.tokenizer import build_char_tokenizer
     text = "User: hi\nAssistant: <think>a b</think>"
     assert loaded[1](text)["input_ids"] == build_char_tokenizer()(text)["input_ids"]
 
 
 def reference(model, tokenizer, chat: str | list[dict], max_new_tokens: int = 64) -> str:
-    """Greedy completion of `aha.rollout.generate` (the reference sampler) for a user message or chat."""
+    """Greedy completion of `aha.core.rollout.generate` (the reference sampler) for a user message or chat."""
     ids, _ = encode_chat(tokenizer, [{"role": "user", "content": chat}] if isinstance(chat, str) else chat)
     params = SamplingParams(max_new_tokens, 0.0, 1.0, 0, tuple(stop_token_ids(model, tokenizer)))
     rollout = generate(model, [ids], 1, params, tokenizer.pad_token_id, seed=0)
@@ -195,7 +195,7 @@ def answer_model():
 
 
 def test_engine_ends_after_an_answer_close_of_several_tokens_and_keeps_it():
-    from aha.rollout import stop_strings
+    from aha.core.rollout import stop_strings
     model, tok = answer_model()
     assert len(tok.tokenize("</answer>")) == 9 and stop_strings(tok) == ("</answer>",)
     prompt = tok("<think>x</think> <answer>")["input_ids"]
@@ -222,7 +222,7 @@ def test_engine_ends_after_an_answer_close_of_several_tokens_and_keeps_it():
 
 @pytest.fixture(scope="session")
 def server(run_dir):
-    from aha.server import create_app
+    from aha.serve.server import create_app
     app = create_app(run_dir, api_key=KEY, max_tokens_cap=64)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))            # a free loopback port, held: no race with other tests
@@ -397,9 +397,9 @@ def test_malformed_requests_get_openai_errors(server, body, status, param):
 
 
 def test_serve_parser_and_bad_model_dir(tmp_path):
-    from aha.errors import AhaError
-    from aha.serve_cli import add_serve_parser
-    from aha.server import create_app
+    from aha.infra.errors import AhaError
+    from aha.serve.cli import add_serve_parser
+    from aha.serve.server import create_app
     parser = argparse.ArgumentParser()
     add_serve_parser(parser.add_subparsers())
     args = parser.parse_args(["serve", str(tmp_path)])
@@ -418,7 +418,7 @@ def test_unknown_route_is_a_json_404(server):
 def test_chat_turn_loop_keeps_answers_and_survives_ctrl_c(loaded):
     from rich.console import Console
 
-    from aha.chat import ChatSettings, chat_loop
+    from aha.serve.chat import ChatSettings, chat_loop
 
     class InterruptOnce(io.StringIO):      # Ctrl-C while the first answer streams
         interrupted = False
@@ -445,7 +445,7 @@ def test_chat_turn_loop_keeps_answers_and_survives_ctrl_c(loaded):
 def test_cmd_chat_with_scripted_stdin(run_dir, monkeypatch, capsys, hide):
     from rich.console import Console
 
-    from aha.chat import add_chat_parser, cmd_chat
+    from aha.serve.chat import add_chat_parser, cmd_chat
     parser = argparse.ArgumentParser()
     add_chat_parser(parser.add_subparsers())
     args = parser.parse_args(["chat", str(run_dir), "--temperature", "0"] + (["--hide-thinking"] if hide else []))

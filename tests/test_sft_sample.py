@@ -1,15 +1,15 @@
-"""SFT with packing (aha/sft.py), rejection sampling (aha/sample.py), distillation (aha/distill.py)."""
+"""SFT with packing (aha/stages/sft.py), rejection sampling (aha/stages/rejection.py), distillation (aha/stages/distill.py)."""
 
 import json
 
 import pytest
 import torch
 
-from aha.errors import AhaError
-from aha.model import build_model
-from aha.sft import Packed, SFTConfig, block_causal_mask, pack, packed_loss, read_examples, sft_model, tokenize_example
+from aha.infra.errors import AhaError
+from aha.infra.model import build_model
+from aha.stages.sft import Packed, SFTConfig, block_causal_mask, pack, packed_loss, read_examples, sft_model, tokenize_example
 from aha.tasks import get_task
-from aha.tokenizer import build_char_tokenizer
+from aha.infra.tokenizer import build_char_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def _operands(prompt):
 
 
 def test_rejection_sampling_keeps_exactly_the_right_ones(tmp_path):
-    from aha.sample import SampleConfig, sample_rows, write_rows
+    from aha.stages.rejection import SampleConfig, sample_rows, write_rows
     task = get_task("addition", digits=2)
     cfg = SampleConfig(task="addition", prompts=5, k=6, prompts_per_batch=2, seed=3)
     rows, stats = sample_rows(task, fake_completer(), cfg, "fake")
@@ -128,7 +128,7 @@ def test_rejection_sampling_keeps_exactly_the_right_ones(tmp_path):
 
 
 def test_length_cap_and_language_filter():
-    from aha.sample import SampleConfig, rejection
+    from aha.stages.rejection import SampleConfig, rejection
     ok = {"accuracy": 1.0, "format": 1.0}
     text = "<think>First add the two numbers, then check the sum carefully.</think> <answer>4</answer>"
     assert rejection(text, 30, False, ok, SampleConfig(max_tokens=40, language="en")) is None
@@ -139,7 +139,7 @@ def test_length_cap_and_language_filter():
 
 
 def response_loss(model_dir, data) -> float:
-    from aha.model import load_model
+    from aha.infra.model import load_model
     model, tokenizer = load_model(model_dir)
     rows = read_examples(data)
     packed = pack([tokenize_example(tokenizer, r["prompt"], r["response"]) for r in rows], 256, tokenizer.pad_token_id)
@@ -151,7 +151,7 @@ def test_distill_smoke_teacher_samples_train_the_student(tiny_model_dir, tmp_pat
     from pathlib import Path
 
     from aha.cli import main
-    teacher = Path(__file__).parent.parent / "aha" / "assets" / "base"
+    teacher = Path(__file__).parent.parent / "aha" / "infra" / "assets" / "base"
     out = tmp_path / "student"
     code = main(["distill", "--teacher", str(teacher), "--student", str(tiny_model_dir), "--out", str(out),
                  "--prompts", "6", "--k", "4", "--epochs", "8", "--lr", "3e-3", "--batch-tokens", "512", "--seq-len", "256"])

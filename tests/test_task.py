@@ -3,11 +3,11 @@ import random
 
 import pytest
 
-from aha.pretrain import corpus_batches
+from aha.stages.pretrain import corpus_batches
 from aha.tasks import get_task
 from aha.tasks.addition import AdditionTask, is_heldout, sloppy_sum, worked_solution
 from aha.tasks.base import extract_answer, is_well_formed, thought
-from aha.tokenizer import build_char_tokenizer
+from aha.infra.tokenizer import build_char_tokenizer
 
 
 def test_worked_solution_and_sloppy_sum_by_hand():
@@ -113,7 +113,7 @@ def test_corpus_mixes_worked_and_direct_answers():
 
 
 def test_bad_task_options():
-    from aha.errors import AhaError
+    from aha.infra.errors import AhaError
     with pytest.raises(AhaError):
         get_task("nope")
     with pytest.raises(AhaError):
@@ -121,7 +121,7 @@ def test_bad_task_options():
 
 
 def test_asking_for_more_held_out_problems_than_exist_is_refused():
-    from aha.errors import AhaError
+    from aha.infra.errors import AhaError
     task = AdditionTask(digits=1)
     available = task.heldout_pairs()
     span = range(10)

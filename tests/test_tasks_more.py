@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 from aha.tasks import countdown, get_task, gsm8k, jsonl, math_task
 from aha.tasks.countdown import parse_expression, tinyzero_reward
 from aha.tasks.math_task import MathGrader, last_boxed

@@ -1,6 +1,6 @@
 from transformers import AutoTokenizer
 
-from aha.tokenizer import TAGS, build_char_tokenizer
+from aha.infra.tokenizer import TAGS, build_char_tokenizer
 
 
 def test_round_trip_and_single_token_tags(tmp_path):

@@ -1,7 +1,7 @@
 """Tool output is context, never an action: its log-probs never reach the loss, the KL or the entropy.
 
 A rollout whose completions hold a span of tool output (action_mask 0) goes through the real update
-(aha/train.py `loss_rows` + `policy_update`, β > 0). Its gradient must equal a hand-written loss that
+(aha/core/train.py `loss_rows` + `policy_update`, β > 0). Its gradient must equal a hand-written loss that
 sums over the model's own tokens only, with the log-probs of every completion token computed in
 one plain forward pass — and must differ from the gradient with the mask dropped (the check can fail)."""
 
@@ -11,13 +11,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from aha.algos import LossSpec, kl_k3
-from aha.config import Config
-from aha.logprobs import completion_logprobs, one_pass_logits
-from aha.model import build_model
-from aha.rollout import SamplingParams, generate
-from aha.tokenizer import build_char_tokenizer
-from aha.train import loss_rows, policy_update
+from aha.core.algos import LossSpec, kl_k3
+from aha.infra.config import Config
+from aha.core.logprobs import completion_logprobs, one_pass_logits
+from aha.infra.model import build_model
+from aha.core.rollout import SamplingParams, generate
+from aha.infra.tokenizer import build_char_tokenizer
+from aha.core.train import loss_rows, policy_update
 
 BETA = 0.1
 

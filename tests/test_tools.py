@@ -1,4 +1,4 @@
-"""The interaction loop (aha/tools/interact.py) against a naive loop, with a scripted fake model.
+"""The interaction loop (aha/core/tools/interact.py) against a naive loop, with a scripted fake model.
 
 The fake model's logits depend on its row's whole context — prompt, its own tokens and the tool
 output — read back from the KV cache, so the cached, batched, multi-turn engine must feed every row
@@ -14,11 +14,11 @@ import pytest
 import torch
 import trl
 
-from aha.rollout import SamplingParams, generate, row_uniforms, sample_next, stop_strings, stop_token_ids
-from aha.tokenizer import TAGS, TOOL_TAGS, build_char_tokenizer
-from aha.tools.formats import FORMATS, Call, cut_tokens
-from aha.tools.interact import ToolEngine, tool_metrics, turn_seed
-from aha.tools.tools import FunctionTool, Observation, Toolbox
+from aha.core.rollout import SamplingParams, generate, row_uniforms, sample_next, stop_strings, stop_token_ids
+from aha.infra.tokenizer import TAGS, TOOL_TAGS, build_char_tokenizer
+from aha.core.tools.formats import FORMATS, Call, cut_tokens
+from aha.core.tools.interact import ToolEngine, tool_metrics, turn_seed
+from aha.core.tools.tools import FunctionTool, Observation, Toolbox
 
 TOKENIZER = build_char_tokenizer(TAGS + TOOL_TAGS)
 

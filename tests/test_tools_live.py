@@ -1,4 +1,4 @@
-"""The tool loop of `aha chat` and `aha serve` (aha/tools/live.py), on a real engine and a real sandbox.
+"""The tool loop of `aha chat` and `aha serve` (aha/serve/live_tools.py), on a real engine and a real sandbox.
 
 A tiny model memorises, for the prompt "calc", a transcript that calls the python tool mid-thought:
 ` <think><tool>print(6*7)</tool><output>42</output> so</think> <answer>42</answer>`. Greedy, with
@@ -16,12 +16,12 @@ import pytest
 import torch
 from rich.console import Console
 
-from aha.chat import ChatSettings, run_turn
-from aha.engine import Engine, GenerationParams
-from aha.errors import AhaError
-from aha.reasoning import split_reasoning
-from aha.tools.live import ToolRunner, ToolSession, tool_runner
-from aha.tools.tools import get_toolbox
+from aha.serve.chat import ChatSettings, run_turn
+from aha.serve.engine import Engine, GenerationParams
+from aha.infra.errors import AhaError
+from aha.serve.reasoning import split_reasoning
+from aha.serve.live_tools import ToolRunner, ToolSession, tool_runner
+from aha.core.tools.tools import get_toolbox
 
 CALL = "<tool>print(6*7)</tool>"
 DOCS = [("calc", f" <think>{CALL}<output>42</output> so</think> <answer>42</answer>"), ("hi", " <answer>7</answer>")]
@@ -37,7 +37,7 @@ def broken(code: str) -> str:
 @pytest.fixture(scope="module")
 def tool_run(tmp_path_factory, memorise):
     """A run folder: model/ memorised DOCS; config.yaml says it trained with tools=python."""
-    from aha.config import Config, save_config
+    from aha.infra.config import Config, save_config
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     model, tokenizer = memorise(DOCS, 250)
@@ -59,7 +59,7 @@ def prompt_text(tokenizer, user: str) -> str:
 
 @pytest.fixture(scope="module")
 def engine(tool_run):
-    from aha.model import load_model
+    from aha.infra.model import load_model
     model, tokenizer = load_model(tool_run / "model")
     engine = Engine(model, tokenizer).start()
     yield engine
@@ -164,7 +164,7 @@ def test_chat_shows_the_tools_output_even_with_thinking_hidden(engine, hide):
 def test_serve_runs_tools_server_side(tool_run):
     openai = pytest.importorskip("openai")
     uvicorn = pytest.importorskip("uvicorn")
-    from aha.server import create_app
+    from aha.serve.server import create_app
     app = create_app(tool_run, max_tokens_cap=80, tools=tool_runner(tool_run, "python"))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""The python tool (aha/tools/tools.py) on bad and hostile code: every call ends as an Observation,
+"""The python tool (aha/core/tools/tools.py) on bad and hostile code: every call ends as an Observation,
 never an exception, and the sandbox contains it.
 
 The hostile programs are tests/test_sandbox.py's suite, run as tool calls (4 at once, as the
@@ -16,9 +16,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_sandbox import HOSTILE, LAYERS, LAYERS_NEEDED, host  # noqa: E402,F401  (host: the fixture)
 
-from aha.tokenizer import TAGS, TOOL_TAGS, build_char_tokenizer  # noqa: E402
-from aha.tools.formats import R1Format, cut_tokens, defuse  # noqa: E402
-from aha.tools.tools import Observation, PythonTool, get_toolbox  # noqa: E402
+from aha.infra.tokenizer import TAGS, TOOL_TAGS, build_char_tokenizer  # noqa: E402
+from aha.core.tools.formats import R1Format, cut_tokens, defuse  # noqa: E402
+from aha.core.tools.tools import Observation, PythonTool, get_toolbox  # noqa: E402
 
 TOOL = PythonTool(timeout_s=2.0, max_output_bytes=2000)
 REPORT = """
@@ -71,10 +71,10 @@ def test_tool_output_cannot_forge_the_transcript():
 
 
 def test_a_broken_sandbox_is_an_observation(monkeypatch):
-    import aha.sandbox
+    import aha.tasks.sandbox
     def broken(*args, **kwargs):
         raise RuntimeError("sandbox setup failed (exit 125): no namespaces")
-    monkeypatch.setattr(aha.sandbox, "run_python", broken)
+    monkeypatch.setattr(aha.tasks.sandbox, "run_python", broken)
     assert TOOL.run("1") == Observation("error: the sandbox failed: RuntimeError: sandbox setup failed (exit 125): "
                                         "no namespaces", True)
 
@@ -111,7 +111,7 @@ def test_toolbox_specs(tmp_path, monkeypatch):
     first, second = env.episode("p"), env.episode("p")
     assert [first.call("env", "a").text, first.call("env", "b").text, second.call("env", "c").text] == ["1", "2", "1"]
     assert (first.reward(), second.reward()) == (0.2, 0.1)
-    from aha.errors import AhaError
+    from aha.infra.errors import AhaError
     for bad, message in [("nothing", "is not a tool"), ("py:my_tools:missing", "has no function"),
                          ("env:my_tools:shout", "has no reset()"), ("python,python", "two tools are named")]:
         with pytest.raises(AhaError, match=message):

@@ -10,17 +10,17 @@ import pytest
 import torch
 import yaml
 
-import aha.train
+import aha.core.train
 from aha.cli import main
-from aha.config import Config
-from aha.dynamic import concat_rollouts, group_spread, kept_groups
-from aha.errors import AhaError
-from aha.presets import PRESETS
-from aha.model import cpu_has_fast_bf16, load_model
-from aha.rewards import overlong_penalty
-from aha.rollout import Rollout, SamplingParams, generate
+from aha.infra.config import Config
+from aha.core.dynamic import concat_rollouts, group_spread, kept_groups
+from aha.infra.errors import AhaError
+from aha.core.presets import PRESETS
+from aha.infra.model import cpu_has_fast_bf16, load_model
+from aha.tasks.rewards import overlong_penalty
+from aha.core.rollout import Rollout, SamplingParams, generate
 from aha.tasks import get_task
-from aha.train import completion_logprobs, score, train
+from aha.core.train import completion_logprobs, score, train
 
 # per-completion accuracies, cycled: groups of 4 → all 1 (tie), spread, all 0 (tie), spread
 SCRIPT = [1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0]
@@ -44,19 +44,19 @@ class ScriptedTask:
 @pytest.fixture
 def scripted(monkeypatch):
     def use(values):
-        monkeypatch.setattr(aha.train, "get_task", lambda name, **kw: ScriptedTask(get_task(name, **kw), values))
+        monkeypatch.setattr(aha.core.train, "get_task", lambda name, **kw: ScriptedTask(get_task(name, **kw), values))
     return use
 
 
 def grad_forward_rows(monkeypatch) -> list[int]:
     """Rows of every update forward that builds a graph (the ones a backward pass will go through)."""
-    seen, real = [], aha.train.completion_logprobs
+    seen, real = [], aha.core.train.completion_logprobs
 
     def record(model, rollout, rows, *args, **kwargs):
         if torch.is_grad_enabled():
             seen.append(int(rows.numel()))
         return real(model, rollout, rows, *args, **kwargs)
-    monkeypatch.setattr(aha.train, "completion_logprobs", record)
+    monkeypatch.setattr(aha.core.train, "completion_logprobs", record)
     return seen
 
 
@@ -165,7 +165,7 @@ def nan_loss(logp, old_logp, advantages, mask, spec, ref_logp=None, norm=None, *
 
 def test_nan_loss_skips_the_update_and_stops_after_k_in_a_row(tiny_model_dir, tmp_path, scripted, monkeypatch):
     scripted(SCRIPT)
-    monkeypatch.setattr(aha.train, "policy_loss", nan_loss)
+    monkeypatch.setattr(aha.core.train, "policy_loss", nan_loss)
     model, tokenizer = load_model(tiny_model_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = Config(steps=5, prompts_per_step=4, group_size=4, max_new_tokens=8, eval_every=0, max_bad_steps=3).validate()
@@ -178,7 +178,7 @@ def test_nan_loss_skips_the_update_and_stops_after_k_in_a_row(tiny_model_dir, tm
 
 def test_nan_stop_is_exit_2_through_the_cli(tiny_model_dir, tmp_path, scripted, monkeypatch, capsys):
     scripted(SCRIPT)
-    monkeypatch.setattr(aha.train, "policy_loss", nan_loss)
+    monkeypatch.setattr(aha.core.train, "policy_loss", nan_loss)
     code = main(["train", "--model", str(tiny_model_dir), "--steps", "4", "--out", str(tmp_path / "o"),
                  "max_bad_steps=2", "prompts_per_step=4", "group_size=4", "max_new_tokens=8", "eval_every=0"])
     assert code == 2

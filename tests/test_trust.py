@@ -22,18 +22,18 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-import aha.train
-from aha.base import SHIPPED
+import aha.core.train
+from aha.infra.base import SHIPPED
 from aha.cli import main
-from aha.config import Config, save_config
-from aha.errors import Stopped
-from aha.evaluate import EvalSpec, evaluate
-from aha.model import load_model
-from aha.rollout import Rollout, left_pad
+from aha.infra.config import Config, save_config
+from aha.infra.errors import Stopped
+from aha.eval.evaluate import EvalSpec, evaluate
+from aha.infra.model import load_model
+from aha.core.rollout import Rollout, left_pad
 from aha.tasks import get_task
-from aha.templates import apply_template
-from aha.tokenizer import build_char_tokenizer
-from aha.train import train
+from aha.tasks.templates import apply_template
+from aha.infra.tokenizer import build_char_tokenizer
+from aha.core.train import train
 
 
 class Scripted:
@@ -53,7 +53,7 @@ class Scripted:
 
 
 def scripted(monkeypatch, script):
-    monkeypatch.setattr(aha.train, "get_task", lambda name, **kw: Scripted(get_task(name, **kw), script))
+    monkeypatch.setattr(aha.core.train, "get_task", lambda name, **kw: Scripted(get_task(name, **kw), script))
 
 
 def fixed_engine(tokenizer, text):
@@ -97,7 +97,7 @@ REASONED = "1+1=2</think> <answer>2</answer>"          # the prompt opened the <
 
 def test_think_rate_counts_the_prefilled_think_in_training(tiny_model_dir, tmp_path, monkeypatch):
     model, tokenizer = load_model(tiny_model_dir)
-    monkeypatch.setattr(aha.train, "rollout_engine", lambda cfg, model: fixed_engine(tokenizer, REASONED))
+    monkeypatch.setattr(aha.core.train, "rollout_engine", lambda cfg, model: fixed_engine(tokenizer, REASONED))
     result = train(small(tmp_path / "t", think_prefill=True), out=tmp_path, model=model, tokenizer=tokenizer)
     assert [r["think_rate"] for r in result["history"]] == [1.0, 1.0]
     assert [r["reward_format"] for r in result["history"]] == [1.0, 1.0]       # the reward saw the tag already
@@ -105,7 +105,7 @@ def test_think_rate_counts_the_prefilled_think_in_training(tiny_model_dir, tmp_p
 
 def test_think_rate_counts_the_prefilled_think_in_eval(tiny_model_dir, monkeypatch):
     model, tokenizer = load_model(tiny_model_dir)
-    monkeypatch.setattr(aha.evaluate, "generate", fixed_engine(tokenizer, REASONED))
+    monkeypatch.setattr(aha.eval.evaluate, "generate", fixed_engine(tokenizer, REASONED))
     task = apply_template(get_task("addition"), tokenizer, "task", think_prefill=True)
     result = evaluate(model, tokenizer, task, EvalSpec(problems=3, k=2, max_new_tokens=8))
     assert result["think_rate"] == 1.0
@@ -220,7 +220,7 @@ def test_resume_restores_the_rng_a_dropout_model_draws_from(dropout_model_dir, t
                lr=3e-3)
     whole = train(small(tmp_path / "whole", **cfg))["history"]
     with monkeypatch.context() as patch:
-        patch.setattr(aha.train, "maybe_kill", stop_after(2))
+        patch.setattr(aha.core.train, "maybe_kill", stop_after(2))
         with pytest.raises(Stopped):
             train(small(tmp_path / "cut", **cfg))
     resumed = train(small(tmp_path / "cut", **cfg), resume=True)["history"]
@@ -234,12 +234,12 @@ def test_resume_restores_the_rng_a_dropout_model_draws_from(dropout_model_dir, t
 def test_the_loop_passes_the_whole_batchs_normaliser(tiny_model_dir, tmp_path, monkeypatch):
     # groups of 4: a tie, then a spread; the tied rows are skipped but still count in the normaliser
     scripted(monkeypatch, [{"accuracy": 1.0, "format": 0.0}] * 4 + [{"accuracy": float(a), "format": 0.0} for a in (1, 0, 1, 0)])
-    calls, real = [], aha.train.policy_loss
+    calls, real = [], aha.core.train.policy_loss
 
     def recording(logp, old_logp, advantages, mask, spec, ref_logp=None, norm=None, **kwargs):
         calls.append((logp.shape[0], norm))
         return real(logp, old_logp, advantages, mask, spec, ref_logp, norm, **kwargs)
-    monkeypatch.setattr(aha.train, "policy_loss", recording)
+    monkeypatch.setattr(aha.core.train, "policy_loss", recording)
     model, tokenizer = load_model(tiny_model_dir)
     history = train(small(tmp_path / "n", steps=1, format_weight=0.0), out=tmp_path, model=model, tokenizer=tokenizer)["history"]
     assert history[0]["trained_rows"] == 4

@@ -1,4 +1,4 @@
-"""The vLLM rollout backend (aha/vllm_rollout.py): what can be checked without a GPU — the parameter
+"""The vLLM rollout backend (aha/infra/vllm_rollout.py): what can be checked without a GPU — the parameter
 mapping, the Rollout assembly, the one-line error — and, where CUDA and vLLM exist, vLLM against the
 torch engine on the same weights (skipped here: this machine has neither)."""
 
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from aha.cli import main
-from aha.config import Config
-from aha.errors import AhaError
-from aha.rollout import SamplingParams
-from aha.vllm_rollout import require_vllm, rollout_engine, sampling_kwargs, to_rollout
+from aha.infra.config import Config
+from aha.infra.errors import AhaError
+from aha.core.rollout import SamplingParams
+from aha.infra.vllm_rollout import require_vllm, rollout_engine, sampling_kwargs, to_rollout
 
 HAS_GPU_VLLM = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
@@ -24,7 +24,7 @@ def test_sampling_params_map_one_to_one():
 
 
 def test_outputs_become_the_torch_engines_rollout():
-    # 2 prompts × 2 samples; the stop token (9) stays in the completion, as in aha/rollout.py
+    # 2 prompts × 2 samples; the stop token (9) stays in the completion, as in aha/core/rollout.py
     prompts = [[5, 6, 7], [8]]
     completions = [([1, 9], [-0.5, -0.25], False), ([3, 3, 3], [-1.0, -2.0, -3.0], True),
                    ([9], [-0.125], False), ([4, 9], [-0.75, -0.5], False)]
@@ -39,7 +39,7 @@ def test_outputs_become_the_torch_engines_rollout():
 
 
 def test_the_torch_engine_is_the_default():
-    from aha.rollout import generate
+    from aha.core.rollout import generate
     assert rollout_engine(Config(), model=None) is generate
 
 
@@ -58,8 +58,8 @@ def test_without_gpu_or_vllm_the_backend_is_one_clear_error(tmp_path, capsys):
 def test_vllm_samples_the_trainers_current_weights(tiny_model_dir):
     """vLLM's log-probs of its own samples equal the trainer's forward pass on them (bf16 rounding),
     also after the trainer's weights moved in place: the weight sync works."""
-    from aha.model import load_model
-    from aha.train import completion_logprobs
+    from aha.infra.model import load_model
+    from aha.core.train import completion_logprobs
     model, tok = load_model(tiny_model_dir, "cuda", torch.bfloat16)
     engine = rollout_engine(Config(rollout="vllm", vllm_gpu_memory=0.2), model)
     prompts = [tok("12+345=")["input_ids"], tok("7+8=")["input_ids"]]
@@ -85,7 +85,7 @@ import sys
 
 import fake_vllm
 
-from aha.train import step_seed
+from aha.core.train import step_seed
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def fake(monkeypatch):
 
 @pytest.fixture
 def tiny(tiny_model_dir):
-    from aha.model import load_model
+    from aha.infra.model import load_model
     return load_model(tiny_model_dir, "cpu", torch.float32)
 
 
@@ -123,9 +123,9 @@ CHILD = """
 import sys
 sys.path.insert(0, {tests!r})
 import fake_vllm
-from aha.config import Config
-from aha.model import load_model
-from aha.vllm_rollout import rollout_engine
+from aha.infra.config import Config
+from aha.infra.model import load_model
+from aha.infra.vllm_rollout import rollout_engine
 fake_vllm.install(fake_vllm.Patch(), process_group=True, clear_env=False)
 rollout_engine(Config(rollout="vllm"), load_model({model!r})[0])
 print("child engine up")
@@ -154,7 +154,7 @@ def test_a_child_rollout_vllm_run_starts_while_this_one_holds_its_port(group_fak
 
 def test_prompt_sharing_stays_on_after_vllm_made_its_one_process_group(group_fake, tiny):
     """Item 4: vLLM's engine leaves a 1-process default group; that is not a distributed wrapper."""
-    from aha.logprobs import can_share_prompts
+    from aha.core.logprobs import can_share_prompts
     engine_for(tiny[0])
     assert torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1
     assert can_share_prompts(tiny[0])
@@ -200,7 +200,7 @@ def test_the_gpu_extra_pins_trls_tested_vllm_range():
     from pathlib import Path
     from packaging.requirements import Requirement
     import_utils = pytest.importorskip("trl.import_utils")
-    from aha.vllm_rollout import VLLM_VERIFIED
+    from aha.infra.vllm_rollout import VLLM_VERIFIED
     root = Path(__file__).resolve().parents[1]
     extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     pin = Requirement(next(r for r in extra if r.startswith("vllm")))
@@ -252,7 +252,7 @@ def reference_logprobs(model, prompt: list[int], completion: list[int], temperat
 def test_the_sampler_trainer_gap_is_measured_on_every_generation(fake, tiny):
     """Item 6: mean and max |log p_vLLM − log p_trainer| over the sampled tokens, by hand: the
     fake vLLM reports log p = 0, so the gap is −log p of an unpadded reference forward."""
-    from aha.vllm_rollout import engine_metrics
+    from aha.infra.vllm_rollout import engine_metrics
     model, tok = tiny
     model.eval()
     engine = engine_for(model, autocast="off")       # the reference is fp32 (auto: bf16 on AMX/AVX512-BF16 CPUs)
@@ -269,14 +269,14 @@ def test_the_sampler_trainer_gap_is_measured_on_every_generation(fake, tiny):
     assert metrics["sampler_tokens"] == int(rollout.lengths.sum())
     assert {"vllm_sync_s", "vllm_generate_s", "vllm_sleep_s"} <= set(metrics)
     assert engine_metrics(engine) == {}                  # popped: the next step starts afresh
-    from aha.rollout import generate
+    from aha.core.rollout import generate
     assert engine_metrics(generate) == {}                # the torch engine reports nothing extra
 
 
 def test_every_vllm_run_logs_the_gap_in_metrics_jsonl(fake, tiny_model_dir, tmp_path, monkeypatch):
     import json
-    import aha.train
-    monkeypatch.setattr(aha.train, "detect_device", lambda: "cpu")
+    import aha.core.train
+    monkeypatch.setattr(aha.core.train, "detect_device", lambda: "cpu")
     out = tmp_path / "run"
     assert main(["train", "--model", str(tiny_model_dir), "--rollout", "vllm", "--steps", "2", "--out", str(out),
                  "prompts_per_step=2", "group_size=2", "max_new_tokens=4", "eval_every=0"]) == 0

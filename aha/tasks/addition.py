@@ -18,7 +18,7 @@ import random
 import re
 from typing import Iterator
 
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 from aha.tasks.base import Problem, extract_answer, is_well_formed
 
 HELDOUT_MOD = 10

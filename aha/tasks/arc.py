@@ -17,7 +17,7 @@ allows two attempts per test input: that is pass@2 (`--pass-k 2`). `version=2` r
 import json
 import re
 
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 from aha.tasks.base import Problem, extract_answer, is_well_formed
 from aha.tasks.data import RowTask
 from aha.tasks.wheels import wheel_file

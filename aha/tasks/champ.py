@@ -21,7 +21,7 @@ learns on the rest. The prompt asks for the final answer alone inside `<answer> 
 import json
 import re
 
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 from aha.tasks.base import Problem, extract_answer, is_well_formed
 from aha.tasks.data import RowTask, split_heldout
 from aha.tasks.math_task import MAX_ANSWER_CHARS, MathGrader

@@ -4,7 +4,7 @@
     get_task("code", data="problems.jsonl")    # rows: prompt, tests (list of assert strings), entry_point?
 
 The code is the one `<answer>…</answer>`, unwrapped when it holds a ``` fence; with no answer tag,
-the last fenced block of the completion. It runs against the row's tests in `aha.sandbox` (a
+the last fenced block of the completion. It runs against the row's tests in `aha.tasks.sandbox` (a
 throwaway jailed subprocess per completion, each test in its own process; docs/sandbox.md) with
 short limits, 3 s wall and 2 s CPU. Components: `accuracy` = tests passed / tests, `format` = the
 R1-Zero answer format. A completion with no code, code that does not parse, or code that never
@@ -23,8 +23,8 @@ import re
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
-from aha.errors import AhaError
-from aha.sandbox import run_tests
+from aha.infra.errors import AhaError
+from aha.tasks.sandbox import run_tests
 from aha.tasks.base import ANSWER_RE, Problem, extract_answer, is_well_formed
 from aha.tasks.data import BadRow, RowTask, require, split_heldout
 

@@ -22,7 +22,7 @@ import random
 from fractions import Fraction
 from typing import Iterator
 
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 from aha.tasks.base import Problem, extract_answer, is_well_formed
 from aha.tasks.data import stable_hash
 

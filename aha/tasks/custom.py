@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 from aha.tasks.base import Problem, is_well_formed
 from aha.tasks.data import RowTask, require
 

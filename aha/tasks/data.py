@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 from typing import Iterator
 
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 from aha.tasks.base import Problem
 
 HASH_RANGE = 1 << 32

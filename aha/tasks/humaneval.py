@@ -11,11 +11,11 @@ the entry point is taken as the body that continues the prompt, HumanEval's own 
 completion models.
 
 Tests: each top-level statement of the problem's own `check(candidate)` that holds an assert is one
-test, run in the sandbox (aha/sandbox.py) after the test file's module-level code, `candidate = <entry
+test, run in the sandbox (aha/tasks/sandbox.py) after the test file's module-level code, `candidate = <entry
 point>` and the setup statements of `check` before it. `assert True` lines, debugging markers of
 the data set that any answer passes, are dropped (48 of them). `accuracy` = the share of the
 problem's tests passed, the reward; `aha eval` counts a sample toward pass@k only when it passes
-every test (HumanEval's functional correctness), with the unbiased estimator (aha/passk.py).
+every test (HumanEval's functional correctness), with the unbiased estimator (aha/eval/passk.py).
 
 Split: HumanEval has none, so a hash of the prompt holds out `eval_fraction` (0.5: 77 problems)
 and `aha train` learns on the rest; `aha eval` scores the held-out half, in task-id order.
@@ -27,7 +27,7 @@ import ast
 import gzip
 import json
 
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 from aha.tasks.base import Problem
 from aha.tasks.code import MAX_CODE_CHARS, CodeTask, parses
 from aha.tasks.data import split_heldout

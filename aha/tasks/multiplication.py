@@ -2,12 +2,12 @@
 tool demo), checked exactly — a task where the scratchpad is long and error-prone and a tool call
 is short and reliable.
 
-The pretraining corpus (`corpus_document`, aha/pretrain.py) shows two ways to a worked answer:
+The pretraining corpus (`corpus_document`, aha/stages/pretrain.py) shows two ways to a worked answer:
 - the scratchpad: one partial product per digit of the multiplier, then their running sum
   (`<think>4821*7=33747, 4821*90=433890, 4821*300=1446300, 33747+433890=467637,
   467637+1446300=1913937</think>`), ~80 tokens in which a tiny model gets some digit wrong;
 - the tool: `<think><tool>4821*397</tool><output>1913937</output></think>`, where `<output>…</output>`
-  is what the python tool prints (aha/tools/): a dozen tokens of the model's own, then a copy.
+  is what the python tool prints (aha/core/tools/): a dozen tokens of the model's own, then a copy.
 Only `tool_frac` of the worked answers (20% by default) call the tool, chosen by a hash of the
 problem. So the base model mostly works by hand and mostly errs; RL with `tools=python` has to
 find out that calling the tool pays. Without tools the same calls get no output.
@@ -19,7 +19,7 @@ it is 0 mod 10; the training stream and the corpus never contain one.
 import random
 from typing import Iterator
 
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 from aha.tasks.addition import ASCII_NUMBER_RE
 from aha.tasks.base import Problem, extract_answer, is_well_formed
 

@@ -21,7 +21,7 @@ item i+1 of seed s−1, so different seeds alone would not keep them apart).
 import random
 from typing import Iterator
 
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 from aha.tasks.base import Problem, extract_answer, is_well_formed
 
 EVAL_SEED = 987_654_321

@@ -11,7 +11,7 @@ naming the pip command, and `pip install 'aha[bench-data]'` installs all three.
 import importlib.util
 from pathlib import Path
 
-from aha.errors import AhaError
+from aha.infra.errors import AhaError
 
 
 def wheel_file(package: str, relative: str, pip_name: str, task: str) -> Path:

@@ -1,0 +1,3 @@
+"""`aha bench`: aha against TRL on identical work. bench.py the step race on the built-in model;
+learn.py the learning race (held-out pass@1 against RL wall time); model.py a real model;
+memory.py peak memory; trl.py TRL's side, built from its own GRPOTrainer."""
