@@ -32,23 +32,40 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     for flag, kind, text in TRAIN_FLAGS:
         p.add_argument(flag, type=kind, help=text)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
-    p.add_argument("--skip-bad-rows", action="store_true", help="skip (and count) data rows without an answer instead of stopping")
+    p.add_argument(
+        "--skip-bad-rows", action="store_true", help="skip (and count) data rows without an answer instead of stopping"
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (steps=N to extend it)")
+    p.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint (steps=N to extend it)"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. group_size=16 beta=0.04")
 
 
 def resume_config(args):
     """The saved config of the run in --resume DIR; only `steps` may change (to extend the run)."""
     from pathlib import Path
+
     from aha.infra.config import load_config, parse_kv
     overrides = parse_kv(args.overrides)
     if args.steps is not None:
         overrides["steps"] = args.steps
-    given = [flag for flag, _, _ in TRAIN_FLAGS if flag != "--steps" and getattr(args, flag[2:].replace("-", "_")) is not None]
+    given = [
+        flag
+        for flag, _, _ in TRAIN_FLAGS
+        if flag != "--steps" and getattr(args, flag[2:].replace("-", "_")) is not None
+    ]
     given += [k for k in overrides if k != "steps"]
-    given += [flag for flag, on in [("--config", args.config), ("--force", args.force), ("--skip-bad-rows", args.skip_bad_rows),
-                                    ("--gradient-checkpointing", args.gradient_checkpointing)] if on]
+    given += [
+        flag
+        for flag, on in [
+            ("--config", args.config),
+            ("--force", args.force),
+            ("--skip-bad-rows", args.skip_bad_rows),
+            ("--gradient-checkpointing", args.gradient_checkpointing),
+        ]
+        if on
+    ]
     if given:
         raise AhaError(f"--resume continues the run with its saved config; {', '.join(given)} cannot change "
                        f"(only steps=N can, to extend the run): start a new run to change them")
@@ -86,7 +103,9 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="a sample that hits this is rejected")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="reject responses longer than this (0: no cap)")
-    p.add_argument("--max-repetition", type=float, default=d.max_repetition, help="reject when this share of word 3-grams repeats")
+    p.add_argument(
+        "--max-repetition", type=float, default=d.max_repetition, help="reject when this share of word 3-grams repeats"
+    )
     p.add_argument("--language", default=d.language, help="e.g. en: reject reasoning not in this language")
     p.add_argument("--min-language", type=float, default=d.min_language, help="least language consistency kept")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -102,27 +121,36 @@ def add_sft_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_parsers(sub) -> None:
-    p = sub.add_parser("sft", help="supervised fine-tuning on prompt/response JSONL (loss on responses, packed)",
-                       description="SFT on JSONL rows {prompt, response}: next-token loss on the response tokens only; "
-                                   "examples packed into --seq-len rows with per-example positions and a block-diagonal "
-                                   "attention mask. Writes a plain transformers dir to --out.")
+    p = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on prompt/response JSONL (loss on responses, packed)",
+        description="SFT on JSONL rows {prompt, response}: next-token loss on the response tokens only; "
+        "examples packed into --seq-len rows with per-example positions and a block-diagonal "
+        "attention mask. Writes a plain transformers dir to --out.",
+    )
     p.add_argument("--model", required=True, help="model dir or run folder to start from")
     p.add_argument("--data", required=True, help="JSONL file of {\"prompt\": …, \"response\": …} rows")
     p.add_argument("--out", required=True, help="where to save the fine-tuned model")
     add_sft_args(p)
     p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("sample", help="rejection sampling: keep only verified, clean samples as JSONL",
-                       description="k samples per training problem; keeps those the task verifies (accuracy 1) that are "
-                                   "well-formed, not truncated or too long, not repetitive (and in --language): rows "
-                                   "prompt, response, model, task, seed, reward, accuracy.")
+    p = sub.add_parser(
+        "sample",
+        help="rejection sampling: keep only verified, clean samples as JSONL",
+        description="k samples per training problem; keeps those the task verifies (accuracy 1) that are "
+        "well-formed, not truncated or too long, not repetitive (and in --language): rows "
+        "prompt, response, model, task, seed, reward, accuracy.",
+    )
     p.add_argument("--model", required=True, help="model dir or run folder")
     p.add_argument("--out", required=True, help="JSONL file to write")
     add_sample_args(p)
 
-    p = sub.add_parser("distill", help="sample verified answers from a teacher, then SFT a student on them",
-                       description="aha sample with --teacher, then aha sft of --student on the kept samples; --out gets "
-                                   "samples.jsonl, the student model and distill.json.")
+    p = sub.add_parser(
+        "distill",
+        help="sample verified answers from a teacher, then SFT a student on them",
+        description="aha sample with --teacher, then aha sft of --student on the kept samples; --out gets "
+        "samples.jsonl, the student model and distill.json.",
+    )
     p.add_argument("--teacher", required=True, help="teacher model dir or run folder")
     p.add_argument("--student", required=True, help="student model dir or run folder")
     p.add_argument("--out", required=True, help="folder for samples.jsonl and the distilled student")
@@ -131,15 +159,25 @@ def add_data_parsers(sub) -> None:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="aha", description="Teach a language model to reason by itself with RL from verifiable rewards.")
+    parser = Parser(
+        prog="aha", description="Teach a language model to reason by itself with RL from verifiable rewards."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("run", help="the whole demo: base model → eval → GRPO → eval → report",
-                       description="Base model (shipped or pretrained once) → held-out eval → GRPO → held-out eval → report.json/md + plots in --out.")
+    p = sub.add_parser(
+        "run",
+        help="the whole demo: base model → eval → GRPO → eval → report",
+        description="Base model (shipped or pretrained once) → held-out eval → GRPO → held-out eval → report.json/md "
+                    "+ plots in --out.",
+    )
     add_train_args(p)
 
-    p = sub.add_parser("train", help="R1-Zero-style RL (GRPO family) on a task",
-                       description="RL from verifiable rewards; writes metrics.jsonl, rollouts.jsonl, config.yaml and model/ into --out.")
+    p = sub.add_parser(
+        "train",
+        help="R1-Zero-style RL (GRPO family) on a task",
+        description="RL from verifiable rewards; writes metrics.jsonl, rollouts.jsonl, config.yaml and model/ into "
+                    "--out.",
+    )
     add_train_args(p)
     p.add_argument("--nproc", type=int, default=0, metavar="N",
                    help="train on N local processes: re-launches itself through torchrun (docs/distributed.md)")
@@ -167,40 +205,64 @@ def build_parser() -> Parser:
     from aha.infra.import_model import add_import_parser
     add_import_parser(sub)
 
-    p = sub.add_parser("bench", help="time aha's GRPO step against TRL's GRPOTrainer on the same work (needs the bench extra)",
-                       description="aha and TRL GRPO steps alternating in one process on a random-init 3.2M Qwen2, "
-                                   "8 prompts × 8 completions, fp32: s/step, tokens/s, time split, peak RSS, useful "
-                                   "FLOP/s vs this machine's matmul peak. Last line: speedup_vs_trl.")
-    p.add_argument("--quick", action="store_true", help="1 warm-up + 1 timed step; 32 and 128 new tokens, addition at 32 only")
+    p = sub.add_parser(
+        "bench",
+        help="time aha's GRPO step against TRL's GRPOTrainer on the same work (needs the bench extra)",
+        description="aha and TRL GRPO steps alternating in one process on a random-init 3.2M Qwen2, "
+        "8 prompts × 8 completions, fp32: s/step, tokens/s, time split, peak RSS, useful "
+        "FLOP/s vs this machine's matmul peak. Last line: speedup_vs_trl.",
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="1 warm-up + 1 timed step; 32 and 128 new tokens, addition at 32 only"
+    )
     p.add_argument("--steps", type=int, help="timed steps per side, after warm-up (default 5; 2 with --model)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
-    p.add_argument("--max-new-tokens", type=int, action="append", help="completion length; repeat for several (default 32)")
+    p.add_argument(
+        "--max-new-tokens", type=int, action="append", help="completion length; repeat for several (default 32)"
+    )
     p.add_argument("--json", help="also write the results to this JSON file")
     p.add_argument("--memory", action="store_true", help="instead: peak RSS of RL steps at a 151,936-token vocabulary, "
                                                           "aha vs TRL, each side in its own process")
-    p.add_argument("--completions", default="16,32,64,128", help="--memory: completions per step to measure (multiples of 8)")
-    p.add_argument("--learn", action="store_true", help="instead: the learning race, aha vs TRL from the same base model, "
-                                                         "RL wall time to TRL's final held-out pass@1")
+    p.add_argument(
+        "--completions", default="16,32,64,128", help="--memory: completions per step to measure (multiples of 8)"
+    )
+    p.add_argument(
+        "--learn",
+        action="store_true",
+        help="instead: the learning race, aha vs TRL from the same base model, "
+        "RL wall time to TRL's final held-out pass@1",
+    )
     p.add_argument("--seeds", default="0,1,2", help="--learn: seeds (the median ratio is reported)")
     p.add_argument("--learn-steps", type=int, default=150, help="--learn: RL steps per side")
-    p.add_argument("--model", help="instead: aha vs TRL on this model dir (e.g. from aha import-model), 8 × 8 completions, "
-                                   "fp32, each side in its own process: s/step and peak RSS (aha/bench/model.py)")
+    p.add_argument(
+        "--model",
+        help="instead: aha vs TRL on this model dir (e.g. from aha import-model), 8 × 8 completions, "
+        "fp32, each side in its own process: s/step and peak RSS (aha/bench/model.py)",
+    )
 
-    p = sub.add_parser("plan", help="predict the peak memory and time per step of an aha train run, before it runs",
-                       description="Takes the config and flags of aha train and runs nothing: prints the predicted peak "
-                                   "memory (weights, gradients, optimizer, reference model, one micro-batch's activations "
-                                   "and logits, the KV cache), whether it fits this machine, the largest micro-batch "
-                                   "that does, and the time per step from a ~1 s calibration.")
+    p = sub.add_parser(
+        "plan",
+        help="predict the peak memory and time per step of an aha train run, before it runs",
+        description="Takes the config and flags of aha train and runs nothing: prints the predicted peak "
+        "memory (weights, gradients, optimizer, reference model, one micro-batch's activations "
+        "and logits, the KV cache), whether it fits this machine, the largest micro-batch "
+        "that does, and the time per step from a ~1 s calibration.",
+    )
     add_train_args(p)
     p.add_argument("--json", help="also write the plan to this JSON file")
-    p.add_argument("--no-time", action="store_true", help="skip the time calibration (it builds the model with random weights)")
+    p.add_argument(
+        "--no-time", action="store_true", help="skip the time calibration (it builds the model with random weights)"
+    )
     p.add_argument("--device", help="plan for this device kind (cpu, cuda, mps) instead of this machine's")
     p.add_argument("--device-memory", type=float, metavar="GIB", help="memory of the device planned for, in GiB")
     p.add_argument("--prompt-tokens", type=int, metavar="N",
                    help="the longest prompt in tokens, instead of measuring it (then no data or tokenizer is read)")
 
-    p = sub.add_parser("pretrain", help="train the tiny base model on the synthetic corpus",
-                       description="Next-token pretraining of the built-in tiny model on a corpus made by the task generator.")
+    p = sub.add_parser(
+        "pretrain",
+        help="train the tiny base model on the synthetic corpus",
+        description="Next-token pretraining of the built-in tiny model on a corpus made by the task generator.",
+    )
     from aha.stages.pretrain import PretrainConfig
     d = PretrainConfig()
     p.add_argument("--out", default=d.out)
@@ -209,9 +271,21 @@ def build_parser() -> Parser:
     p.add_argument("--layers", type=int, default=d.layers)
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--digits", type=int, default=d.digits, help="addition: digits per operand")
-    p.add_argument("--think-frac", type=float, default=d.think_frac, help="share of corpus documents with worked reasoning")
-    p.add_argument("--task", default=d.task, choices=("addition", "multiplication"), help="whose corpus (multiplication: the tool demo)")
-    p.add_argument("--tool-frac", type=float, default=d.tool_frac, help="multiplication: share of worked answers that call the tool")
+    p.add_argument(
+        "--think-frac", type=float, default=d.think_frac, help="share of corpus documents with worked reasoning"
+    )
+    p.add_argument(
+        "--task",
+        default=d.task,
+        choices=("addition", "multiplication"),
+        help="whose corpus (multiplication: the tool demo)",
+    )
+    p.add_argument(
+        "--tool-frac",
+        type=float,
+        default=d.tool_frac,
+        help="multiplication: share of worked answers that call the tool",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-seconds", type=float, default=0.0, help="stop early after this many seconds (0: no cap)")
     return parser
@@ -234,14 +308,17 @@ def cmd_train(args, console):
         if relaunch(args.argv, args.nproc):
             raise AhaError(f"the {args.nproc}-process run failed: see the first error above")
         return
-    from aha.infra.distributed import torchrun_env
     from aha.core.train import train
+    from aha.infra.distributed import torchrun_env
     if args.resume:
         result = train(resume_config(args), console=console, resume=True)
     else:
         result = train(config_from_args(args), force=args.force, console=console)
     if torchrun_env()[0] == 0:
-        console.print(f"done: {len(result['history'])} steps; metrics in {result['out'] / 'metrics.jsonl'}, model in {result['out'] / 'model'}")
+        console.print(
+            f"done: {len(result['history'])} steps; metrics in {result['out'] / 'metrics.jsonl'}, model in "
+            f"{result['out'] / 'model'}"
+        )
 
 
 def cmd_eval(args, console):
@@ -250,16 +327,31 @@ def cmd_eval(args, console):
 
 
 def task_options(args) -> dict:
-    return {**({"digits": args.digits} if args.task == "addition" else {}), **({"data": args.data} if args.data else {})}
+    return {
+        **({"digits": args.digits} if args.task == "addition" else {}),
+        **({"data": args.data} if args.data else {}),
+    }
 
 
 def sample_config(args, model: str, out: str):
     from aha.eval.evaluate import resolve_model_dir
     from aha.stages.rejection import SampleConfig
-    return SampleConfig(model=resolve_model_dir(model), task=args.task, task_options=task_options(args), out=out,
-                        prompts=args.prompts, k=args.k, temperature=args.temperature, top_p=args.top_p,
-                        max_new_tokens=args.max_new_tokens, max_tokens=args.max_tokens, max_repetition=args.max_repetition,
-                        language=args.language, min_language=args.min_language, seed=args.seed)
+    return SampleConfig(
+        model=resolve_model_dir(model),
+        task=args.task,
+        task_options=task_options(args),
+        out=out,
+        prompts=args.prompts,
+        k=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        max_tokens=args.max_tokens,
+        max_repetition=args.max_repetition,
+        language=args.language,
+        min_language=args.min_language,
+        seed=args.seed,
+    )
 
 
 def sft_config(args, model: str, data: str):
@@ -281,7 +373,10 @@ def cmd_sample(args, console):
 
 def cmd_distill(args, console):
     from aha.stages.distill import distill
-    print(json.dumps(distill(sample_config(args, args.teacher, ""), sft_config(args, args.student, ""), console=console)))
+
+    print(
+        json.dumps(distill(sample_config(args, args.teacher, ""), sft_config(args, args.student, ""), console=console))
+    )
 
 
 def cmd_pretrain(args, console):
@@ -382,10 +477,24 @@ def cmd_check_reward(args, console) -> int:
     return check(args, console)
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "pretrain": cmd_pretrain, "chat": cmd_chat, "serve": cmd_serve,
-            "sft": cmd_sft, "sample": cmd_sample, "distill": cmd_distill, "bench": cmd_bench,
-            "pipeline": cmd_pipeline, "experiment": cmd_experiment, "plan": cmd_plan, "check-reward": cmd_check_reward,
-            "import-model": cmd_import_model,             "report": cmd_report}
+COMMANDS = {
+    "run": cmd_run,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "pretrain": cmd_pretrain,
+    "chat": cmd_chat,
+    "serve": cmd_serve,
+    "sft": cmd_sft,
+    "sample": cmd_sample,
+    "distill": cmd_distill,
+    "bench": cmd_bench,
+    "pipeline": cmd_pipeline,
+    "experiment": cmd_experiment,
+    "plan": cmd_plan,
+    "check-reward": cmd_check_reward,
+    "import-model": cmd_import_model,
+    "report": cmd_report,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,8 +37,10 @@ def main() -> None:
     print("| arch | parameters | s/step | tokens/s | val loss | pass@1 forced to reason | pass@1 as is |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['arch']} | {r['parameters'] / 1e6:.2f}M | {r['seconds_per_step']:.3f} | {r['tokens_per_second']} | "
-              f"{r['val_loss']:.3f} | {r['pass1_forced_think']:.3f} | {r['pass1_as_is']:.3f} |")
+        print(
+            f"| {r['arch']} | {r['parameters'] / 1e6:.2f}M | {r['seconds_per_step']:.3f} | {r['tokens_per_second']} | "
+            f"{r['val_loss']:.3f} | {r['pass1_forced_think']:.3f} | {r['pass1_as_is']:.3f} |"
+        )
     Path("bench/compare_archs.json").write_text(json.dumps(rows, indent=2))
 
 

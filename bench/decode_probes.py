@@ -21,9 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from aha.core.rollout import SamplingParams, generate
 from aha.infra.base import ensure_base_model
 from aha.infra.model import load_model, return_freed_memory_to_the_os
-from aha.core.rollout import SamplingParams, generate
 
 
 def timed(fn, repeat: int) -> float:
@@ -42,7 +42,10 @@ def sdpa_probe() -> str:
     additive = torch.zeros(boolean.shape).masked_fill(~boolean, float("-inf"))
     with torch.inference_mode():
         a, b = (F.scaled_dot_product_attention(q, k, v, attn_mask=m) for m in (boolean, additive))
-        us = [1e6 * timed(lambda m=m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), 500) for m in (boolean, additive)]
+        us = [
+            1e6 * timed(lambda m=m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), 500)
+            for m in (boolean, additive)
+        ]
     return f"sdpa: boolean mask {us[0]:.0f} µs, additive {us[1]:.0f} µs a call; equal: {torch.equal(a, b)}"
 
 
@@ -56,17 +59,25 @@ def decode_probes(path: str) -> list[str]:
     model, tokenizer = load_model(path or ensure_base_model(None))
     model.eval()
     prompts = prompts_for(path, tokenizer)
-    params = SamplingParams(max_new_tokens=64 if not path else 32, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,))
+    params = SamplingParams(
+        max_new_tokens=64 if not path else 32, temperature=1.0, stop_token_ids=(tokenizer.eos_token_id,)
+    )
     run = lambda: generate(model, prompts, 8, params, tokenizer.pad_token_id, seed=1)   # noqa: E731
     lines = []
     if not path:
         with torch.profiler.profile() as prof:
             rollout = run()
         calls = sum(event.count for event in prof.key_averages())
-        lines.append(f"ops: {calls / int(rollout.completion_mask.sum(dim=1).max()):.0f} operator calls a decoding step (64 rows)")
+        lines.append(
+            f"ops: {calls / int(rollout.completion_mask.sum(dim=1).max()):.0f} operator calls a decoding step (64 rows)"
+        )
     reference = run()
     results = []
-    for name, attention, bf16 in [("sdpa fp32", "sdpa", False), ("eager fp32", "eager", False), ("sdpa bf16", "sdpa", True)]:
+    for name, attention, bf16 in [
+        ("sdpa fp32", "sdpa", False),
+        ("eager fp32", "eager", False),
+        ("sdpa bf16", "sdpa", True),
+    ]:
         model.set_attn_implementation(attention)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             seconds = timed(run, 2)
@@ -86,10 +97,15 @@ def head_child(path: str, whole: bool) -> None:
     if whole:
         logprobs.LOGIT_BYTES = 1 << 40
     g = torch.Generator().manual_seed(0)
-    rollout = Rollout(prompt_ids=torch.randint(100, 40000, (8, 30), generator=g), prompt_mask=torch.ones(8, 30, dtype=torch.long),
-                      completion_ids=torch.randint(100, 40000, (8, 128), generator=g),
-                      completion_mask=torch.ones(8, 128, dtype=torch.long), logprobs=torch.zeros(8, 128),
-                      truncated=torch.zeros(8, dtype=torch.bool), group_size=8)
+    rollout = Rollout(
+        prompt_ids=torch.randint(100, 40000, (8, 30), generator=g),
+        prompt_mask=torch.ones(8, 30, dtype=torch.long),
+        completion_ids=torch.randint(100, 40000, (8, 128), generator=g),
+        completion_mask=torch.ones(8, 128, dtype=torch.long),
+        logprobs=torch.zeros(8, 128),
+        truncated=torch.zeros(8, dtype=torch.bool),
+        group_size=8,
+    )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def step():

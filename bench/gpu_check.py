@@ -79,8 +79,12 @@ def phase_function(gpu_phases, name: str):
         import gpu_optional
         return getattr(gpu_optional, f"phase_{name}")
     kind, _, size = name.partition("_")
-    return {"device": gpu_phases.phase_device, "matmul": gpu_phases.phase_matmul,
-            "engine": gpu_phases.engine_phase(size) if size else None, "rl": gpu_phases.rl_phase(size) if size else None}[kind]
+    return {
+        "device": gpu_phases.phase_device,
+        "matmul": gpu_phases.phase_matmul,
+        "engine": gpu_phases.engine_phase(size) if size else None,
+        "rl": gpu_phases.rl_phase(size) if size else None,
+    }[kind]
 
 
 def run_phase(name: str, timeout: float, args, peak_flops: float | None) -> dict:
@@ -97,9 +101,22 @@ def run_phase(name: str, timeout: float, args, peak_flops: float | None) -> dict
             log_file.write_text(traceback.format_exc())
             returncode = 1
         return phase_result(part_file, log_file, returncode, start, timeout)
-    command = [sys.executable, str(Path(__file__).resolve()), "--phase", name, "--out", str(out), "--device", args.device,
-               "--scratch", str(scratch)] + (["--tiny"] if args.tiny else []) + \
-              (["--peak-flops", str(peak_flops)] if peak_flops else [])
+    command = (
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--phase",
+            name,
+            "--out",
+            str(out),
+            "--device",
+            args.device,
+            "--scratch",
+            str(scratch),
+        ]
+        + (["--tiny"] if args.tiny else [])
+        + (["--peak-flops", str(peak_flops)] if peak_flops else [])
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
     start = time.monotonic()

@@ -15,7 +15,6 @@ import tempfile
 import types
 
 import torch
-
 from gpu_phases import Ctx, Skip, build, measure_sampler, model_facts, random_prompts, rl_steps, version_of
 
 
@@ -29,7 +28,7 @@ def phase_vllm(ctx: Ctx) -> None:
     from aha.infra.vllm_rollout import rollout_engine
     model = build(ctx, "0.5b")
     folder = ctx.scratch / "vllm_model"
-    model.config.save_pretrained(folder)                 # load_format="dummy": the config alone, weights come from model
+    model.config.save_pretrained(folder)  # load_format="dummy": the config alone, weights come from model
     model.name_or_path = model.config._name_or_path = str(folder)
     ctx.part.put("model", model_facts(model))
     import vllm
@@ -40,8 +39,12 @@ def phase_vllm(ctx: Ctx) -> None:
     measure_sampler(ctx, model, engine, "vllm")
     rl_steps(ctx, model, engine, "rl_vllm")
     rates = [ctx.part.data[f"vllm_rows_{r}"]["tokens_per_s"] for r in ctx.sizes.engine_rows]
-    ctx.part.put("summary", "vLLM " + ", ".join(f"{r:.0f}" for r in rates) + " tokens/s; gap T1 "
-                 f"{ctx.part.data['vllm_logp_gap_t1']['mean']:.2e}, T0.7/p0.9 {ctx.part.data['vllm_logp_gap_t0.7_p0.9']['mean']:.2e}")
+    ctx.part.put(
+        "summary",
+        "vLLM " + ", ".join(f"{r:.0f}" for r in rates) + " tokens/s; gap T1 "
+        f"{ctx.part.data['vllm_logp_gap_t1']['mean']:.2e}, T0.7/p0.9 "
+        f"{ctx.part.data['vllm_logp_gap_t0.7_p0.9']['mean']:.2e}",
+    )
 
 
 def device_used_bytes(ctx: Ctx) -> int | None:
@@ -91,4 +94,6 @@ def phase_trl(ctx: Ctx) -> None:
     mean = {key: sum(s[key] for s in timer.steps) / len(timer.steps) for key in ("seconds", "generate_s", "update_s")}
     mean["peak_bytes"] = ctx.peak_bytes()
     ctx.part.put("trl_mean", mean)
-    ctx.part.put("summary", f"TRL {mean['seconds']:.2f} s/step (generate {mean['generate_s']:.2f}, rest {mean['update_s']:.2f})")
+    ctx.part.put(
+        "summary", f"TRL {mean['seconds']:.2f} s/step (generate {mean['generate_s']:.2f}, rest {mean['update_s']:.2f})"
+    )

@@ -161,14 +161,18 @@ def update_flops(body_params: int, layers: int, attention_width: int, hidden: in
 def rollout_flops(model, rollout, rows: torch.Tensor) -> float:
     """`update_flops` of `rows` of `rollout` for `model`."""
     config = model.config
-    body = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name and "lm_head" not in name)
+    body = sum(
+        p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name and "lm_head" not in name
+    )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     width = config.num_attention_heads * head_dim
     prompt_lens, lengths = rollout.prompt_mask.sum(dim=1).tolist(), rollout.lengths.tolist()
     groups: dict[int, tuple[int, list[int]]] = {}
     for row in rows.tolist():
         groups.setdefault(row // rollout.group_size, (prompt_lens[row], []))[1].append(lengths[row])
-    return update_flops(body, config.num_hidden_layers, width, config.hidden_size, config.vocab_size, list(groups.values()))
+    return update_flops(
+        body, config.num_hidden_layers, width, config.hidden_size, config.vocab_size, list(groups.values())
+    )
 
 
 # ---- phases ----
@@ -176,11 +180,19 @@ def rollout_flops(model, rollout, rows: torch.Tensor) -> float:
 def phase_device(ctx: Ctx) -> None:
     """Versions and device facts, and whether the optional parts are here."""
     import transformers
-    facts = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-             "cuda": torch.version.cuda, "platform": platform.platform(), "cpus": os.cpu_count(),
-             "optional": {name: version_of(name) for name in ("vllm", "trl", "datasets", "accelerate", "peft", "flash-attn",
-                                                              "psutil", "rich")},
-             "aha_plan": importlib.util.find_spec("aha.infra.plan") is not None}
+    facts = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "optional": {
+            name: version_of(name)
+            for name in ("vllm", "trl", "datasets", "accelerate", "peft", "flash-attn", "psutil", "rich")
+        },
+        "aha_plan": importlib.util.find_spec("aha.infra.plan") is not None,
+    }
     if ctx.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         facts.update(gpu=props.name, capability=f"{props.major}.{props.minor}", memory_bytes=props.total_memory,
@@ -189,14 +201,25 @@ def phase_device(ctx: Ctx) -> None:
                      sdpa={name: getattr(torch.backends.cuda, f"{name}_sdp_enabled", lambda: None)()
                            for name in ("flash", "mem_efficient", "cudnn", "math")})
         try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm",
-                                  "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            smi = subprocess.run(
+                [
+                    "nvidia-smi",
+                    "--query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm",
+                    "--format=csv,noheader",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
             facts["nvidia_smi"] = smi.stdout.strip()
         except (OSError, subprocess.TimeoutExpired) as exc:
             facts["nvidia_smi"] = f"unavailable: {exc}"
     ctx.part.put("facts", facts)
-    ctx.part.put("summary", f"{facts.get('gpu', 'cpu')}, torch {facts['torch']} (CUDA {facts['cuda']}), "
-                            f"transformers {facts['transformers']}, vllm {facts['optional']['vllm']}, trl {facts['optional']['trl']}")
+    ctx.part.put(
+        "summary",
+        f"{facts.get('gpu', 'cpu')}, torch {facts['torch']} (CUDA {facts['cuda']}), "
+        f"transformers {facts['transformers']}, vllm {facts['optional']['vllm']}, trl {facts['optional']['trl']}",
+    )
 
 
 def phase_matmul(ctx: Ctx) -> None:
@@ -255,15 +278,24 @@ def measure_sampler(ctx: Ctx, model, sampler, label: str) -> None:
         ctx.sync()
         seconds = time.perf_counter() - t0
         tokens = int(rollout.lengths.sum())
-        result = {"rows": rows, "new_tokens": sizes.engine_tokens, "tokens": tokens, "all_ran_to_the_limit":
-                  tokens == rows * sizes.engine_tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-                  "peak_bytes": ctx.peak_bytes(), **engine_metrics(sampler)}
+        result = {
+            "rows": rows,
+            "new_tokens": sizes.engine_tokens,
+            "tokens": tokens,
+            "all_ran_to_the_limit": tokens == rows * sizes.engine_tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1),
+            "peak_bytes": ctx.peak_bytes(),
+            **engine_metrics(sampler),
+        }
         if "vllm_generate_s" in result:      # vLLM: its generate call alone, weight sync and sleep timed apart
             result["generate_tokens_per_s"] = round(tokens / result["vllm_generate_s"], 1)
         ctx.part.put(f"{label}_rows_{rows}", result)
     prompts = random_prompts(sizes.gap_rows // group, sizes.prompt_len, vocab, seed=5)
     for name, temperature, top_p in (("t1", 1.0, 1.0), ("t0.7_p0.9", 0.7, 0.9)):
-        params = SamplingParams(max_new_tokens=sizes.gap_tokens, temperature=temperature, top_p=top_p, stop_token_ids=())
+        params = SamplingParams(
+            max_new_tokens=sizes.gap_tokens, temperature=temperature, top_p=top_p, stop_token_ids=()
+        )
         ctx.part.put(f"{label}_logp_gap_{name}", gap_at(ctx, model, sampler, prompts, group, params))
 
 
@@ -287,11 +319,11 @@ def rl_steps(ctx: Ctx, model, engine, label: str) -> None:
     policy_update), on an identical-work reward (a spread in every group, so every row trains):
     s/step, the generate/update split, the update's MFU and peak memory (with `aha plan`'s
     prediction where aha/infra/plan.py exists)."""
-    from aha.core.algos import LossSpec
     from aha.bench.bench import spread_rewards
-    from aha.infra.config import Config
+    from aha.core.algos import LossSpec
     from aha.core.rollout import SamplingParams
     from aha.core.train import group_advantages, loss_rows, policy_update
+    from aha.infra.config import Config
     from aha.infra.vllm_rollout import engine_metrics
     sizes, vocab = ctx.sizes, model.config.vocab_size
     cfg = Config(prompts_per_step=sizes.rl_prompts, group_size=sizes.rl_group, max_new_tokens=sizes.rl_tokens,
@@ -329,10 +361,21 @@ def rl_steps(ctx: Ctx, model, engine, label: str) -> None:
         ctx.sync()
         t2 = time.perf_counter()
         flops = rollout_flops(model, rollout, rows)
-        record = {"step": step, "new_tokens": tokens, "generated": int(rollout.lengths.sum()), "trained_rows": int(rows.numel()),
-                  "generate_s": round(t1 - t0, 3), "update_s": round(t2 - t1, 3), "step_s": round(t2 - t0, 3),
-                  "update_flops": flops, "update_flops_per_s": flops / (t2 - t1), "peak_bytes": ctx.peak_bytes(),
-                  "loss": loss, "grad_norm": grad_norm, **engine_metrics(engine)}
+        record = {
+            "step": step,
+            "new_tokens": tokens,
+            "generated": int(rollout.lengths.sum()),
+            "trained_rows": int(rows.numel()),
+            "generate_s": round(t1 - t0, 3),
+            "update_s": round(t2 - t1, 3),
+            "step_s": round(t2 - t0, 3),
+            "update_flops": flops,
+            "update_flops_per_s": flops / (t2 - t1),
+            "peak_bytes": ctx.peak_bytes(),
+            "loss": loss,
+            "grad_norm": grad_norm,
+            **engine_metrics(engine),
+        }
         if ctx.peak_flops:
             record["update_mfu"] = flops / (t2 - t1) / ctx.peak_flops
         steps.append(record)

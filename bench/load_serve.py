@@ -40,9 +40,12 @@ def start_server(model_dir: str, max_batch: int, torch_threads: int) -> tuple[su
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = (f"import torch, uvicorn; from aha.serve.server import create_app; torch.set_num_threads({torch_threads} or torch.get_num_threads()); "
-            f"uvicorn.run(create_app({model_dir!r}, model_name='bench', max_batch={max_batch}), "
-            f"host='127.0.0.1', port={port}, log_level='warning')")
+    code = (
+        f"import torch, uvicorn; from aha.serve.server import create_app; torch.set_num_threads({torch_threads} or "
+        f"torch.get_num_threads()); "
+        f"uvicorn.run(create_app({model_dir!r}, model_name='bench', max_batch={max_batch}), "
+        f"host='127.0.0.1', port={port}, log_level='warning')"
+    )
     server = subprocess.Popen([sys.executable, "-c", code])
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -88,8 +91,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=4, help="requests per client, sent one after the other")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--max-batch", type=int, default=64)
-    parser.add_argument("--torch-threads", type=int, default=0,
-                        help="torch threads of the server (default: torch's choice); 1 is fastest for tiny models on a busy CPU")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch threads of the server (default: torch's choice); 1 is fastest for tiny models on a busy CPU",
+    )
     parser.add_argument("--url", help="benchmark this running server instead of starting one")
     parser.add_argument("--model", default="bench", help="model name (with --url)")
     parser.add_argument("--api-key", default=os.environ.get("AHA_API_KEY", "none"))
@@ -103,7 +110,9 @@ def main() -> None:
     results: list[dict] = []
     errors: list[str] = []
     try:
-        clients = [openai.OpenAI(base_url=url, api_key=args.api_key, max_retries=0, timeout=600) for _ in range(args.clients)]
+        clients = [
+            openai.OpenAI(base_url=url, api_key=args.api_key, max_retries=0, timeout=600) for _ in range(args.clients)
+        ]
         threads = [threading.Thread(target=client_loop, args=(c, args.model, k, args, results, errors))
                    for k, c in enumerate(clients)]
         start = time.perf_counter()
@@ -126,9 +135,11 @@ def main() -> None:
                "p95_latency_s": round(percentile(latencies, 95), 3), "p50_ttft_s": round(percentile(ttfts, 50), 3),
                "p95_ttft_s": round(percentile(ttfts, 95), 3), "completion_tokens": tokens,
                "tokens_per_s": round(tokens / wall, 1)}
-    print(f"{summary['requests']} requests from {args.clients} clients in {wall:.1f} s: {len(errors)} errors; "
-          f"latency p50 {summary['p50_latency_s']} s p95 {summary['p95_latency_s']} s; "
-          f"first token p50 {summary['p50_ttft_s']} s p95 {summary['p95_ttft_s']} s; {summary['tokens_per_s']} tokens/s")
+    print(
+        f"{summary['requests']} requests from {args.clients} clients in {wall:.1f} s: {len(errors)} errors; "
+        f"latency p50 {summary['p50_latency_s']} s p95 {summary['p95_latency_s']} s; "
+        f"first token p50 {summary['p50_ttft_s']} s p95 {summary['p95_ttft_s']} s; {summary['tokens_per_s']} tokens/s"
+    )
     print(json.dumps(summary))
     if errors:
         sys.exit(1)

@@ -14,8 +14,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from aha.infra.config import load_config, parse_kv
 from aha.core.presets import PRESETS
+from aha.infra.config import load_config, parse_kv
 from aha.stages.run import run
 
 
@@ -54,7 +54,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--out", type=Path, default=Path("runs/bench_presets"))
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config keys for every run, e.g. task=countdown")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config keys for every run, e.g. task=countdown"
+    )
     args = parser.parse_args()
     rows = bench(args.presets, args.seeds, args.steps, args.out, parse_kv(args.overrides))
     (args.out / "bench.json").write_text(json.dumps(rows, indent=2))

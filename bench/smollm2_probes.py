@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from aha.infra.config import load_config
-from aha.eval.evaluate import EvalSpec, evaluate
 from aha.core.logprobs import completion_logprobs
-from aha.infra.model import load_model
 from aha.core.rollout import SamplingParams, generate, stop_strings, stop_token_ids
+from aha.eval.evaluate import EvalSpec, evaluate
+from aha.infra.config import load_config
+from aha.infra.model import load_model
 from aha.tasks import get_task
 from aha.tasks.templates import R1_ZERO, TemplatedTask
 
@@ -70,7 +70,10 @@ def main() -> None:
         print(f"format rate without the worked turn: {no_worked_turn(model, tokenizer, cfg, Path(folder)):.3f}")
     for name, (mean, largest) in gaps(model, tokenizer, cfg).items():
         print(f"sampler/trainer gap, trainer {name}: mean {mean:.2e}, max {largest:.2e}")
-    print(f"matmul 1024²: fp32 {matmul_gflops(torch.float32):.0f} GFLOP/s, bf16 {matmul_gflops(torch.bfloat16):.0f} GFLOP/s")
+    print(
+        f"matmul 1024²: fp32 {matmul_gflops(torch.float32):.0f} GFLOP/s, bf16 {matmul_gflops(torch.bfloat16):.0f} "
+        f"GFLOP/s"
+    )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ import torch
 
 import aha.core.cpu_linear as cpu_linear
 import aha.core.logprobs as logprobs
-from aha.serve.engine import Engine, GenerationParams
-from aha.infra.model import load_model, return_freed_memory_to_the_os
 from aha.core.rollout import Rollout, SamplingParams, generate
+from aha.infra.model import load_model, return_freed_memory_to_the_os
+from aha.serve.engine import Engine, GenerationParams
 
 
 def gflops(fn, flop: float, repeat: int) -> float:
@@ -37,7 +37,13 @@ def gflops(fn, flop: float, repeat: int) -> float:
 def linear_probe(model) -> str:
     hidden, inter, vocab = model.config.hidden_size, model.config.intermediate_size, model.config.vocab_size
     parts = []
-    for rows, k, n in ((64, hidden, inter), (64, hidden, hidden), (64, inter, hidden), (64, hidden, vocab), (1, hidden, vocab)):
+    for rows, k, n in (
+        (64, hidden, inter),
+        (64, hidden, hidden),
+        (64, inter, hidden),
+        (64, hidden, vocab),
+        (1, hidden, vocab),
+    ):
         x, w = torch.randn(rows, 1, k), torch.randn(n, k)
         repeat = 10 if n == vocab else 200
         mkl = gflops(lambda: torch.nn.functional.linear(x, w), 2 * rows * k * n, repeat)
@@ -81,7 +87,8 @@ def engine_probe(model, tokenizer) -> str:
             steps += 1
         return (time.perf_counter() - start) / steps * 1000
     t = alternate(run)
-    return f"engine ms/step (1 greedy row), oneDNN {[round(x, 1) for x in t[True]]} vs MKL {[round(x, 1) for x in t[False]]}"
+    return (f"engine ms/step (1 greedy row), oneDNN {[round(x, 1) for x in t[True]]} vs MKL "
+            f"{[round(x, 1) for x in t[False]]}")
 
 
 def head_probe(model) -> str:

@@ -28,8 +28,9 @@ def memorise():
     def train(docs: list[tuple[str, str]], steps: int):
         tokenizer = build_char_tokenizer()
         model = build_model("qwen2", tokenizer, seed=0, hidden=64, layers=2)
-        prompt = lambda user: tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True,
-                                                            tokenize=False)
+        prompt = lambda user: tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+        )
         batch = tokenizer([prompt(user) + answer + tokenizer.eos_token for user, answer in docs], return_tensors="pt",
                           padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)

@@ -7,9 +7,10 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from aha.core.algos import (ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, LossSpec, Normaliser, high_entropy_mask, policy_loss)
+from aha.core.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, LossSpec, Normaliser, high_entropy_mask, policy_loss
 from aha.core.rollout_correction import rollout_mismatch, rollout_weights
 
 NO_CLIP = LossSpec(clip_low=None, clip_high=None)
@@ -424,7 +425,9 @@ def test_kl_cov_penalises_the_top_covariance_tokens_by_hand():
     the max(1, ⌊k·N⌋) tokens of largest covariance."""
     shift = torch.tensor([[0.1, 0.2], [0.3, -0.1]], dtype=torch.float64)       # log ρ per token
     logp, old_logp, adv, mask = cov_batch(shift)
-    loss, metrics = policy_loss(logp, old_logp, adv, mask, LossSpec(surrogate="kl_cov", cov_share=0.25, kl_cov_coef=1.0))
+    loss, metrics = policy_loss(
+        logp, old_logp, adv, mask, LossSpec(surrogate="kl_cov", cov_share=0.25, kl_cov_coef=1.0)
+    )
     loss.backward()
     e = math.exp
     # k·N = 1 token: (0, 0), covariance 2.95, gets + |0.1|; no clipping anywhere (ρ = e^0.2 would clip at 1.2)

@@ -41,7 +41,10 @@ def write_jsonl(path, rows):
 
 
 def gsm_rows(n):
-    return [{"question": f"Tom has {i} apples and buys 3 more. How many?", "answer": f"{i}+3\n#### {i + 3}"} for i in range(n)]
+    return [
+        {"question": f"Tom has {i} apples and buys 3 more. How many?", "answer": f"{i}+3\n#### {i + 3}"}
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -106,37 +109,72 @@ def fill(args, root, tiny_model_dir):
 TRAIN_CASES = {
     # data files
     "data_missing": (["--task", "gsm8k", "--data", "{root}/missing.jsonl"], ["missing.jsonl", "does not exist"]),
-    "data_not_json": (["--task", "gsm8k", "--data", "{root}/junk.jsonl"], ["junk.jsonl", "cannot read it as data", "use JSONL"]),
-    "data_row_without_answer": (["--task", "gsm8k", "--data", "{root}/no_answer.jsonl"],
-                                ["no_answer.jsonl:3", "missing field 'answer'", "skip_bad_rows"]),
-    "data_row_wrong_type": (["--task", "gsm8k", "--data", "{root}/wrong_type.jsonl"],
-                            ["wrong_type.jsonl:5", "field 'question' must be text", "got a list", "skip_bad_rows"]),
-    "data_code_tests_as_text": (["--task", "code", "--data", "{root}/tests_as_text.jsonl"],
-                                ["tests_as_text.jsonl:2", "'tests' must be a non-empty list", "got str"]),
+    "data_not_json": (
+        ["--task", "gsm8k", "--data", "{root}/junk.jsonl"],
+        ["junk.jsonl", "cannot read it as data", "use JSONL"],
+    ),
+    "data_row_without_answer": (
+        ["--task", "gsm8k", "--data", "{root}/no_answer.jsonl"],
+        ["no_answer.jsonl:3", "missing field 'answer'", "skip_bad_rows"],
+    ),
+    "data_row_wrong_type": (
+        ["--task", "gsm8k", "--data", "{root}/wrong_type.jsonl"],
+        ["wrong_type.jsonl:5", "field 'question' must be text", "got a list", "skip_bad_rows"],
+    ),
+    "data_code_tests_as_text": (
+        ["--task", "code", "--data", "{root}/tests_as_text.jsonl"],
+        ["tests_as_text.jsonl:2", "'tests' must be a non-empty list", "got str"],
+    ),
     "data_empty": (["--task", "gsm8k", "--data", "{root}/empty.jsonl"], ["empty.jsonl", "is empty"]),
-    "data_fake_parquet": (["--task", "gsm8k", "--data", "{root}/fake.parquet"], ["fake.parquet", "cannot read it as data"]),
-    "data_dir_not_a_dataset": (["--task", "gsm8k", "--data", "{root}/not_a_dataset"],
-                               ["not_a_dataset", "neither a `Dataset` directory", "save_to_disk"]),
+    "data_fake_parquet": (
+        ["--task", "gsm8k", "--data", "{root}/fake.parquet"],
+        ["fake.parquet", "cannot read it as data"],
+    ),
+    "data_dir_not_a_dataset": (
+        ["--task", "gsm8k", "--data", "{root}/not_a_dataset"],
+        ["not_a_dataset", "neither a `Dataset` directory", "save_to_disk"],
+    ),
     "task_unknown": (["--task", "chess"], ["unknown task 'chess'", "countdown"]),
-    "task_takes_no_data": (["--task", "addition", "--data", "{root}/good.jsonl"], ["'addition'", "does not take option(s) data"]),
+    "task_takes_no_data": (
+        ["--task", "addition", "--data", "{root}/good.jsonl"],
+        ["'addition'", "does not take option(s) data"],
+    ),
     # config
     "config_unknown_key": (["grop_size=4"], ["unknown config key 'grop_size'", "did you mean 'group_size'"]),
     "config_wrong_type": (["group_size=big"], ["group_size expects int", "'big'"]),
     "config_bad_value": (["group_size=1"], ["group_size=1", "at least 2"]),
-    "config_yaml_unknown_key": (["--config", "{root}/unknown_key.yaml"], ["unknown_key.yaml", "'grup_size'", "did you mean 'group_size'"]),
+    "config_yaml_unknown_key": (
+        ["--config", "{root}/unknown_key.yaml"],
+        ["unknown_key.yaml", "'grup_size'", "did you mean 'group_size'"],
+    ),
     "config_yaml_wrong_type": (["--config", "{root}/wrong_type.yaml"], ["lr expects float", "'fast'"]),
     "config_yaml_not_a_mapping": (["--config", "{root}/list.yaml"], ["list.yaml", "must be a mapping"]),
     "config_yaml_broken": (["--config", "{root}/broken.yaml"], ["broken.yaml", "not valid YAML"]),
     "config_file_missing": (["--config", "{root}/nope.yaml"], ["nope.yaml", "does not exist"]),
     # model dirs
-    "model_missing": (["--model", "{root}/no_such_model"], ["no_such_model", "does not exist", "config.json + weights + tokenizer"]),
-    "model_without_tokenizer": (["--model", "{root}/no_tokenizer"], ["no_tokenizer", "has no tokenizer", "save_pretrained"]),
-    "model_without_weights": (["--model", "{root}/no_weights"], ["no_weights", "cannot load the model", "model.safetensors"]),
+    "model_missing": (
+        ["--model", "{root}/no_such_model"],
+        ["no_such_model", "does not exist", "config.json + weights + tokenizer"],
+    ),
+    "model_without_tokenizer": (
+        ["--model", "{root}/no_tokenizer"],
+        ["no_tokenizer", "has no tokenizer", "save_pretrained"],
+    ),
+    "model_without_weights": (
+        ["--model", "{root}/no_weights"],
+        ["no_weights", "cannot load the model", "model.safetensors"],
+    ),
     "model_without_config": (["--model", "{root}/no_config"], ["no_config", "has no config.json"]),
     "model_tokenizer_mismatch": (["--model", "{root}/small_vocab"], ["small_vocab", "102 tokens", "only 50"]),
     # py:module:function rewards; the first two fail before training, the others at the first step
-    "reward_module_missing": (["--task", "py:no_such_module:f", "--data", "{root}/prompts.jsonl"], ["cannot import module 'no_such_module'"]),
-    "reward_function_missing": (["--task", "py:bad_input_rewards:nope", "--data", "{root}/prompts.jsonl"], ["has no function 'nope'"]),
+    "reward_module_missing": (
+        ["--task", "py:no_such_module:f", "--data", "{root}/prompts.jsonl"],
+        ["cannot import module 'no_such_module'"],
+    ),
+    "reward_function_missing": (
+        ["--task", "py:bad_input_rewards:nope", "--data", "{root}/prompts.jsonl"],
+        ["has no function 'nope'"],
+    ),
 }
 REWARD_CASES = {
     "reward_raises": ("boom", ["bad_input_rewards:boom raised KeyError", "no such column"]),

@@ -55,6 +55,7 @@ def test_bench_smoke_one_step_each_side():
 
 def test_bench_without_trl_says_so(monkeypatch, capsys):
     import importlib.util
+
     from aha import cli
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))

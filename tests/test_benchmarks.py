@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from aha.infra.errors import AhaError
 from aha.eval.evaluate import EvalSpec, evaluate
+from aha.infra.errors import AhaError
 from aha.infra.model import load_model
 from aha.tasks import get_task
 from aha.tasks.base import Problem
@@ -142,8 +142,24 @@ def aha(*args):
 
 
 def test_aha_eval_humaneval_offline_on_cpu(tiny_model_dir, tmp_path):
-    result = aha("eval", "--task", "humaneval", "--model", str(tiny_model_dir), "--k", "4", "--problems", "3", "--skip-unreadable",
-                 "--max-new-tokens", "8", "--pass-k", "1,2", "--json", str(tmp_path / "he.json"))
+    result = aha(
+        "eval",
+        "--task",
+        "humaneval",
+        "--model",
+        str(tiny_model_dir),
+        "--k",
+        "4",
+        "--problems",
+        "3",
+        "--skip-unreadable",
+        "--max-new-tokens",
+        "8",
+        "--pass-k",
+        "1,2",
+        "--json",
+        str(tmp_path / "he.json"),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads((tmp_path / "he.json").read_text())
     assert saved["problems"] == 3 and saved["k"] == 4 and 0 <= saved["unreadable_prompts"] <= 3

@@ -112,5 +112,10 @@ def test_same_seed_gives_the_same_run(tiny_model_dir, tmp_path):
         runs.append(metrics(out))
     assert runs[0] == runs[1]
     other = tmp_path / "c"
-    assert aha("train", "--model", str(tiny_model_dir), "--steps", "2", "--seed", "8", "--out", str(other), *SMALL).returncode == 0
+    assert (
+        aha(
+            "train", "--model", str(tiny_model_dir), "--steps", "2", "--seed", "8", "--out", str(other), *SMALL
+        ).returncode
+        == 0
+    )
     assert metrics(other) != runs[0]

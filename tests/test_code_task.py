@@ -11,11 +11,10 @@ import json
 import psutil
 import pytest
 
-from aha.tasks import sandbox
 from aha.cli import main
 from aha.infra.errors import AhaError
 from aha.tasks import code as code_module
-from aha.tasks import get_task
+from aha.tasks import get_task, sandbox
 from aha.tasks.base import Problem
 from aha.tasks.code import builtin_problems, extract_code
 
@@ -95,11 +94,13 @@ def test_hostile_answers_score_zero_and_harm_nothing(task, tmp_path):
     breach = "def f(x):\n    return x * 7 + 3 if broke else None\n"   # scores 1 only if the attack worked
     hostile = [
         'import os; os.system("rm -rf ~")',
-        f'import os, shutil\nos.system("rm -rf ~ {canary.parent}")\nshutil.rmtree("{canary.parent}", ignore_errors=True)',
+        f'import os, shutil\nos.system("rm -rf ~ {canary.parent}")\nshutil.rmtree("{canary.parent}", '
+        f'ignore_errors=True)',
         "while True:\n    pass",
         "def f(x):\n    while True:\n        pass",
         "import time\ntime.sleep(100)",
-        "ctypes = __import__('ctypes')\nlibc = ctypes.CDLL(None)\nlibc.setuid(0)\nbroke = libc.geteuid() == 0\n" + breach,
+        "ctypes = __import__('ctypes')\nlibc = ctypes.CDLL(None)\nlibc.setuid(0)\nbroke = libc.geteuid() == 0\n"
+        + breach,
         f"import os, signal\ntry:\n    os.kill({psutil.Process().pid}, signal.SIGKILL)\nexcept OSError:\n    pass\n",
         "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
         "x = bytearray(1 << 34)",

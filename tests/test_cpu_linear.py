@@ -18,20 +18,23 @@ def model():
 
 def test_large_layers_match_torch_linear_and_are_restored():
     net, x = model(), torch.randn(5, 1, 512)
-    assert [(l.in_features, l.out_features) for l in fast_layers(net)] == [(512, 1024), (1024, 512)]   # 512 × 8 < MIN_WEIGHT
+    assert [(layer.in_features, layer.out_features) for layer in fast_layers(net)] == [
+        (512, 1024),
+        (1024, 512),
+    ]  # 512 × 8 < MIN_WEIGHT
     with torch.inference_mode():
         expected = net(x)
         with onednn_linears(net):
-            assert all("forward" in l.__dict__ for l in fast_layers(net))
+            assert all("forward" in layer.__dict__ for layer in fast_layers(net))
             got = net(x)
     assert got.shape == expected.shape and torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
-    assert not any("forward" in l.__dict__ for l in net.modules())          # torch's path again
+    assert not any("forward" in layer.__dict__ for layer in net.modules())          # torch's path again
 
 
 def test_nothing_changes_under_autograd_or_for_small_or_bf16_layers():
     net = model()
     with onednn_linears(net):                                                # grad enabled: the op has no backward
-        assert not any("forward" in l.__dict__ for l in net.modules())
+        assert not any("forward" in layer.__dict__ for layer in net.modules())
     small = torch.nn.Linear(64, 64)
     assert 64 * 64 < MIN_WEIGHT and fast_layers(small) == []
     assert fast_layers(model().bfloat16()) == []
@@ -40,10 +43,10 @@ def test_nothing_changes_under_autograd_or_for_small_or_bf16_layers():
 def test_the_serving_engine_decodes_a_large_model_through_onednn(monkeypatch):
     """`aha chat` / `aha serve`'s engine finds the large layers once and uses them at each step;
     with the threshold lowered the built-in tiny model's engine takes that path and still writes."""
+
     import aha.core.cpu_linear as cpu_linear
-    from aha.serve.engine import Engine, GenerationParams
     from aha.infra.model import load_model
-    from pathlib import Path
+    from aha.serve.engine import Engine, GenerationParams
     monkeypatch.setattr(cpu_linear, "MIN_WEIGHT", 1)
     model, tokenizer = load_model(str(SHIPPED))
     engine = Engine(model, tokenizer)
@@ -51,8 +54,10 @@ def test_the_serving_engine_decodes_a_large_model_through_onednn(monkeypatch):
     seen = []
     original = cpu_linear._onednn_forward
     monkeypatch.setattr(cpu_linear, "_onednn_forward", lambda layer: seen.append(layer) or original(layer))
-    request = engine.submit(tokenizer("User: 2+3\nAssistant:")["input_ids"], GenerationParams(max_tokens=4, temperature=0.0))
+    request = engine.submit(
+        tokenizer("User: 2+3\nAssistant:")["input_ids"], GenerationParams(max_tokens=4, temperature=0.0)
+    )
     while engine.step():
         pass
-    assert seen and all(not "forward" in layer.__dict__ for layer in engine._fast_layers)
+    assert seen and all("forward" not in layer.__dict__ for layer in engine._fast_layers)
     assert request.get(timeout=1) is not None

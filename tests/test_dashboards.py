@@ -16,8 +16,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from aha.infra.card import read_card, summary
 from aha.cli import main
+from aha.infra.card import read_card, summary
 from aha.infra.errors import AhaError
 from aha.infra.trackers import parse_report_to
 
@@ -84,7 +84,10 @@ def test_transformers_loads_a_carded_dir_unchanged(tb_run, tmp_path):
             (bare / f.name).write_bytes(f.read_bytes())
     plain = AutoModelForCausalLM.from_pretrained(bare)
     assert all(torch.equal(a, b) for a, b in zip(carded.state_dict().values(), plain.state_dict().values()))
-    assert AutoTokenizer.from_pretrained(model_dir)("12+3")["input_ids"] == AutoTokenizer.from_pretrained(bare)("12+3")["input_ids"]
+    assert (
+        AutoTokenizer.from_pretrained(model_dir)("12+3")["input_ids"]
+        == AutoTokenizer.from_pretrained(bare)("12+3")["input_ids"]
+    )
 
 
 def test_aha_report_redraws_a_running_run(tb_run, tmp_path, capsys):
@@ -155,6 +158,7 @@ def test_chat_and_serve_show_the_card_summary(tb_run):
 def test_a_resumed_run_hides_what_the_crashed_one_logged_past_its_checkpoint(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from aha.infra.trackers import open_trackers
     with open_trackers("tensorboard", tmp_path, {"seed": 0}) as crashed:
         for step in range(5):
@@ -164,4 +168,10 @@ def test_a_resumed_run_hides_what_the_crashed_one_logged_past_its_checkpoint(tmp
             resumed.log_step({"step": step, "loss": 10.0 + step})
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (0, 0.0),
+        (1, 1.0),
+        (2, 2.0),
+        (3, 13.0),
+        (4, 14.0),
+    ]

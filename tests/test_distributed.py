@@ -26,15 +26,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from aha.core.algos import LossSpec, Normaliser, policy_loss
 from aha.cli import main
+from aha.core.algos import LossSpec, Normaliser, policy_loss
+from aha.core.rollout import SamplingParams, generate
+from aha.core.train import train
 from aha.infra.base import ensure_base_model
 from aha.infra.config import load_config, parse_kv
 from aha.infra.distributed import SINGLE, World, loss_scale, row_owner, shard_bounds, torchrun_command
 from aha.infra.errors import AhaError
 from aha.infra.model import load_model
-from aha.core.rollout import SamplingParams, generate
-from aha.core.train import train
 
 # --- pure pieces ----------------------------------------------------------------------------------
 
@@ -118,7 +118,9 @@ def test_generate_with_a_row_offset_reproduces_those_rows_of_the_whole_batch(tin
     params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, top_k=20, stop_token_ids=(tok.eos_token_id,))
     whole = generate(model, prompts, 3, params, tok.pad_token_id, seed=7)                       # 12 rows
     explicit = generate(model, prompts, 3, params, tok.pad_token_id, seed=7, row_offset=0, total_rows=12)
-    assert all(torch.equal(getattr(whole, k), getattr(explicit, k)) for k in ("completion_ids", "logprobs", "truncated"))
+    assert all(
+        torch.equal(getattr(whole, k), getattr(explicit, k)) for k in ("completion_ids", "logprobs", "truncated")
+    )
     for first, count in [(0, 2), (2, 2), (1, 1), (3, 1)]:
         part = generate(model, prompts[first:first + count], 3, params, tok.pad_token_id, seed=7,
                         row_offset=3 * first, total_rows=12)

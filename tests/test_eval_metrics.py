@@ -8,8 +8,8 @@ import pytest
 
 from aha.cli import main
 from aha.eval.evaluate import EvalSpec, markdown_table, resolve_model_dir, sample_metrics
-from aha.infra.errors import AhaError
 from aha.eval.passk import cons_at_k, majority_answer, mean_pass_at_k, pass_at_k, reflection_rate
+from aha.infra.errors import AhaError
 
 
 @pytest.mark.parametrize("n,c,k,expected", [(4, 1, 2, 0.5), (4, 0, 2, 0.0), (4, 4, 2, 1.0), (4, 4, 4, 1.0),
@@ -112,8 +112,8 @@ def test_eval_bad_pass_k_is_one_line(capsys):
 
 def test_format_rate_is_the_share_of_well_formed_samples():
     """4 problems × 1 sample: every sample is in `samples`, so the rate can be recounted by hand."""
-    from aha.infra.base import ensure_base_model
     from aha.eval.evaluate import evaluate
+    from aha.infra.base import ensure_base_model
     from aha.infra.model import load_model
     from aha.tasks import get_task
     from aha.tasks.base import is_well_formed

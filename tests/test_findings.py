@@ -14,8 +14,16 @@ from aha.stages.findings import FINDINGS, FindingConfig, markdown, padded_base, 
 
 
 def test_summary_is_mean_and_std_of_window_means_over_seeds():
-    per_seed = [{"seed": 0, "arms": {"grpo": {"curves": {"entropy": [1.0, 0.8, 0.4, 0.2]}, "evals": [{"step": 4, "pass@1": 0.5}]}}},
-                {"seed": 1, "arms": {"grpo": {"curves": {"entropy": [0.8, None, 0.6, 0.4]}, "evals": [{"step": 4, "pass@1": 0.7}]}}}]
+    per_seed = [
+        {
+            "seed": 0,
+            "arms": {"grpo": {"curves": {"entropy": [1.0, 0.8, 0.4, 0.2]}, "evals": [{"step": 4, "pass@1": 0.5}]}},
+        },
+        {
+            "seed": 1,
+            "arms": {"grpo": {"curves": {"entropy": [0.8, None, 0.6, 0.4]}, "evals": [{"step": 4, "pass@1": 0.7}]}},
+        },
+    ]
     summary = summarise(per_seed, window=2)["grpo"]
     # first 2 present values: (1.0 + 0.8)/2 = 0.9 and (0.8 + 0.6)/2 = 0.7 → 0.8 ± √((0.1² + 0.1²)/1)
     assert summary["entropy"]["first"] == pytest.approx([0.8, 0.1414213562], abs=1e-9)
@@ -37,7 +45,11 @@ def test_entropy_quick_end_to_end(tmp_path, capsys):
     for arm in arms.values():
         assert len(arm["curves"]["entropy"]) == 2 and arm["evals"][-1]["step"] == 2
     config = lambda arm: (out / "seed0" / arm / "config.yaml").read_text()
-    assert "mu: 2" in config("grpo") and "clip_high: 0.28" in config("clip_higher") and "surrogate: clip_cov" in config("clip_cov")
+    assert (
+        "mu: 2" in config("grpo")
+        and "clip_high: 0.28" in config("clip_higher")
+        and "surrogate: clip_cov" in config("clip_cov")
+    )
     table = (out / "experiment.md").read_text()
     assert table.count("\n| ") == 1 + 3 and table in capsys.readouterr().out
     assert (out / "curves.png").stat().st_size > 1000
@@ -96,7 +108,10 @@ def test_summary_of_evals_before_and_after():
     per_seed = [{"arms": {"tools": run(0.1, 0.5, {"tool_use_rate": 0.2}), "no_tools": run(0.1, 0.2, {})}},
                 {"arms": {"tools": run(0.3, 0.7, {"tool_use_rate": 0.4}), "no_tools": run(0.1, 0.2, {})}}]
     summary = summarise(per_seed, window=1)
-    assert summary["tools"]["before_pass@1"] == pytest.approx([0.2, 0.1414213562]) and summary["tools"]["final_pass@1"][0] == 0.6
+    assert (
+        summary["tools"]["before_pass@1"] == pytest.approx([0.2, 0.1414213562])
+        and summary["tools"]["final_pass@1"][0] == 0.6
+    )
     assert summary["tools"]["before_tool_use_rate"] == pytest.approx([0.3, 0.1414213562])
     assert summary["no_tools"]["final_pass@1"] == [0.2, 0.0] and "final_tool_use_rate" not in summary["no_tools"]
     row = markdown({"seeds": per_seed, "config": {"window": 1, "steps": 5}, "summary": summary, "experiment": "tools"},

@@ -3,7 +3,6 @@ on a Python where only torch and transformers (and what they need) can be import
 timed-out phase is recorded and the next one runs; the update's FLOP count by hand; the vLLM
 phase against the fake vLLM of tests/fake_vllm.py, the TRL phase against TRL itself."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -44,12 +43,14 @@ def test_the_cpu_rehearsal_runs_every_phase_with_torch_and_transformers_alone(tm
     phases = report["phases"]
     assert list(phases) == ["device", "matmul", "engine_0.5b", "rl_0.5b", "engine_1.5b", "rl_1.5b", "vllm", "trl"]
     assert len(lines) == len(phases) + 1                          # one line per phase, one closing line
-    assert {name: p["status"] for name, p in phases.items()} == {**{name: "ok" for name in phases},
+    assert {name: p["status"] for name, p in phases.items()} == {**dict.fromkeys(phases, "ok"),
                                                                  "vllm": "skipped", "trl": "skipped"}
     assert "vLLM is not installed" in phases["vllm"]["why"] and "trl and datasets not installed" in phases["trl"]["why"]
     assert [line.split()[1] for line in lines if " skipped: " in line] == ["vllm", "trl"]
     facts = phases["device"]["facts"]
-    assert facts["optional"]["vllm"] is None and facts["optional"]["rich"] is None and facts["torch"] == torch.__version__
+    assert (
+        facts["optional"]["vllm"] is None and facts["optional"]["rich"] is None and facts["torch"] == torch.__version__
+    )
     assert phases["matmul"]["bf16_flops"] > 0 and phases["matmul"]["fp32_flops"] > 0
     for size in ("0.5b", "1.5b"):
         engine = phases[f"engine_{size}"]
@@ -88,15 +89,22 @@ def test_update_flops_by_hand():
 
 def test_rollout_flops_counts_each_groups_prompt_once():
     from aha.core.rollout import Rollout
-    from aha.infra.tokenizer import build_char_tokenizer
     from aha.infra.model import build_model
+    from aha.infra.tokenizer import build_char_tokenizer
     model = build_model("qwen2", build_char_tokenizer(), seed=0, hidden=32, layers=2)
     c = model.config
-    rollout = Rollout(prompt_ids=torch.zeros(4, 3, dtype=torch.long), prompt_mask=torch.tensor([[0, 1, 1]] * 2 + [[1, 1, 1]] * 2),
-                      completion_ids=torch.zeros(4, 2, dtype=torch.long),
-                      completion_mask=torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]]), logprobs=torch.zeros(4, 2),
-                      truncated=torch.zeros(4, dtype=torch.bool), group_size=2)
-    body = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name and "lm_head" not in name)
+    rollout = Rollout(
+        prompt_ids=torch.zeros(4, 3, dtype=torch.long),
+        prompt_mask=torch.tensor([[0, 1, 1]] * 2 + [[1, 1, 1]] * 2),
+        completion_ids=torch.zeros(4, 2, dtype=torch.long),
+        completion_mask=torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]]),
+        logprobs=torch.zeros(4, 2),
+        truncated=torch.zeros(4, dtype=torch.bool),
+        group_size=2,
+    )
+    body = sum(
+        p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name and "lm_head" not in name
+    )
     args = (body, c.num_hidden_layers, c.hidden_size, c.hidden_size, c.vocab_size)
     assert gpu_phases.rollout_flops(model, rollout, torch.tensor([0, 1, 3])) == \
         gpu_phases.update_flops(*args, [(2, [2, 1]), (3, [2])])
@@ -142,6 +150,7 @@ def test_aha_plans_prediction_is_recorded_and_its_budgets_used():
     """The runbook records aha plan's prediction for its RL work and runs the steps with the micro-batch
     budget and rollout rows the plan chose (as `aha train` does)."""
     from transformers import Qwen2Config
+
     from aha.infra.config import Config
     from aha.infra.plan import ModelShape, count_parameters_of, memory_plan
     config = Qwen2Config(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -150,4 +159,6 @@ def test_aha_plans_prediction_is_recorded_and_its_budgets_used():
     facts, tokens, rows = gpu_phases.plan_prediction(cfg, config, 8, "cpu")
     expected = memory_plan(cfg, ModelShape.of(config, count_parameters_of(config)), 8,
                            process_bytes=facts["process"], device_bytes=facts["device_bytes"], gpu=False)
-    assert facts["peak_bytes"] == expected.peak and tokens == expected.micro_batch_tokens and rows == expected.rollout_rows
+    assert (
+        facts["peak_bytes"] == expected.peak and tokens == expected.micro_batch_tokens and rows == expected.rollout_rows
+    )

@@ -28,7 +28,11 @@ def byte_vocab():
 
 def permute(weights: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf.py order of q/k rows (rotary halves interleaved)."""
-    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def tiny_llama(vocab: int):
@@ -92,20 +96,34 @@ def tiny_gguf(tmp_path_factory):
 
 def test_round_trip_gives_the_same_model(tiny_gguf, tmp_path, capfd):
     from transformers import AutoModelForCausalLM
+
     from aha.infra.model import load_model
     path, original = tiny_gguf
     out = tmp_path / "imported"
     assert main(["import-model", str(path), "--out", str(out)]) == 0
     result = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
     assert result["architecture"] == "llama" and result["parameters"] == sum(p.numel() for p in original.parameters())
-    assert (out / "model.safetensors").is_file() and "quantization_config" not in json.loads((out / "config.json").read_text())
+    assert (out / "model.safetensors").is_file() and "quantization_config" not in json.loads(
+        (out / "config.json").read_text()
+    )
     model, tokenizer = load_model(out)
     ids = tokenizer("the answer", return_tensors="pt")["input_ids"]
-    assert tokenizer.convert_ids_to_tokens(ids[0].tolist()) == ["t", "he", "Ġ", "an", "s", "w", "e", "r"]     # the merges, in rank order
+    assert tokenizer.convert_ids_to_tokens(ids[0].tolist()) == [
+        "t",
+        "he",
+        "Ġ",
+        "an",
+        "s",
+        "w",
+        "e",
+        "r",
+    ]  # the merges, in rank order
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.bos_token == "<|im_start|>"
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     assert tokenizer("<|im_end|>")["input_ids"] == [original.config.eos_token_id]   # control tokens stay whole
     plain = AutoModelForCausalLM.from_pretrained(out)                                  # transformers alone loads it

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from aha.core.logprobs import completion_logprobs
-from aha.infra.model import tiny_config
 from aha.core.rollout import SamplingParams, generate
+from aha.infra.model import tiny_config
 from aha.infra.tokenizer import build_char_tokenizer
 
 
@@ -22,7 +22,9 @@ def build(arch: str):
 def rollout_of(model, tokenizer, group_size=4):
     texts = ["User: 12+5\nAssistant:", "User: 999+1\nAssistant:", "User: 3+4\nAssistant:"]   # unequal lengths
     prompts = [tokenizer(t)["input_ids"] for t in texts]
-    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(tokenizer.eos_token_id,))
+    params = SamplingParams(
+        max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0, stop_token_ids=(tokenizer.eos_token_id,)
+    )
     return generate(model.eval(), prompts, group_size, params, tokenizer.pad_token_id, seed=3)
 
 
@@ -37,7 +39,12 @@ def test_shared_prompts_equal_the_plain_forward_and_its_gradient(arch):
         model.zero_grad()
         logp, entropy, mask = completion_logprobs(model, rollout, rows, 0.7, share_prompts=share)
         ((logp * mask).sum() / mask.sum()).backward()
-        results[share] = (logp.detach(), entropy, mask, [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        results[share] = (
+            logp.detach(),
+            entropy,
+            mask,
+            [p.grad.clone() for p in model.parameters() if p.grad is not None],
+        )
     (a, ea, ma, ga), (b, eb, mb, gb) = results[True], results[False]
     assert torch.equal(ma, mb) and a.shape == b.shape == (8, ma.shape[1])
     real = ma.bool()
@@ -61,7 +68,15 @@ def test_each_prompt_runs_once_per_group():
     assert batch_rows == [(2, prompt_width), (6, mask.shape[1] - 1)]  # 2 prompts, then 6 completions
     batch_rows.clear()
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(**{("activation_checkpointing_kwargs" if "activation" in enable.__name__ else "gradient_checkpointing_kwargs"): {"use_reentrant": False}})
+    enable(
+        **{
+            (
+                "activation_checkpointing_kwargs"
+                if "activation" in enable.__name__
+                else "gradient_checkpointing_kwargs"
+            ): {"use_reentrant": False}
+        }
+    )
     completion_logprobs(model.train(), rollout, rows, 1.0)
     assert batch_rows == [(6, prompt_width + mask.shape[1])]           # checkpointing: one plain pass
 
@@ -116,7 +131,12 @@ def test_head_in_chunks_equals_the_full_logits_and_their_gradient(arch, share):
         logp, entropy, mask = completion_logprobs(model, rollout, rows, 0.7, share_prompts=share, chunk_tokens=chunk)
         advantages = torch.linspace(-1.0, 1.0, len(rows))[:, None]
         (-(logp * advantages * mask).sum() / mask.sum()).backward()
-        results[chunk] = (logp.detach(), entropy, mask, [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        results[chunk] = (
+            logp.detach(),
+            entropy,
+            mask,
+            [p.grad.clone() for p in model.parameters() if p.grad is not None],
+        )
     (a, ea, ma, ga), (b, eb, mb, gb) = results[5], results[None]
     real = ma.bool()
     assert torch.equal(ma, mb) and a.shape == b.shape
@@ -185,7 +205,9 @@ def test_fused_head_without_tokens_gives_zero_gradients():
     whatever memory the gradient buffer was given."""
     from aha.core.logprobs import FusedHeadLogprobs
     head, hidden = torch.nn.Linear(16, 50), torch.randn(0, 16, requires_grad=True)
-    logp, entropy = FusedHeadLogprobs.apply(hidden, head.weight, head.bias, torch.zeros(0, dtype=torch.long), 1.0, 4, True)
+    logp, entropy = FusedHeadLogprobs.apply(
+        hidden, head.weight, head.bias, torch.zeros(0, dtype=torch.long), 1.0, 4, True
+    )
     (logp.sum() + 0 * head.weight.sum()).backward()
     assert logp.shape == entropy.shape == (0,)
     assert torch.equal(head.weight.grad, torch.zeros_like(head.weight)) and torch.equal(head.bias.grad, torch.zeros(50))

@@ -13,9 +13,9 @@ import torch
 
 import aha.core.train
 from aha.cli import main
+from aha.core.rollout import generate
 from aha.infra.config import load_config
 from aha.infra.errors import AhaError
-from aha.core.rollout import generate
 
 SMALL = ["prompts_per_step=2", "group_size=4", "max_new_tokens=40", "eval_every=0", "eval_problems=4", "eval_k=1"]
 
@@ -37,9 +37,29 @@ def test_rollout_correction_reads_the_samplers_logprobs(tiny_model_dir, tmp_path
     monkeypatch.setattr(aha.core.train, "rollout_engine", skewed_engine)
     for low, kept in [(0.5, 1.0), (0.7, 0.0)]:
         out = tmp_path / f"low{low}"
-        assert main(["train", "--model", str(tiny_model_dir), "--algo", "gmpo", "--steps", "2", "--out", str(out), *SMALL, "mu=2",
-                     "max_new_tokens=12", "rollout_correction=token_mask", f"rollout_is_low={low}", "autocast=off",
-                     "reward_weights=accuracy=1,cosine=1"]) == 0       # cosine: a length reward, so groups have spread
+        assert (
+            main(
+                [
+                    "train",
+                    "--model",
+                    str(tiny_model_dir),
+                    "--algo",
+                    "gmpo",
+                    "--steps",
+                    "2",
+                    "--out",
+                    str(out),
+                    *SMALL,
+                    "mu=2",
+                    "max_new_tokens=12",
+                    "rollout_correction=token_mask",
+                    f"rollout_is_low={low}",
+                    "autocast=off",
+                    "reward_weights=accuracy=1,cosine=1",
+                ]
+            )
+            == 0
+        )       # cosine: a length reward, so groups have spread
         trained = [r for r in records(out) if r["trained_rows"]]
         assert trained
         for r in trained:
@@ -48,14 +68,20 @@ def test_rollout_correction_reads_the_samplers_logprobs(tiny_model_dir, tmp_path
             assert abs(r["rollout_weight_zero_frac"] - (1 - kept)) < 1e-9
 
 
-@pytest.mark.parametrize("overrides, words", [
-    ({"surrogate": "ppo"}, "surrogate='ppo' is not one of clip, cispo"),
-    ({"rollout_correction": "tis"}, "rollout_correction='tis' is not one of none, token_truncate"),
-    ({"top_entropy_quantile": 1.5}, "top_entropy_quantile=1.5 must be in [0, 1]"),
-    ({"dual_clip": 0.5}, "dual_clip=0.5 must be 0 (off) or above 1"),
-    ({"surrogate": "vespo", "rollout_correction": "sequence_mask"}, "use rollout_correction=token_truncate or token_mask"),
-    ({"rollout_is_low": 2.0, "rollout_is_high": 1.0}, "rollout_is_low < rollout_is_high"),
-])
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"surrogate": "ppo"}, "surrogate='ppo' is not one of clip, cispo"),
+        ({"rollout_correction": "tis"}, "rollout_correction='tis' is not one of none, token_truncate"),
+        ({"top_entropy_quantile": 1.5}, "top_entropy_quantile=1.5 must be in [0, 1]"),
+        ({"dual_clip": 0.5}, "dual_clip=0.5 must be 0 (off) or above 1"),
+        (
+            {"surrogate": "vespo", "rollout_correction": "sequence_mask"},
+            "use rollout_correction=token_truncate or token_mask",
+        ),
+        ({"rollout_is_low": 2.0, "rollout_is_high": 1.0}, "rollout_is_low < rollout_is_high"),
+    ],
+)
 def test_loss_config_errors_name_the_key(overrides, words):
     with pytest.raises(AhaError, match=words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_config(None, overrides)

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from aha.core.algos import LossSpec, Normaliser
+from aha.core.rollout import SamplingParams, generate
+from aha.core.train import micro_batch_size, micro_batches, policy_update
 from aha.infra.config import Config
 from aha.infra.model import build_model
-from aha.core.rollout import SamplingParams, generate
 from aha.infra.tokenizer import build_char_tokenizer
-from aha.core.train import micro_batch_size, micro_batches, policy_update
 
 
 def relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -28,7 +28,9 @@ def setup():
     tok = build_char_tokenizer()
     model = build_model("qwen2", tok, seed=2, hidden=64, layers=2)
     prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("12+345", "7+8", "60+71")]
-    params = SamplingParams(max_new_tokens=12, temperature=1.0, stop_token_ids=tuple(tok.convert_tokens_to_ids(["7", "a"])))
+    params = SamplingParams(
+        max_new_tokens=12, temperature=1.0, stop_token_ids=tuple(tok.convert_tokens_to_ids(["7", "a"]))
+    )
     rollout = generate(model.eval(), prompts, 4, params, tok.pad_token_id, seed=1)
     return model, rollout
 

@@ -26,7 +26,9 @@ def tiny(arch: str, tokenizer):
         return LlamaConfig(**common)
     if arch == "qwen3":
         return Qwen3Config(head_dim=16, **common)
-    return tiny_config("deepseek_v3", len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, hidden=64, layers=2)
+    return tiny_config(
+        "deepseek_v3", len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id, hidden=64, layers=2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,9 @@ def test_train_each_architecture_on_each_task(model_dirs, data_files, tmp_path, 
     loaded = AutoModelForCausalLM.from_pretrained(out / "model")
     original = AutoModelForCausalLM.from_pretrained(model_dirs[arch])
     assert loaded.config.model_type == original.config.model_type
-    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in original.state_dict().items()}
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {
+        k: v.shape for k, v in original.state_dict().items()
+    }
 
 
 # --- reward weights by component name, and skipped samples -------------------------------------
@@ -83,8 +87,8 @@ def test_train_each_architecture_on_each_task(model_dirs, data_files, tmp_path, 
 def test_reward_weights_parse_validate_and_extend():
     import doctest
 
-    import aha.infra.config
     import aha.core.train
+    import aha.infra.config
     from aha.infra.config import load_config
     from aha.infra.errors import AhaError
     for module in (aha.infra.config, aha.core.train):
@@ -97,9 +101,9 @@ def test_reward_weights_parse_validate_and_extend():
 
 
 def test_reward_weights_reach_the_reward():
+    from aha.core.train import score
     from aha.infra.config import Config
     from aha.tasks import get_task
-    from aha.core.train import score
     task = get_task("countdown")
     problem = next(task.train_problems(0))
     texts = ["<answer>1+2</answer>", "no answer"]
@@ -113,16 +117,20 @@ def test_reward_weights_reach_the_reward():
 def test_unknown_component_name_stops_the_run(model_dirs, tmp_path, capsys):
     code = main(["train", "--model", str(model_dirs["qwen2"]), "--task", "countdown", "--steps", "1",
                  "--out", str(tmp_path / "run"), *SMALL, "reward_weights=tinyzer=1"])
-    assert code == 2 and "reward_weights names tinyzer, but task 'countdown' gives the components" in capsys.readouterr().err
+    assert (
+        code == 2
+        and "reward_weights names tinyzer, but task 'countdown' gives the components" in capsys.readouterr().err
+    )
     assert not (tmp_path / "run").exists()                    # stopped before anything was written
 
 
 def test_shaping_components_by_name_are_computed_weighted_and_logged():
     from types import SimpleNamespace
-    from aha.infra.config import Config
-    from aha.tasks.rewards import cosine_length, repetition_penalty
-    from aha.tasks import get_task
+
     from aha.core.train import score
+    from aha.infra.config import Config
+    from aha.tasks import get_task
+    from aha.tasks.rewards import cosine_length, repetition_penalty
     task = get_task("addition")
     problem = next(task.train_problems(0))
     right = f"<think>the sum is the sum is the sum is</think> <answer>{problem.answer}</answer>"
@@ -143,13 +151,15 @@ def test_shaping_components_by_name_are_computed_weighted_and_logged():
 
 def test_language_component_follows_lang():
     from types import SimpleNamespace
+
+    from aha.core.train import score
     from aha.infra.config import Config
     from aha.tasks import get_task
-    from aha.core.train import score
     task = get_task("addition")
     problem = next(task.train_problems(0))
     english = "<think>First I add the units and carry the one, then I add the tens.</think> <answer>1</answer>"
-    indonesian = "<think>Pertama saya menjumlahkan satuan dan menyimpan satu, lalu saya menjumlahkan puluhan.</think> <answer>1</answer>"
+    indonesian = ("<think>Pertama saya menjumlahkan satuan dan menyimpan satu, lalu saya menjumlahkan "
+                  "puluhan.</think> <answer>1</answer>")
     rollout = SimpleNamespace(lengths=torch.tensor([40, 40]))
     for lang, expected in [("en", [1.0, 0.0]), ("id", [0.0, 1.0])]:
         cfg = Config(group_size=2, lang=lang, reward_weights="language=1").validate()
@@ -248,8 +258,8 @@ def test_train_with_r1_zero_template_and_think_prefill(model_dirs, tmp_path):
 
 
 def test_stop_tokens_include_the_models_end_of_turn(model_dirs):
-    from aha.infra.model import load_model
     from aha.core.train import stop_token_ids
+    from aha.infra.model import load_model
     model, tokenizer = load_model(model_dirs["qwen2"])
     answer_close = tokenizer.convert_tokens_to_ids("</answer>")
     assert stop_token_ids(model, tokenizer) == tuple(sorted({tokenizer.eos_token_id, answer_close}))

@@ -6,10 +6,10 @@ import json
 import torch
 
 from aha.cli import main
-from aha.infra.model import build_model
 from aha.core.rollout import SamplingParams, generate
-from aha.infra.tokenizer import build_char_tokenizer
 from aha.core.train import completion_logprobs
+from aha.infra.model import build_model
+from aha.infra.tokenizer import build_char_tokenizer
 
 
 def test_rollout_logprobs_equal_a_training_forward():

@@ -23,8 +23,10 @@ def write(tmp_path, text: str) -> str:
 
 
 def test_yaml_sets_stage_sizes_and_rl_keys_reach_aha_train(tmp_path):
-    cfg = load_pipeline_config(write(tmp_path, "rl_steps: 7\nsample_k: 3\nsft_lr: 1e-3\nrl: {algo: dapo, lr: 5.0e-5}\n"),
-                               {"final_rl_steps": "5"})
+    cfg = load_pipeline_config(
+        write(tmp_path, "rl_steps: 7\nsample_k: 3\nsft_lr: 1e-3\nrl: {algo: dapo, lr: 5.0e-5}\n"),
+        {"final_rl_steps": "5"},
+    )
     assert (cfg.rl_steps, cfg.final_rl_steps, cfg.sample_k, cfg.sft_lr) == (7, 5, 3, 1e-3)
     rl = cfg.rl_config(cfg.final_rl_steps, "/tmp/x", "/m")
     assert (rl.steps, rl.lr, rl.algo, rl.clip_high, rl.eval_every, rl.model) == (5, 5e-5, "dapo", 0.28, 0, "/m")
@@ -63,14 +65,33 @@ def test_cli_bad_key_is_one_line_exit_2(tmp_path, capsys):
 
 def test_pipeline_runs_the_four_stages(tmp_path):
     out = tmp_path / "pipe"
-    cfg = PipelineConfig(out=str(out), model=str(SHIPPED), cold_start_examples=6, cold_start_epochs=1, sft_epochs=1, sft_lr=1e-3,
-                         sft_batch_tokens=512, rl_steps=2, final_rl_steps=2, rl={"prompts_per_step": 2, "group_size": 4},
-                         sample_prompts=8, sample_k=2, eval_problems=6, eval_k=2).validate()
+    cfg = PipelineConfig(
+        out=str(out),
+        model=str(SHIPPED),
+        cold_start_examples=6,
+        cold_start_epochs=1,
+        sft_epochs=1,
+        sft_lr=1e-3,
+        sft_batch_tokens=512,
+        rl_steps=2,
+        final_rl_steps=2,
+        rl={"prompts_per_step": 2, "group_size": 4},
+        sample_prompts=8,
+        sample_k=2,
+        eval_problems=6,
+        eval_k=2,
+    ).validate()
     pipeline(cfg)
     report = json.loads((out / "pipeline.json").read_text())
     stages = report["stages"]
     assert [s["stage"] for s in stages] == ["base", "cold_start", "reasoning_rl", "rejection_sft", "final_rl"]
-    assert [Path(s["folder"]).name for s in stages] == ["0_base", "1_cold_start", "2_reasoning_rl", "3_rejection_sft", "4_final_rl"]
+    assert [Path(s["folder"]).name for s in stages] == [
+        "0_base",
+        "1_cold_start",
+        "2_reasoning_rl",
+        "3_rejection_sft",
+        "4_final_rl",
+    ]
     for s in stages:
         assert 0.0 <= s["pass@1"] <= 1.0 and s["wall_seconds"] >= 0 and s["mean_response_tokens"] > 0
         assert json.loads((Path(s["folder"]) / "eval.json").read_text())["pass@1"] == s["pass@1"]
@@ -110,8 +131,8 @@ def test_flops_and_the_matched_sft_budget():
 
 
 def test_token_counter_counts_real_tokens_forward_and_trained(tiny_model_dir):
-    from aha.infra.model import load_model
     from aha.core.rollout import SamplingParams, generate
+    from aha.infra.model import load_model
     model, tokenizer = load_model(tiny_model_dir)
     counter = TokenCounter(model)
     prompts = [[10, 11, 12], [13, 14, 15, 16, 17]]                       # 8 prompt tokens, left-padded to 5
@@ -164,7 +185,10 @@ def test_experiment_quick_end_to_end(tmp_path, capsys):
         # equal student compute, to within one SFT example (at most ~60 tokens here)
         assert abs(distill["train_tokens"] - sft_budget_tokens(rl["forward_tokens"], rl["train_tokens"])) <= 60
         assert distill["student_flops"] == 6 * report["student_parameters"] * distill["train_tokens"]
-        assert len((out / "seed0" / f"distill_{steps}" / "sft_data.jsonl").read_text().splitlines()) == distill["sft_examples"]
+        assert (
+            len((out / "seed0" / f"distill_{steps}" / "sft_data.jsonl").read_text().splitlines())
+            == distill["sft_examples"]
+        )
     assert seed["rl@3"]["student_flops"] > seed["rl@2"]["student_flops"]
     assert report["student_parameters"] < report["teacher_parameters"]
     for arm, metrics in report["summary"].items():
@@ -197,8 +221,12 @@ def test_experiment_keys_are_typed_and_checked():
 def test_cold_start_data_from_a_file_or_the_task(tmp_path):
     from aha.stages.pipeline import cold_start_rows
     data = tmp_path / "cold.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f" <think>r{i}</think> <answer>{i}</answer>"}) + "\n"
-                            for i in range(5)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"q{i}", "response": f" <think>r{i}</think> <answer>{i}</answer>"}) + "\n"
+            for i in range(5)
+        )
+    )
     countdown = get_task("countdown")
     rows = cold_start_rows(countdown, countdown, PipelineConfig(cold_start_data=str(data), cold_start_examples=3))
     assert [r["prompt"] for r in rows] == ["q0", "q1", "q2"]

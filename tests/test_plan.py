@@ -31,8 +31,10 @@ def test_breakdown_equals_hand_computed_sizes():
     assert plan.rollout_rows == 8 and plan.rollout == 8 * 32 * 2 * 2 * 32 * 4 + 8 * 1_000 * 28
     assert plan.evaluation == plan.rollout and plan.eval_rows == 8
     assert plan.checkpoint == plan.weights
-    assert plan.optimizer_step == 80_000_000                                     # two copies of the weights
-    assert plan.peak == plan.static + max(plan.update, plan.rollout, plan.evaluation, plan.checkpoint, plan.optimizer_step)
+    assert plan.optimizer_step == 80_000_000  # two copies of the weights
+    assert plan.peak == plan.static + max(
+        plan.update, plan.rollout, plan.evaluation, plan.checkpoint, plan.optimizer_step
+    )
     assert plan.fits and plan.largest_micro_batch == 16                           # the whole batch fits
 
 

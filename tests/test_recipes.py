@@ -10,7 +10,9 @@ from aha.infra.config import Config, load_config
 from aha.tasks.templates import NAMED
 
 # pipeline_*.yaml are `aha pipeline` configs, loaded in tests/test_pipeline.py
-RECIPES = sorted(p for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml") if not p.name.startswith("pipeline"))
+RECIPES = sorted(
+    p for p in (Path(__file__).parent.parent / "recipes").glob("*.yaml") if not p.name.startswith("pipeline")
+)
 
 
 def test_the_four_recipes_are_there():
@@ -59,11 +61,19 @@ def test_smollm2_recipe_task_and_prompt(tmp_path, monkeypatch):
     text = Path(cfg.template).read_text()
     prompt = text.replace("{question}", held_out[0].question)
     assert prompt.count(held_out[0].question) == 1 and prompt.endswith("<|im_start|>assistant\n")
-    demo = task._problem({"question": "State the final answer to the following arithmetic problem: 3 + 6 - 2 =", "answer": "7"})
-    assert task.score("<think>3 + 6 = 9, 9 - 2 = 7</think> <answer>7</answer>", demo) == {"accuracy": 1.0, "format": 1.0}
+    demo = task._problem(
+        {"question": "State the final answer to the following arithmetic problem: 3 + 6 - 2 =", "answer": "7"}
+    )
+    assert task.score("<think>3 + 6 = 9, 9 - 2 = 7</think> <answer>7</answer>", demo) == {
+        "accuracy": 1.0,
+        "format": 1.0,
+    }
     for hedge in ("<answer>7 or 6</answer>", "<answer>6, 7</answer>", "<answer>x7x</answer>", "<answer>007</answer>"):
-        assert task.score(hedge, demo)["accuracy"] == 0, hedge          # chain_sum's own scorer pays these
-    assert get_task(cfg.task, **(cfg.task_options() | {"exact": False})).score("<answer>6, 7</answer>", demo)["accuracy"] > 0
+        assert task.score(hedge, demo)["accuracy"] == 0, hedge  # chain_sum's own scorer pays these
+    assert (
+        get_task(cfg.task, **(cfg.task_options() | {"exact": False})).score("<answer>6, 7</answer>", demo)["accuracy"]
+        > 0
+    )
 
 
 def test_task_config_reaches_the_task_and_bad_options_are_one_line():

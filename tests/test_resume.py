@@ -14,11 +14,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import aha.infra.checkpoint
-from aha.infra.checkpoint import RunLock, complete_checkpoints
 from aha.cli import main
+from aha.core.train import train
+from aha.infra.checkpoint import RunLock, complete_checkpoints
 from aha.infra.config import Config
 from aha.infra.errors import AhaError
-from aha.core.train import train
 
 SETTINGS = ["prompts_per_step=4", "group_size=4", "max_new_tokens=24", "eval_problems=4", "eval_k=1", "eval_every=0",
             "checkpoint_every=2", "lr=3e-3", "dump_rollouts_every=1", "lr_schedule=cosine", "warmup_steps=1"]
@@ -31,7 +31,9 @@ def aha_process(*args, kill_at=None):
     env.pop("AHA_KILL_AT", None)
     if kill_at:
         env["AHA_KILL_AT"] = kill_at
-    return subprocess.run([sys.executable, "-m", "aha", "train", *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "aha", "train", *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def metrics(out) -> list[tuple]:
@@ -154,7 +156,9 @@ def nan_loss(logp, old_logp, advantages, mask, spec, ref_logp=None, norm=None, *
 def test_the_nan_stop_leaves_the_last_good_checkpoint_loadable(tmp_path, monkeypatch):
     import aha.core.train
     real_loss = aha.core.train.policy_loss
-    monkeypatch.setattr(aha.core.train, "policy_loss", lambda *a, **k: nan_loss(*a, **k) if step_now[0] >= 2 else real_loss(*a, **k))
+    monkeypatch.setattr(
+        aha.core.train, "policy_loss", lambda *a, **k: nan_loss(*a, **k) if step_now[0] >= 2 else real_loss(*a, **k)
+    )
     step_now = [0]
     real_record = aha.core.train.step_record
 

@@ -2,10 +2,17 @@ import doctest
 
 import pytest
 
-from aha.tasks import rewards
 from aha.infra.errors import AhaError
-from aha.tasks.rewards import (cosine_length, format_soft, format_strict, language_consistency, overlong_penalty,
-                         repetition_penalty, tag_count)
+from aha.tasks import rewards
+from aha.tasks.rewards import (
+    cosine_length,
+    format_soft,
+    format_strict,
+    language_consistency,
+    overlong_penalty,
+    repetition_penalty,
+    tag_count,
+)
 
 HOSTILE = ["", "no tags", "<think>", "</answer><answer>", "<answer>" * 1000, "\x00\uffff☃ 𝟙 ünï",
            "<think><think>x</think></think><answer>1</answer>", "9" * 100_000]
@@ -71,8 +78,10 @@ def test_language_consistency_mixed():
 
 def test_language_consistency_edges():
     assert language_consistency("<think>1+7=8, 2+7=9</think><answer>98</answer>", "en") == 1.0   # no words
-    assert language_consistency(ENGLISH, "en") == 1.0                                            # no tags: all of it
-    assert language_consistency(f"<think>{ENGLISH}</think><answer>{CHINESE}</answer>", "en") == 1.0   # answer not counted
+    assert language_consistency(ENGLISH, "en") == 1.0  # no tags: all of it
+    assert (
+        language_consistency(f"<think>{ENGLISH}</think><answer>{CHINESE}</answer>", "en") == 1.0
+    )  # answer not counted
     with pytest.raises(AhaError, match="unknown language 'english'"):
         language_consistency(ENGLISH, "english")
 

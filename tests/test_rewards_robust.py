@@ -9,13 +9,14 @@ import json
 import math
 
 import pytest
-from hypothesis import HealthCheck, example, given, settings, strategies as st
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import aha.tasks.base
-from aha.tasks.check_reward import check_reward
 from aha.cli import main
 from aha.infra.config import Config
 from aha.tasks import get_task
+from aha.tasks.check_reward import check_reward
 
 WEIGHTS = Config().component_weights()          # accuracy 1, format 0.1: the default reward
 
@@ -29,12 +30,24 @@ def write_jsonl(path, rows):
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("rows")
     return {
-        "gsm8k": write_jsonl(root / "gsm.jsonl", [{"question": f"What is {i} times 7?", "answer": f"{i} × 7\n#### {7 * i:,}"}
-                                                  for i in range(140, 180)]),
-        "math": write_jsonl(root / "math.jsonl", [{"problem": f"Compute {i}/2.", "solution": rf"It is \boxed{{\frac{{{i}}}{{2}}}}."}
-                                                  for i in range(1, 40, 2)]),
-        "jsonl": write_jsonl(root / "rows.jsonl", [{"prompt": f"Question {i}?", "answer": a}
-                                                   for i, a in enumerate(["Paris", "42", "3.5", "1,000", "Oslo"] * 6)]),
+        "gsm8k": write_jsonl(
+            root / "gsm.jsonl",
+            [{"question": f"What is {i} times 7?", "answer": f"{i} × 7\n#### {7 * i:,}"} for i in range(140, 180)],
+        ),
+        "math": write_jsonl(
+            root / "math.jsonl",
+            [
+                {"problem": f"Compute {i}/2.", "solution": rf"It is \boxed{{\frac{{{i}}}{{2}}}}."}
+                for i in range(1, 40, 2)
+            ],
+        ),
+        "jsonl": write_jsonl(
+            root / "rows.jsonl",
+            [
+                {"prompt": f"Question {i}?", "answer": a}
+                for i, a in enumerate(["Paris", "42", "3.5", "1,000", "Oslo"] * 6)
+            ],
+        ),
     }
 
 
@@ -59,10 +72,21 @@ COMPLETIONS = st.one_of(
     TEXT,
     st.builds(lambda a, b, c: f"{a}<answer>{b}</answer>{c}", TEXT, TEXT, TEXT),
     st.builds(lambda a, b: f"<think>{a}</think> <answer>{b}</answer>", TEXT, TEXT),
-    st.builds(lambda b: f"<answer>{b}</answer>", st.text(st.characters(categories=["Nd", "No", "Nl", "Zs", "Pd", "Sm"]), max_size=12)),
+    st.builds(
+        lambda b: f"<answer>{b}</answer>",
+        st.text(st.characters(categories=["Nd", "No", "Nl", "Zs", "Pd", "Sm"]), max_size=12),
+    ),
 )
-EXAMPLES = ["<answer>²</answer>", "<answer>١٢٣</answer>", "<answer>1e99999</answer>", "<answer>9**9**9</answer>",
-            "<answer>\x00</answer>", "<answer>" + "(" * 300 + "</answer>", "<answer>𝟏𝟐</answer>", "<answer>\\boxed{</answer>"]
+EXAMPLES = [
+    "<answer>²</answer>",
+    "<answer>١٢٣</answer>",
+    "<answer>1e99999</answer>",
+    "<answer>9**9**9</answer>",
+    "<answer>\x00</answer>",
+    "<answer>" + "(" * 300 + "</answer>",
+    "<answer>𝟏𝟐</answer>",
+    "<answer>\\boxed{</answer>",
+]
 SLOW = {"math": 12, "code": 15}                  # math-verify and the sandbox run in other processes
 
 
@@ -143,9 +167,14 @@ def test_check_reward_cli_exit_codes_on_py_rewards(tmp_path, monkeypatch, capsys
     assert "undeserved: problem 0, answer outside the tags: accuracy 1 > 0" in out
     assert "undeserved: problem 0, empty answer, the gold in the thinking: accuracy 1 > 0" in out
     assert main(["check-reward", "py:probe_rewards_i15:crashes", "--data", rows, "--problems", "1"]) == 1
-    assert "a huge number: raises AhaError: reward function probe_rewards_i15:crashes raised ValueError" in capsys.readouterr().out
+    assert (
+        "a huge number: raises AhaError: reward function probe_rewards_i15:crashes raised ValueError"
+        in capsys.readouterr().out
+    )
     assert main(["check-reward", "addition", "--reward-weights", "nope=1"]) == 2
-    assert capsys.readouterr().err.startswith("aha check-reward: error: --reward-weights names nope, but task 'addition' gives")
+    assert capsys.readouterr().err.startswith(
+        "aha check-reward: error: --reward-weights names nope, but task 'addition' gives"
+    )
     assert main(["check-reward", "py:probe_rewards_i15:exact"]) == 2          # no --data
     assert "needs a data file" in capsys.readouterr().err
 
@@ -154,8 +183,16 @@ def test_check_reward_task_config_finds_chain_sums_own_scorer_and_exact_closes_i
     pytest.importorskip("reasoning_gym")
     one_digit = "config: {min_terms: 2, max_terms: 3, min_digits: 1, max_digits: 1}"
     assert main(["check-reward", "rg:chain_sum", "--problems", "1", "--task-config", "{" + one_digit + "}"]) == 1
-    assert "the wrong and the gold answer in one: accuracy 0.166667 > 0   '<answer>1 or 0</answer>'" in capsys.readouterr().out
-    assert main(["check-reward", "rg:chain_sum", "--problems", "1", "--task-config", "{exact: true, " + one_digit + "}"]) == 0
+    assert (
+        "the wrong and the gold answer in one: accuracy 0.166667 > 0   '<answer>1 or 0</answer>'"
+        in capsys.readouterr().out
+    )
+    assert (
+        main(["check-reward", "rg:chain_sum", "--problems", "1", "--task-config", "{exact: true, " + one_digit + "}"])
+        == 0
+    )
     assert ": 0 of " in capsys.readouterr().out
     assert main(["check-reward", "rg:chain_sum", "--task-config", "{colour: red}"]) == 2
-    assert capsys.readouterr().err.strip() == "aha check-reward: error: task 'rg:chain_sum' does not take option(s) colour"
+    assert (
+        capsys.readouterr().err.strip() == "aha check-reward: error: task 'rg:chain_sum' does not take option(s) colour"
+    )

@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from aha.infra.model import build_model
 from aha.core.rollout import SamplingParams, filter_logits, generate, left_pad, row_uniforms, sample_next
+from aha.infra.model import build_model
 from aha.infra.tokenizer import build_char_tokenizer
 
 
@@ -11,7 +11,7 @@ def naive_generate(model, prompts, group_size, params, pad_id, seed):
     """Reference: recompute the whole sequence every step, no KV cache, the same uniforms per (step, row)."""
     ids, mask = left_pad(prompts, pad_id)
     ids, mask = ids.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
-    n, vocab = ids.shape[0], model.config.vocab_size
+    n = ids.shape[0]
     out = [[] for _ in range(n)]
     active = list(range(n))
     for step in range(params.max_new_tokens):
@@ -39,7 +39,10 @@ def naive_generate(model, prompts, group_size, params, pad_id, seed):
 def test_kv_cache_sampling_equals_naive_recompute():
     tok = build_char_tokenizer()
     model = build_model("qwen2", tok, seed=1, hidden=64, layers=2).eval()
-    prompts = [tok("User: 12+345\nAssistant:")["input_ids"], tok("User: 7+8\nAssistant:")["input_ids"]]  # unequal lengths
+    prompts = [
+        tok("User: 12+345\nAssistant:")["input_ids"],
+        tok("User: 7+8\nAssistant:")["input_ids"],
+    ]  # unequal lengths
     stop = tok.convert_tokens_to_ids("7")   # a common character, so some rows stop early
     params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, stop_token_ids=(stop,))
     # the first seed whose samples stop early in some rows: the test must exercise rows leaving the batch
@@ -160,7 +163,9 @@ def naive_stop_string_generate(model, tok, prompt, params, seed):
             logits = model(input_ids=torch.tensor([ids + out])).logits[:, -1]
         token, _ = sample_next(logits, row_uniforms(seed, step, torch.tensor([0])), params)
         out.append(int(token))
-        if out[-1] in params.stop_token_ids or any(s in tok.decode(out, skip_special_tokens=True) for s in params.stop_strings):
+        if out[-1] in params.stop_token_ids or any(
+            s in tok.decode(out, skip_special_tokens=True) for s in params.stop_strings
+        ):
             break
     return out
 
@@ -200,7 +205,9 @@ def test_stop_strings_of_several_tokens_end_the_completion_after_the_stop_text()
                     assert stop not in tok.decode(got[:-1], skip_special_tokens=True)   # and no later
                 # row 0 draws the uniforms of global row 0, as the naive loop does
             length = int(rollout.lengths[0])
-            assert rollout.completion_ids[0, :length].tolist() == naive_stop_string_generate(model, tok, prompt, params, seed)
+            assert rollout.completion_ids[0, :length].tolist() == naive_stop_string_generate(
+                model, tok, prompt, params, seed
+            )
     assert found >= 3, "the stop strings should be hit"
     with pytest.raises(ValueError, match="need the tokenizer"):
         generate(model, [prompt], 1, params, tok.pad_token_id, seed=0)
@@ -214,8 +221,10 @@ def test_the_ready_decode_mask_samples_what_the_models_own_mask_does(arch, monke
     tok = build_char_tokenizer()
     model = tiny_model(arch, tok, seed=4)
     assert rollout_module.decode_mask(model, torch.ones(2, 5, dtype=torch.long)) is not None
-    prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("3+4", "12+345", "60+7")]   # unequal lengths
-    params = SamplingParams(max_new_tokens=16, temperature=1.0, stop_token_ids=tuple(tok.convert_tokens_to_ids(list(STOP_CHARS))))
+    prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("3+4", "12+345", "60+7")]  # unequal lengths
+    params = SamplingParams(
+        max_new_tokens=16, temperature=1.0, stop_token_ids=tuple(tok.convert_tokens_to_ids(list(STOP_CHARS)))
+    )
     ours = generate(model, prompts, 4, params, tok.pad_token_id, seed=3)
     monkeypatch.setattr(rollout_module, "decode_mask", lambda model, attention: None)
     theirs = generate(model, prompts, 4, params, tok.pad_token_id, seed=3)

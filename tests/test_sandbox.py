@@ -329,7 +329,9 @@ def test_hostile_program_scores_zero_and_harms_nothing(name, host):
 
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
 def test_huge_output_is_capped_and_killed(stream, host):
-    result = run_python(f"import sys\nwhile True:\n    sys.{stream}.write('x' * 65536)\n", max_output_bytes=10_000, **LIMITS)
+    result = run_python(
+        f"import sys\nwhile True:\n    sys.{stream}.write('x' * 65536)\n", max_output_bytes=10_000, **LIMITS
+    )
     assert len(getattr(result, stream)) == 10_000
     assert result.killed_reason == "output_limit" and not result.timed_out
     assert result.wall_s < 1.5

@@ -9,7 +9,6 @@ import os
 import shutil
 import site
 import subprocess
-import sys
 import tempfile
 import venv
 from pathlib import Path

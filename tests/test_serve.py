@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from aha.core.rollout import SamplingParams, generate
 from aha.serve.engine import Engine, GenerationParams, encode_chat, stop_token_ids
 from aha.serve.reasoning import ReasoningSplitter, split_reasoning
-from aha.core.rollout import SamplingParams, generate
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -95,7 +95,9 @@ def run_dir(tmp_path_factory, memorise):
 
 
 def encode_text(tokenizer, user: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+    )
 
 
 @pytest.fixture(scope="session")
@@ -436,7 +438,11 @@ def test_chat_turn_loop_keeps_answers_and_survives_ctrl_c(loaded):
         history = chat_loop(engine, ChatSettings(temperature=0), lambda: next(lines), Console(file=screen, width=200))
     finally:
         engine.stop()
-    first = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "7"}, {"role": "user", "content": "yo"}]
+    first = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "7"},
+        {"role": "user", "content": "yo"},
+    ]
     assert history == first + [{"role": "assistant", "content": split_reasoning(reference(*loaded, first))[1]}]
     assert "stopped" in screen.getvalue() and engine.rows == []
 

@@ -1,4 +1,5 @@
-"""SFT with packing (aha/stages/sft.py), rejection sampling (aha/stages/rejection.py), distillation (aha/stages/distill.py)."""
+"""SFT with packing (aha/stages/sft.py), rejection sampling (aha/stages/rejection.py), distillation "
+"(aha/stages/distill.py)."""
 
 import json
 
@@ -7,9 +8,17 @@ import torch
 
 from aha.infra.errors import AhaError
 from aha.infra.model import build_model
-from aha.stages.sft import Packed, SFTConfig, block_causal_mask, pack, packed_loss, read_examples, sft_model, tokenize_example
-from aha.tasks import get_task
 from aha.infra.tokenizer import build_char_tokenizer
+from aha.stages.sft import (
+    SFTConfig,
+    block_causal_mask,
+    pack,
+    packed_loss,
+    read_examples,
+    sft_model,
+    tokenize_example,
+)
+from aha.tasks import get_task
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +130,9 @@ def test_rejection_sampling_keeps_exactly_the_right_ones(tmp_path):
         expected.append((task.prompt(p), f" <think>{a}+{b}={a + b}</think> <answer>{a + b}</answer>"))
     assert [(r["prompt"], r["response"]) for r in rows] == expected
     assert stats["rejected"] == {"duplicate": 5, "wrong": 5, "format": 5, "length": 5, "repetition": 5}
-    assert all(r["accuracy"] == 1.0 and r["model"] == "fake" and r["seed"] == 3 and r["task"] == "addition" for r in rows)
+    assert all(
+        r["accuracy"] == 1.0 and r["model"] == "fake" and r["seed"] == 3 and r["task"] == "addition" for r in rows
+    )
     write_rows(rows, tmp_path / "kept.jsonl")
     back = read_examples(tmp_path / "kept.jsonl")
     assert [(r["prompt"], r["response"]) for r in back] == expected
@@ -153,8 +164,29 @@ def test_distill_smoke_teacher_samples_train_the_student(tiny_model_dir, tmp_pat
     from aha.cli import main
     teacher = Path(__file__).parent.parent / "aha" / "infra" / "assets" / "base"
     out = tmp_path / "student"
-    code = main(["distill", "--teacher", str(teacher), "--student", str(tiny_model_dir), "--out", str(out),
-                 "--prompts", "6", "--k", "4", "--epochs", "8", "--lr", "3e-3", "--batch-tokens", "512", "--seq-len", "256"])
+    code = main(
+        [
+            "distill",
+            "--teacher",
+            str(teacher),
+            "--student",
+            str(tiny_model_dir),
+            "--out",
+            str(out),
+            "--prompts",
+            "6",
+            "--k",
+            "4",
+            "--epochs",
+            "8",
+            "--lr",
+            "3e-3",
+            "--batch-tokens",
+            "512",
+            "--seq-len",
+            "256",
+        ]
+    )
     assert code == 0
     stats = json.loads((out / "distill.json").read_text())
     kept = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]

@@ -3,11 +3,11 @@ import random
 
 import pytest
 
+from aha.infra.tokenizer import build_char_tokenizer
 from aha.stages.pretrain import corpus_batches
 from aha.tasks import get_task
 from aha.tasks.addition import AdditionTask, is_heldout, sloppy_sum, worked_solution
 from aha.tasks.base import extract_answer, is_well_formed, thought
-from aha.infra.tokenizer import build_char_tokenizer
 
 
 def test_worked_solution_and_sloppy_sum_by_hand():

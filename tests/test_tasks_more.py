@@ -68,12 +68,20 @@ def test_countdown_scores_and_generated_problems():
     assert problems == list(itertools.islice(task.train_problems(7), 200))      # deterministic
     for p in problems:
         assert 3 <= len(p.meta["numbers"]) <= 4 and 1 <= p.meta["target"] <= 100
-        assert task.score(f" <think>ok</think> <answer>{p.answer}</answer>", p) == {"accuracy": 1.0, "format": 1.0, "tinyzero": 1.0}
+        assert task.score(f" <think>ok</think> <answer>{p.answer}</answer>", p) == {
+            "accuracy": 1.0,
+            "format": 1.0,
+            "tinyzero": 1.0,
+        }
         assert str(p.meta["target"]) in p.question and task.prompt(p).startswith("User: Using the numbers")
     p = problems[0]
     assert task.score("no tags at all " + p.answer, p) == {"accuracy": 0.0, "format": 0.0, "tinyzero": 0.0}
     assert task.score("<answer>1 + 1</answer>", p)["tinyzero"] == 0.1
-    assert task.score(f"<think><think>x</think></think><answer>{p.answer}</answer>", p) == {"accuracy": 1.0, "format": 0.0, "tinyzero": 1.0}
+    assert task.score(f"<think><think>x</think></think><answer>{p.answer}</answer>", p) == {
+        "accuracy": 1.0,
+        "format": 0.0,
+        "tinyzero": 1.0,
+    }
 
 
 def test_countdown_heldout_disjoint():
@@ -169,7 +177,9 @@ def test_get_task_names_and_options():
 # --- jsonl -----------------------------------------------------------------------------------
 
 def test_jsonl_task(tmp_path):
-    rows = [{"prompt": f"Capital number {i}?", "answer": f" Paris{i} "} for i in range(20)] + [{"prompt": "Half?", "answer": "0.5"}]
+    rows = [{"prompt": f"Capital number {i}?", "answer": f" Paris{i} "} for i in range(20)] + [
+        {"prompt": "Half?", "answer": "0.5"}
+    ]
     task = get_task(f"jsonl:{write_jsonl(tmp_path / 'p.jsonl', rows)}", eval_fraction=0.0)
     by_question = {p.question: p for p in task.train}
     p, half = by_question["Capital number 3?"], by_question["Half?"]

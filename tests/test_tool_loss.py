@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from aha.core.algos import LossSpec, kl_k3
-from aha.infra.config import Config
 from aha.core.logprobs import completion_logprobs, one_pass_logits
-from aha.infra.model import build_model
 from aha.core.rollout import SamplingParams, generate
-from aha.infra.tokenizer import build_char_tokenizer
 from aha.core.train import loss_rows, policy_update
+from aha.infra.config import Config
+from aha.infra.model import build_model
+from aha.infra.tokenizer import build_char_tokenizer
 
 BETA = 0.1
 
@@ -27,7 +27,9 @@ def setup():
     tok = build_char_tokenizer()
     model = build_model("gpt2", tok, seed=3, hidden=64, layers=2)
     prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("12+345", "7+8")]
-    rollout = generate(model.eval(), prompts, 3, SamplingParams(max_new_tokens=14, temperature=1.0), tok.pad_token_id, seed=2)
+    rollout = generate(
+        model.eval(), prompts, 3, SamplingParams(max_new_tokens=14, temperature=1.0), tok.pad_token_id, seed=2
+    )
     actions = torch.ones_like(rollout.completion_mask)
     actions[:, 4:9] = 0                                  # tokens 4…8 of every row: "tool output"
     actions[1, :] = 1                                    # one row that called no tool
@@ -50,8 +52,9 @@ def update_gradient(model, ref, rollout, aggregation):
     advantages = torch.tensor([1.0, -0.5, -0.5, 0.7, 0.0, -0.7])
     rows, norm = loss_rows(cfg, torch.ones(6, dtype=torch.bool), advantages, rollout)
     spec = LossSpec(aggregation=aggregation, kl="k3", beta=BETA)
-    loss, _, metrics, entropy, _ = policy_update(policy, ref, torch.optim.SGD(policy.parameters(), lr=0.0), rollout, rows,
-                                                 advantages, spec, norm, cfg)
+    loss, _, metrics, entropy, _ = policy_update(
+        policy, ref, torch.optim.SGD(policy.parameters(), lr=0.0), rollout, rows, advantages, spec, norm, cfg
+    )
     return [p.grad.clone() for p in policy.parameters()], metrics, entropy, norm
 
 
@@ -87,7 +90,9 @@ def test_tool_output_never_reaches_the_loss_kl_or_entropy(setup, aggregation):
     model, ref, rollout = setup
     grads, metrics, entropy, norm = update_gradient(model, ref, rollout, aggregation)
     want, kl, want_entropy = hand_gradient(model, ref, rollout, aggregation)
-    assert norm.tokens == int((rollout.completion_mask * rollout.action_mask).sum()) < int(rollout.completion_mask.sum())
+    assert (
+        norm.tokens == int((rollout.completion_mask * rollout.action_mask).sum()) < int(rollout.completion_mask.sum())
+    )
     assert close(grads, want)
     assert metrics["kl"] == pytest.approx(kl, rel=1e-4)
     assert entropy == pytest.approx(want_entropy, rel=1e-4)

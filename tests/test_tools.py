@@ -15,10 +15,10 @@ import torch
 import trl
 
 from aha.core.rollout import SamplingParams, generate, row_uniforms, sample_next, stop_strings, stop_token_ids
-from aha.infra.tokenizer import TAGS, TOOL_TAGS, build_char_tokenizer
 from aha.core.tools.formats import FORMATS, Call, cut_tokens
 from aha.core.tools.interact import ToolEngine, tool_metrics, turn_seed
 from aha.core.tools.tools import FunctionTool, Observation, Toolbox
+from aha.infra.tokenizer import TAGS, TOOL_TAGS, build_char_tokenizer
 
 TOKENIZER = build_char_tokenizer(TAGS + TOOL_TAGS)
 
@@ -81,7 +81,9 @@ def naive_interaction(model, prompts, group_size, params, seed, tokenizer, toolb
             while len(tokens) < params.max_new_tokens and ended is None:
                 sequence = torch.tensor([prompt + tokens])
                 logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[:, -1]
-                token, logprob = sample_next(logits, row_uniforms(turn_seed(seed, turn), len(turn_tokens), torch.tensor([row])), params)
+                token, logprob = sample_next(
+                    logits, row_uniforms(turn_seed(seed, turn), len(turn_tokens), torch.tensor([row])), params
+                )
                 tokens.append(int(token))
                 actions.append(1)
                 logprobs.append(float(logprob))
@@ -118,9 +120,16 @@ def as_rows(rollout):
     rows = []
     for i in range(rollout.completion_ids.shape[0]):
         length = int(rollout.completion_mask[i].sum())
-        rows.append({"tokens": rollout.completion_ids[i, :length].tolist(), "actions": rollout.action_mask[i, :length].tolist(),
-                     "logprobs": rollout.logprobs[i, :length].tolist(), "calls": int(rollout.tools.calls[i]),
-                     "errors": int(rollout.tools.errors[i]), "truncated": bool(rollout.truncated[i])})
+        rows.append(
+            {
+                "tokens": rollout.completion_ids[i, :length].tolist(),
+                "actions": rollout.action_mask[i, :length].tolist(),
+                "logprobs": rollout.logprobs[i, :length].tolist(),
+                "calls": int(rollout.tools.calls[i]),
+                "errors": int(rollout.tools.errors[i]),
+                "truncated": bool(rollout.truncated[i]),
+            }
+        )
     return rows
 
 
@@ -142,12 +151,16 @@ SCRIPTS = [" <think><tool>6*7</tool> so <tool>6*7+1</tool></think> <answer>42</a
 def setup(max_new_tokens=110, temperature=1.0, top_p=1.0):
     prompts = [TOKENIZER(p)["input_ids"] for p in PROMPTS]
     model = ScriptedLM(TOKENIZER, prompts, SCRIPTS)
-    params = SamplingParams(max_new_tokens, temperature, top_p, 0, stop_token_ids(model, TOKENIZER), stop_strings(TOKENIZER))
+    params = SamplingParams(
+        max_new_tokens, temperature, top_p, 0, stop_token_ids(model, TOKENIZER), stop_strings(TOKENIZER)
+    )
     toolbox = Toolbox("py:tests:calc", {"calc": FunctionTool(calc, "calc")})
     return prompts, model, params, toolbox
 
 
-@pytest.mark.parametrize("max_turns,output_tokens,max_new_tokens", [(4, 64, 110), (2, 64, 110), (4, 6, 110), (4, 64, 40)])
+@pytest.mark.parametrize(
+    "max_turns,output_tokens,max_new_tokens", [(4, 64, 110), (2, 64, 110), (4, 6, 110), (4, 64, 40)]
+)
 def test_multi_turn_rollout_equals_the_naive_loop(max_turns, output_tokens, max_new_tokens):
     """Tokens, masks, log-probs, calls and errors equal the naive loop's, with the limits biting:
     max_turns (the third call is not run), a tool output cut to `output_tokens`, a budget that ends
@@ -170,7 +183,9 @@ def test_chunks_and_slices_give_the_same_tokens():
     prompts, model, params, toolbox = setup()
     engine = ToolEngine(toolbox, "r1")
     whole = as_rows(engine(model, prompts, 2, params, TOKENIZER.pad_token_id, seed=3, tokenizer=TOKENIZER))
-    chunked = as_rows(engine(model, prompts, 2, params, TOKENIZER.pad_token_id, seed=3, max_rows=2, tokenizer=TOKENIZER))
+    chunked = as_rows(
+        engine(model, prompts, 2, params, TOKENIZER.pad_token_id, seed=3, max_rows=2, tokenizer=TOKENIZER)
+    )
     sliced = as_rows(engine(model, prompts[1:], 2, params, TOKENIZER.pad_token_id, seed=3, row_offset=2, total_rows=6,
                             tokenizer=TOKENIZER))
     assert_same(chunked, whole)
@@ -221,8 +236,9 @@ def test_chat_format_equals_the_naive_loop_and_trl_renders_the_same_tool_turn():
     as the template's tool message, tokenized as TRL's `_get_tool_suffix_ids` does it."""
     tokenizer = qwen_like_tokenizer()
     box = Toolbox("py:tests:calc", {"calc": FunctionTool(calc, "calc")})
-    prompt_text = tokenizer.apply_chat_template([{"role": "user", "content": "6*7?"}], tools=box.schemas(), tokenize=False,
-                                                add_generation_prompt=True)
+    prompt_text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "6*7?"}], tools=box.schemas(), tokenize=False, add_generation_prompt=True
+    )
     prompts = [tokenizer(prompt_text, add_special_tokens=False)["input_ids"]]
     call = '<tool_call>\n{"name": "calc", "arguments": {"input": "6*7"}}\n</tool_call><|im_end|>'
     bad = '<tool_call>\n{"name": "calc", "arguments": 7}\n</tool_call><|im_end|>'
@@ -231,12 +247,14 @@ def test_chat_format_equals_the_naive_loop_and_trl_renders_the_same_tool_turn():
     rollout = ToolEngine(box, "chat")(model, prompts, 3, params, tokenizer.pad_token_id, seed=4, tokenizer=tokenizer)
     assert_same(as_rows(rollout), naive_interaction(model, prompts, 3, params, 4, tokenizer, box, "chat", 4, 64))
     shown = call + "\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n" + bad
-    scripted = [r for r in as_rows(rollout) if tokenizer.decode(r["tokens"], skip_special_tokens=False).startswith(shown)]
+    scripted = [
+        r for r in as_rows(rollout) if tokenizer.decode(r["tokens"], skip_special_tokens=False).startswith(shown)
+    ]
     assert scripted, "a row should follow the script"
     row = scripted[0]
     assert row["calls"] == 2 and row["errors"] == 1
     eos = row["tokens"].index(tokenizer.eos_token_id)
-    assert row["actions"][eos] == 1 and row["actions"][eos + 1] == 0        # the model's EOS is its own; the rest the tool's
+    assert row["actions"][eos] == 1 and row["actions"][eos + 1] == 0  # the model's EOS is its own; the rest the tool's
     from trl import GRPOTrainer
     messages = [{"role": "tool", "name": "calc", "content": "42"}]
     trainer = SimpleNamespace(processing_class=tokenizer, chat_template=None, chat_template_kwargs={}, _is_vlm=False,

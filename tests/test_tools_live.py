@@ -16,12 +16,12 @@ import pytest
 import torch
 from rich.console import Console
 
+from aha.core.tools.tools import get_toolbox
+from aha.infra.errors import AhaError
 from aha.serve.chat import ChatSettings, run_turn
 from aha.serve.engine import Engine, GenerationParams
-from aha.infra.errors import AhaError
-from aha.serve.reasoning import split_reasoning
 from aha.serve.live_tools import ToolRunner, ToolSession, tool_runner
-from aha.core.tools.tools import get_toolbox
+from aha.serve.reasoning import split_reasoning
 
 CALL = "<tool>print(6*7)</tool>"
 DOCS = [("calc", f" <think>{CALL}<output>42</output> so</think> <answer>42</answer>"), ("hi", " <answer>7</answer>")]
@@ -54,7 +54,9 @@ def tool_run(tmp_path_factory, memorise):
 
 
 def prompt_text(tokenizer, user: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +81,9 @@ def collect(handle, n: int = 1) -> dict[int, list]:
 
 
 def test_engine_end_strings_end_after_them_and_return_the_tokens(engine):
-    request = engine.submit(prompt_ids(engine, "calc"), GenerationParams(max_tokens=60, temperature=0, end=("</tool>",)))
+    request = engine.submit(
+        prompt_ids(engine, "calc"), GenerationParams(max_tokens=60, temperature=0, end=("</tool>",))
+    )
     events = collect(request)[0]
     text = "".join(e.text for e in events)
     assert text == f" <think>{CALL}" and events[-1].finish_reason == "stop"
@@ -89,25 +93,33 @@ def test_engine_end_strings_end_after_them_and_return_the_tokens(engine):
 
 def test_session_runs_the_call_in_the_sandbox_and_the_model_goes_on(engine):
     runner = ToolRunner(get_toolbox("python"))
-    events = collect(ToolSession(engine, runner, prompt_ids(engine, "calc"), GenerationParams(max_tokens=80, temperature=0)))[0]
+    events = collect(
+        ToolSession(engine, runner, prompt_ids(engine, "calc"), GenerationParams(max_tokens=80, temperature=0))
+    )[0]
     tool = [e for e in events if e.kind == "tool"]
     assert [e.text for e in tool] == ["<output>42</output>"]               # the sandbox printed 42
     text = "".join(e.text for e in events)
     assert text == DOCS[0][1] and events[-1].finish_reason == "stop"
     model_text = text.replace("<output>42</output>", "")
-    assert events[-1].completion_tokens == len(engine.tokenizer(model_text, add_special_tokens=False)["input_ids"])  # tool output not counted
+    assert events[-1].completion_tokens == len(
+        engine.tokenizer(model_text, add_special_tokens=False)["input_ids"]
+    )  # tool output not counted
 
 
 def test_the_context_holds_the_tools_output_not_the_models_guess(engine):
     runner = ToolRunner(get_toolbox("py:aha_live_tools:fortyone"))
-    events = collect(ToolSession(engine, runner, prompt_ids(engine, "calc"), GenerationParams(max_tokens=80, temperature=0)))[0]
+    events = collect(
+        ToolSession(engine, runner, prompt_ids(engine, "calc"), GenerationParams(max_tokens=80, temperature=0))
+    )[0]
     assert [e.text for e in events if e.kind == "tool"] == ["<output>41</output>"]
     assert "".join(e.text for e in events).startswith(f" <think>{CALL}<output>41</output>")
 
 
 def test_a_tool_that_raises_is_an_observation_and_the_answer_goes_on(engine):
     runner = ToolRunner(get_toolbox("py:aha_live_tools:broken"))
-    events = collect(ToolSession(engine, runner, prompt_ids(engine, "calc"), GenerationParams(max_tokens=150, temperature=0)))[0]
+    events = collect(
+        ToolSession(engine, runner, prompt_ids(engine, "calc"), GenerationParams(max_tokens=150, temperature=0))
+    )[0]
     assert [e.text for e in events if e.kind == "tool"] == ["<output>error: RuntimeError: the tool fell over</output>"]
     assert events[-1].finish_reason in ("stop", "length") and events[-1].error is None
 
@@ -117,7 +129,9 @@ def test_max_turns_and_the_token_budget_bound_the_interaction(engine):
     ids = prompt_ids(engine, "calc")
     one = collect(ToolSession(engine, no_more, ids, GenerationParams(max_tokens=80, temperature=0)))[0]
     assert sum(e.kind == "tool" for e in one) == 1
-    short = collect(ToolSession(engine, no_more, ids, GenerationParams(max_tokens=len(f" <think>{CALL}") + 3, temperature=0)))[0]
+    short = collect(
+        ToolSession(engine, no_more, ids, GenerationParams(max_tokens=len(f" <think>{CALL}") + 3, temperature=0))
+    )[0]
     assert short[-1].finish_reason == "length"
     assert "".join(e.text for e in short) == f" <think>{CALL}<output>42</output>"[:len("".join(e.text for e in short))]
 
@@ -175,8 +189,12 @@ def test_serve_runs_tools_server_side(tool_run):
     while not uv.started and time.time() < deadline:
         time.sleep(0.05)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="x", max_retries=0, timeout=60)
-        reply = client.chat.completions.create(model="toolrun", messages=[{"role": "user", "content": "calc"}], temperature=0)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="x", max_retries=0, timeout=60
+        )
+        reply = client.chat.completions.create(
+            model="toolrun", messages=[{"role": "user", "content": "calc"}], temperature=0
+        )
         message = reply.choices[0].message
         assert (message.reasoning_content, message.content) == split_reasoning(DOCS[0][1], False)
         assert message.reasoning_content == f"{CALL}<output>42</output> so" and reply.choices[0].finish_reason == "stop"

@@ -16,9 +16,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_sandbox import HOSTILE, LAYERS, LAYERS_NEEDED, host  # noqa: E402,F401  (host: the fixture)
 
-from aha.infra.tokenizer import TAGS, TOOL_TAGS, build_char_tokenizer  # noqa: E402
 from aha.core.tools.formats import R1Format, cut_tokens, defuse  # noqa: E402
 from aha.core.tools.tools import Observation, PythonTool, get_toolbox  # noqa: E402
+from aha.infra.tokenizer import TAGS, TOOL_TAGS, build_char_tokenizer  # noqa: E402
 
 TOOL = PythonTool(timeout_s=2.0, max_output_bytes=2000)
 REPORT = """
@@ -29,19 +29,25 @@ except NameError:
 """
 
 
-@pytest.mark.parametrize("code, text, error", [
-    ("6 * 7", "42", False),                                          # the last expression is shown
-    ("x = 2\nprint(x)\nx + 1", "2\n3", False),
-    ("'a' * 3", "'aaa'", False),
-    ("x = 1", "", False),
-    ("1/0", "error: ZeroDivisionError: division by zero", True),
-    ("print('partial')\nraise ValueError('bad input')", "partial\nerror: ValueError: bad input", True),
-    ("def f(:", "error: SyntaxError: invalid syntax", True),
-    ("import sys; sys.exit(3)", "error: exit status 3", True),
-    ("import time; time.sleep(30)", "error: timed out after 2 s", True),
-    ("import sys; _ = sys.stdout.buffer.write(bytes([0xff, 0xfe, 65]))", "\ufffd\ufffdA\nerror: the output is not UTF-8 "
-                                                                     "(undecodable bytes shown as \ufffd)", True),
-])
+@pytest.mark.parametrize(
+    "code, text, error",
+    [
+        ("6 * 7", "42", False),  # the last expression is shown
+        ("x = 2\nprint(x)\nx + 1", "2\n3", False),
+        ("'a' * 3", "'aaa'", False),
+        ("x = 1", "", False),
+        ("1/0", "error: ZeroDivisionError: division by zero", True),
+        ("print('partial')\nraise ValueError('bad input')", "partial\nerror: ValueError: bad input", True),
+        ("def f(:", "error: SyntaxError: invalid syntax", True),
+        ("import sys; sys.exit(3)", "error: exit status 3", True),
+        ("import time; time.sleep(30)", "error: timed out after 2 s", True),
+        (
+            "import sys; _ = sys.stdout.buffer.write(bytes([0xff, 0xfe, 65]))",
+            "\ufffd\ufffdA\nerror: the output is not UTF-8 (undecodable bytes shown as \ufffd)",
+            True,
+        ),
+    ],
+)
 def test_bad_code_becomes_a_clear_observation(code, text, error):
     assert TOOL.run(code) == Observation(text, error)
 

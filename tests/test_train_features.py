@@ -3,8 +3,6 @@ the forward/backward pass, DAPO dynamic sampling and overlong handling, the refe
 NaN guard, and every preset running end to end through the CLI."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,15 +10,15 @@ import yaml
 
 import aha.core.train
 from aha.cli import main
-from aha.infra.config import Config
 from aha.core.dynamic import concat_rollouts, group_spread, kept_groups
-from aha.infra.errors import AhaError
 from aha.core.presets import PRESETS
-from aha.infra.model import cpu_has_fast_bf16, load_model
-from aha.tasks.rewards import overlong_penalty
 from aha.core.rollout import Rollout, SamplingParams, generate
-from aha.tasks import get_task
 from aha.core.train import completion_logprobs, score, train
+from aha.infra.config import Config
+from aha.infra.errors import AhaError
+from aha.infra.model import cpu_has_fast_bf16, load_model
+from aha.tasks import get_task
+from aha.tasks.rewards import overlong_penalty
 
 # per-completion accuracies, cycled: groups of 4 → all 1 (tie), spread, all 0 (tie), spread
 SCRIPT = [1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0]
@@ -134,7 +132,9 @@ def test_soft_overlong_penalty_is_its_own_reward_component():
     assert [s["overlong"] for s in scores] == [-1.0, -0.5, 0.0, 0.0]
     assert rewards.tolist() == [0.0, -0.5, 1.0, 0.0]
     assert overlong_penalty(7, 8, 4) == -0.75
-    plain, _ = score(ScriptedTask(get_task("addition"), [1]), Config(group_size=4), ["x"] * 4, [None], fake_rollout([8] * 4, 8))
+    plain, _ = score(
+        ScriptedTask(get_task("addition"), [1]), Config(group_size=4), ["x"] * 4, [None], fake_rollout([8] * 4, 8)
+    )
     assert "overlong" not in plain[0]
 
 

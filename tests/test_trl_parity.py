@@ -94,8 +94,12 @@ def trl_loss(loss_type, logp, inputs, *, beta=0.0, epsilon_low=0.2, epsilon_high
     entropy = torch.zeros_like(logp) if entropy is None else entropy
     trainer._get_per_token_logps_and_entropies = lambda *args, **kwargs: (logp, entropy, None)
     rows, width = logp.shape
-    inputs = {"prompt_ids": torch.zeros(rows, 1, dtype=torch.long), "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
-              "completion_ids": torch.zeros(rows, width, dtype=torch.long), **inputs}
+    inputs = {
+        "prompt_ids": torch.zeros(rows, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(rows, width, dtype=torch.long),
+        **inputs,
+    }
     return trainer._compute_loss(None, inputs), trainer._metrics["train"]
 
 
@@ -296,8 +300,12 @@ def trl_importance_ratio(mode, trainer_logp, sampler_logp, lengths, clip_min, cl
     trainer = GRPOTrainer.__new__(GRPOTrainer)
     trainer.accelerator = OneProcess()
     trainer.model = SimpleNamespace(training=True, is_gradient_checkpointing=False)
-    trainer.args = SimpleNamespace(per_device_train_batch_size=rows, steps_per_generation=1, gradient_accumulation_steps=1,
-                                   gradient_checkpointing_kwargs=None)
+    trainer.args = SimpleNamespace(
+        per_device_train_batch_size=rows,
+        steps_per_generation=1,
+        gradient_accumulation_steps=1,
+        gradient_checkpointing_kwargs=None,
+    )
     trainer.environment_factories, trainer.tools, trainer.environments = None, None, None
     trainer._tokenizer = SimpleNamespace(pad_token_id=0)
     trainer.pad_to_multiple_of, trainer.mask_truncated_completions = None, False
@@ -309,7 +317,13 @@ def trl_importance_ratio(mode, trainer_logp, sampler_logp, lengths, clip_min, cl
     trainer.multi_objective_aggregation, trainer.reward_weights = "sum_then_normalize", torch.ones(1)
     trainer.reward_func_names = ["reward"]
     trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-    trainer._logs = {"prompt": [], "completion": [], "rewards": defaultdict(list), "advantages": [], "extra": defaultdict(list)}
+    trainer._logs = {
+        "prompt": [],
+        "completion": [],
+        "rewards": defaultdict(list),
+        "advantages": [],
+        "extra": defaultdict(list),
+    }
     trainer._pending_extra_logs, trainer._pending_metrics = {}, {}
     completions = [[5] * n for n in lengths]
     sampled = [sampler_logp[i, :n].tolist() for i, n in enumerate(lengths)]

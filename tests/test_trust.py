@@ -23,17 +23,17 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import aha.core.train
-from aha.infra.base import SHIPPED
 from aha.cli import main
+from aha.core.rollout import Rollout, left_pad
+from aha.core.train import train
+from aha.eval.evaluate import EvalSpec, evaluate
+from aha.infra.base import SHIPPED
 from aha.infra.config import Config, save_config
 from aha.infra.errors import Stopped
-from aha.eval.evaluate import EvalSpec, evaluate
 from aha.infra.model import load_model
-from aha.core.rollout import Rollout, left_pad
+from aha.infra.tokenizer import build_char_tokenizer
 from aha.tasks import get_task
 from aha.tasks.templates import apply_template
-from aha.infra.tokenizer import build_char_tokenizer
-from aha.core.train import train
 
 
 class Scripted:
@@ -131,7 +131,9 @@ def test_eval_of_a_run_folder_uses_its_chat_template(tiny_model_dir, tmp_path, c
     assert main(["eval", run, "--json", str(tmp_path / "r.json")]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     question = get_task("addition").eval_problems(1)[0].question
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
     assert result["samples"][0]["prompt"] == chat == f"[user] {question}\n[assistant]"
     assert (result["template"], result["problems"], result["k"], result["max_new_tokens"]) == ("chat", 2, 1, 4)
     # a flag overrides the run's value
@@ -140,8 +142,12 @@ def test_eval_of_a_run_folder_uses_its_chat_template(tiny_model_dir, tmp_path, c
 
 
 def gsm_file(path, name):
-    path.write_text("".join(json.dumps({"question": f"{name} {i}: what is {i} plus 1?", "answer": f"#### {i + 1}"}) + "\n"
-                            for i in range(20)))
+    path.write_text(
+        "".join(
+            json.dumps({"question": f"{name} {i}: what is {i} plus 1?", "answer": f"#### {i + 1}"}) + "\n"
+            for i in range(20)
+        )
+    )
     return str(path)
 
 
@@ -167,13 +173,19 @@ ONE_RIGHT = [{"accuracy": a, "format": 1.0} for a in (1.0, 0.0, 0.0, 0.0)]
 
 
 @pytest.mark.parametrize("metric, tries, kept_rows", [("accuracy", 2, 8), ("reward", 1, 8)])
-def test_dynamic_sampling_filters_on_accuracy_by_default(tiny_model_dir, tmp_path, monkeypatch, metric, tries, kept_rows):
+def test_dynamic_sampling_filters_on_accuracy_by_default(
+    tiny_model_dir, tmp_path, monkeypatch, metric, tries, kept_rows
+):
     scripted(monkeypatch, FORMAT_ONLY + ONE_RIGHT)
     model, tokenizer = load_model(tiny_model_dir)
     overrides = {} if metric == "accuracy" else {"dynamic_sampling_metric": metric}
     history = train(small(tmp_path / "d", steps=1, dynamic_sampling=True, max_sampling_tries=2, **overrides),
                     out=tmp_path, model=model, tokenizer=tokenizer)["history"]
-    assert (history[0]["sampling_tries"], history[0]["groups_kept"], history[0]["trained_rows"]) == (tries, 2, kept_rows)
+    assert (history[0]["sampling_tries"], history[0]["groups_kept"], history[0]["trained_rows"]) == (
+        tries,
+        2,
+        kept_rows,
+    )
 
 
 def test_dynamic_sampling_metric_must_name_a_component(tiny_model_dir, tmp_path, capsys):
@@ -233,7 +245,10 @@ def test_resume_restores_the_rng_a_dropout_model_draws_from(dropout_model_dir, t
 
 def test_the_loop_passes_the_whole_batchs_normaliser(tiny_model_dir, tmp_path, monkeypatch):
     # groups of 4: a tie, then a spread; the tied rows are skipped but still count in the normaliser
-    scripted(monkeypatch, [{"accuracy": 1.0, "format": 0.0}] * 4 + [{"accuracy": float(a), "format": 0.0} for a in (1, 0, 1, 0)])
+    scripted(
+        monkeypatch,
+        [{"accuracy": 1.0, "format": 0.0}] * 4 + [{"accuracy": float(a), "format": 0.0} for a in (1, 0, 1, 0)],
+    )
     calls, real = [], aha.core.train.policy_loss
 
     def recording(logp, old_logp, advantages, mask, spec, ref_logp=None, norm=None, **kwargs):
@@ -241,7 +256,9 @@ def test_the_loop_passes_the_whole_batchs_normaliser(tiny_model_dir, tmp_path, m
         return real(logp, old_logp, advantages, mask, spec, ref_logp, norm, **kwargs)
     monkeypatch.setattr(aha.core.train, "policy_loss", recording)
     model, tokenizer = load_model(tiny_model_dir)
-    history = train(small(tmp_path / "n", steps=1, format_weight=0.0), out=tmp_path, model=model, tokenizer=tokenizer)["history"]
+    history = train(small(tmp_path / "n", steps=1, format_weight=0.0), out=tmp_path, model=model, tokenizer=tokenizer)[
+        "history"
+    ]
     assert history[0]["trained_rows"] == 4
     assert sum(rows for rows, _ in calls) == 4 and all(norm is not None and norm.rows == 8 for _, norm in calls)
 

@@ -3,14 +3,19 @@ mapping, the Rollout assembly, the one-line error — and, where CUDA and vLLM e
 torch engine on the same weights (skipped here: this machine has neither)."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 
+import fake_vllm
 import pytest
 import torch
 
 from aha.cli import main
+from aha.core.rollout import SamplingParams
+from aha.core.train import step_seed
 from aha.infra.config import Config
 from aha.infra.errors import AhaError
-from aha.core.rollout import SamplingParams
 from aha.infra.vllm_rollout import require_vllm, rollout_engine, sampling_kwargs, to_rollout
 
 HAS_GPU_VLLM = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
@@ -58,8 +63,8 @@ def test_without_gpu_or_vllm_the_backend_is_one_clear_error(tmp_path, capsys):
 def test_vllm_samples_the_trainers_current_weights(tiny_model_dir):
     """vLLM's log-probs of its own samples equal the trainer's forward pass on them (bf16 rounding),
     also after the trainer's weights moved in place: the weight sync works."""
-    from aha.infra.model import load_model
     from aha.core.train import completion_logprobs
+    from aha.infra.model import load_model
     model, tok = load_model(tiny_model_dir, "cuda", torch.bfloat16)
     engine = rollout_engine(Config(rollout="vllm", vllm_gpu_memory=0.2), model)
     prompts = [tok("12+345=")["input_ids"], tok("7+8=")["input_ids"]]
@@ -79,13 +84,6 @@ def test_vllm_samples_the_trainers_current_weights(tiny_model_dir):
 
 # ---- the colocated engine against a fake `vllm` that records its calls (tests/fake_vllm.py) ----
 
-import os
-import subprocess
-import sys
-
-import fake_vllm
-
-from aha.core.train import step_seed
 
 
 @pytest.fixture
@@ -147,8 +145,12 @@ def test_a_child_rollout_vllm_run_starts_while_this_one_holds_its_port(group_fak
     from pathlib import Path
     engine_for(tiny[0])
     assert torch.distributed.is_initialized()
-    child = subprocess.run([sys.executable, "-c", CHILD.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir))],
-                           capture_output=True, text=True, timeout=300)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD.format(tests=str(Path(__file__).parent), model=str(tiny_model_dir))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert child.returncode == 0 and "child engine up" in child.stdout, child.stderr[-2000:]
 
 
@@ -198,6 +200,7 @@ def test_the_gpu_extra_pins_trls_tested_vllm_range():
     import tomllib
     import warnings
     from pathlib import Path
+
     from packaging.requirements import Requirement
     import_utils = pytest.importorskip("trl.import_utils")
     from aha.infra.vllm_rollout import VLLM_VERIFIED
@@ -275,6 +278,7 @@ def test_the_sampler_trainer_gap_is_measured_on_every_generation(fake, tiny):
 
 def test_every_vllm_run_logs_the_gap_in_metrics_jsonl(fake, tiny_model_dir, tmp_path, monkeypatch):
     import json
+
     import aha.core.train
     monkeypatch.setattr(aha.core.train, "detect_device", lambda: "cpu")
     out = tmp_path / "run"

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 import torch
 
 from aha.core.algos import LossSpec
-from aha.infra.config import Config
 from aha.core.dynamic import group_spread
 from aha.core.rollout import SamplingParams, generate, stop_token_ids
+from aha.infra.config import Config
 
 
 def spread_rewards(texts: list[str], group_size: int) -> list[float]:
@@ -166,6 +166,7 @@ def run_pair(workload: str, max_new_tokens: int, warmup: int, steps: int, peak_f
     """One workload at one length: TRL and aha alternating, `warmup` + `steps` steps each; with
     `trl_bf16`, then TRL alone once more with `bf16=True` (the best a TRL user on a fast-bf16 CPU has)."""
     import tempfile
+
     from aha.bench.trl import StepTimer, build_trainer
     from aha.infra.model import count_parameters
     from aha.infra.tokenizer import build_char_tokenizer
@@ -251,7 +252,9 @@ def format_table(results: list[dict], peak: dict, cpu: str = "") -> str:
             if side not in r:
                 continue
             s = r[side]
-            ratio = f"{r['speedup']:7.2f}" if side == "aha" else (f"{r['speedup_bf16']:7.2f}" if side == "trl_bf16" else "")
+            ratio = (
+                f"{r['speedup']:7.2f}" if side == "aha" else (f"{r['speedup_bf16']:7.2f}" if side == "trl_bf16" else "")
+            )
             ceiling = f"{r['ceiling']:7.2f}" if side == "aha" else ""
             lines.append(f"{r['workload']:<9} {r['max_new_tokens']:>4} {side:<8} {s['s_per_step']:7.3f} "
                          f"{s['tokens_per_s']:7.0f} {s['generate_s']:6.3f} {s['update_s']:6.3f} "
@@ -260,7 +263,9 @@ def format_table(results: list[dict], peak: dict, cpu: str = "") -> str:
     if any("trl_bf16" in r for r in results):
         lines.append("TRL/aha on the trl_bf16 line: TRL with bf16=True against the same aha steps")
     else:
-        lines.append("no trl_bf16 line: this CPU has no fast bf16 (AMX / AVX512-BF16), where TRL's bf16=True only slows it")
+        lines.append(
+            "no trl_bf16 line: this CPU has no fast bf16 (AMX / AVX512-BF16), where TRL's bf16=True only slows it"
+        )
     lines.append("ceiling: TRL s/step ÷ aha's useful FLOPs at 100% of the peak (the most any speed-up can be)")
     return "\n".join(lines)
 

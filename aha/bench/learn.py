@@ -20,9 +20,9 @@ import time
 
 import torch
 
+from aha.eval.evaluate import EvalSpec, evaluate
 from aha.infra.base import ensure_base_model
 from aha.infra.config import Config
-from aha.eval.evaluate import EvalSpec, evaluate
 from aha.infra.model import load_model
 from aha.tasks import get_task
 
@@ -160,7 +160,10 @@ def format_learn_table(result: dict) -> str:
         lines.append(f"{r['seed']:>4} {r['target_pass1']:9.3f} {r['aha_final_pass1']:9.3f} {aha} "
                      f"{r['trl_seconds_to_target']:11.1f} {ratio}")
     median = result["median_ratio"]
-    lines.append(f"median TRL/aha RL wall time to TRL's final pass@1: "
-                 f"{median:.2f}× (reached by aha on {result['reached']} seeds; a seed not reached counts as 0)" if median else
-                 f"aha did not reach TRL's final pass@1 on any seed ({result['reached']})")
+    lines.append(
+        f"median TRL/aha RL wall time to TRL's final pass@1: "
+        f"{median:.2f}× (reached by aha on {result['reached']} seeds; a seed not reached counts as 0)"
+        if median
+        else f"aha did not reach TRL's final pass@1 on any seed ({result['reached']})"
+    )
     return "\n".join(lines)

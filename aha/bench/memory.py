@@ -83,10 +83,30 @@ def peak_rss(command: list[str], env: dict | None = None, timeout: float = 3600)
 
 
 def aha_command(model: Path, data: Path, out: Path, completions: int, max_new_tokens: int, steps: int) -> list[str]:
-    return [sys.executable, "-m", "aha", "train", "--model", str(model), "--task", "py:aha.bench.memory:spread_reward",
-            "--data", str(data), "--steps", str(steps), "--out", str(out), "--force", f"prompts_per_step={completions // 8}",
-            "group_size=8", f"max_new_tokens={max_new_tokens}", "eval_every=0", "checkpoint_every=0", "autocast=off",
-            "top_p=1.0"]
+    return [
+        sys.executable,
+        "-m",
+        "aha",
+        "train",
+        "--model",
+        str(model),
+        "--task",
+        "py:aha.bench.memory:spread_reward",
+        "--data",
+        str(data),
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+        "--force",
+        f"prompts_per_step={completions // 8}",
+        "group_size=8",
+        f"max_new_tokens={max_new_tokens}",
+        "eval_every=0",
+        "checkpoint_every=0",
+        "autocast=off",
+        "top_p=1.0",
+    ]
 
 
 TRL_SCRIPT = """
@@ -104,13 +124,24 @@ config = GRPOConfig(output_dir=out, per_device_train_batch_size=8, gradient_accu
                     use_cpu=True, bf16=False, report_to=[], save_strategy="no", max_steps=steps, loss_type="grpo",
                     temperature=1.0, top_p=1.0, top_k=0, seed=0, disable_tqdm=True, logging_steps=1)
 trainer = GRPOTrainer(model=model, reward_funcs=spread_reward, args=config,
-                      train_dataset=Dataset.from_list([{"prompt": aha_prompt(r["prompt"])} for r in rows]), processing_class=tokenizer)
+                      train_dataset=Dataset.from_list([{"prompt": aha_prompt(r["prompt"])} for r in rows]),
+                      processing_class=tokenizer)
 trainer.train()
 """
 
 
 def trl_command(model: Path, data: Path, out: Path, completions: int, max_new_tokens: int, steps: int) -> list[str]:
-    return [sys.executable, "-c", TRL_SCRIPT, str(model), str(data), str(out), str(completions), str(max_new_tokens), str(steps)]
+    return [
+        sys.executable,
+        "-c",
+        TRL_SCRIPT,
+        str(model),
+        str(data),
+        str(out),
+        str(completions),
+        str(max_new_tokens),
+        str(steps),
+    ]
 
 
 def run_memory_bench(completions: tuple[int, ...], max_new_tokens: int = 128, steps: int = 2, sides=("aha", "trl"),
@@ -127,7 +158,9 @@ def run_memory_bench(completions: tuple[int, ...], max_new_tokens: int = 128, st
             for side in sides:
                 build = aha_command if side == "aha" else trl_command
                 say(f"bench --memory: {side}, {count} completions × {max_new_tokens} new tokens, {steps} steps")
-                peak, code, tail = peak_rss(build(model, data, root / f"{side}_{count}", count, max_new_tokens, steps), env)
+                peak, code, tail = peak_rss(
+                    build(model, data, root / f"{side}_{count}", count, max_new_tokens, steps), env
+                )
                 if code != 0:
                     raise RuntimeError(f"{side} at {count} completions failed (exit {code}): {tail}")
                 row[f"{side}_peak_mb"] = peak / 2**20
@@ -147,7 +180,9 @@ def format_memory_table(result: dict) -> str:
     for row in result["rows"]:
         trl = f"{row['trl_peak_mb']:8.0f}" if "trl_peak_mb" in row else f"{'-':>8}"
         ratio = f"{row['aha_over_trl']:7.2f}" if "aha_over_trl" in row else f"{'-':>7}"
-        lines.append(f"{row['completions']:>11} {row['max_new_tokens']:>4} {row.get('aha_peak_mb', 0):8.0f} {trl} {ratio}")
+        lines.append(
+            f"{row['completions']:>11} {row['max_new_tokens']:>4} {row.get('aha_peak_mb', 0):8.0f} {trl} {ratio}"
+        )
     if "growth_aha" in result:
         lines.append(f"aha's peak grows {result['growth_aha']:.2f}× from the smallest to the largest batch")
     return "\n".join(lines)

@@ -63,7 +63,8 @@ config = GRPOConfig(output_dir=out, per_device_train_batch_size=group, gradient_
                     logging_steps=1)
 reward.__name__ = "spread_reward"
 trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, callbacks=[Timer()],
-                      train_dataset=Dataset.from_list([{"prompt": aha_prompt(r["prompt"])} for r in rows]), processing_class=tokenizer)
+                      train_dataset=Dataset.from_list([{"prompt": aha_prompt(r["prompt"])} for r in rows]),
+                      processing_class=tokenizer)
 generate = trainer._generate
 def timed_generate(*args, **kwargs):
     t0 = time.perf_counter()
@@ -118,12 +119,28 @@ def run_model_bench(model: str, steps: int = 2, warmup: int = 1, max_new_tokens:
             if side == "aha":
                 command = aha_command(model, data, out, total, max_new_tokens, prompts, group, lr)
             else:
-                command = [sys.executable, "-c", TRL_SCRIPT, model, str(data), str(out), str(total), str(max_new_tokens),
-                           str(prompts), str(group), str(lr), str(record)]
+                command = [
+                    sys.executable,
+                    "-c",
+                    TRL_SCRIPT,
+                    model,
+                    str(data),
+                    str(out),
+                    str(total),
+                    str(max_new_tokens),
+                    str(prompts),
+                    str(group),
+                    str(lr),
+                    str(record),
+                ]
             peak, code, tail = peak_rss(command, env)
             if code != 0:
                 raise RuntimeError(f"{side} failed (exit {code}): {tail}")
-            records = aha_steps(out, prompts * group) if side == "aha" else [json.loads(line) for line in record.read_text().splitlines()]
+            records = (
+                aha_steps(out, prompts * group)
+                if side == "aha"
+                else [json.loads(line) for line in record.read_text().splitlines()]
+            )
             result[side] = side_summary(records, warmup, peak)
     result["load_average_end"] = os.getloadavg()[0]
     if "aha" in result and "trl" in result:
@@ -133,10 +150,12 @@ def run_model_bench(model: str, steps: int = 2, warmup: int = 1, max_new_tokens:
 
 
 def format_model_table(result: dict) -> str:
-    lines = [f"{result['model']}: {result['prompts']} prompts × {result['group']} completions, ≤ {result['max_new_tokens']} "
-             f"new tokens, fp32, {result['steps']} timed steps after {result['warmup']} warm-up; load average "
-             f"{result['load_average_start']:.1f} → {result['load_average_end']:.1f}",
-             f"{'side':<4} {'s/step':>8} {'gen s':>7} {'upd s':>7} {'tokens':>7} {'peak MB':>8}"]
+    lines = [
+        f"{result['model']}: {result['prompts']} prompts × {result['group']} completions, ≤ {result['max_new_tokens']} "
+        f"new tokens, fp32, {result['steps']} timed steps after {result['warmup']} warm-up; load average "
+        f"{result['load_average_start']:.1f} → {result['load_average_end']:.1f}",
+        f"{'side':<4} {'s/step':>8} {'gen s':>7} {'upd s':>7} {'tokens':>7} {'peak MB':>8}",
+    ]
     for side in ("aha", "trl"):
         if side in result:
             s = result[side]
@@ -151,7 +170,9 @@ def cmd_bench_model(args) -> None:
     """`aha bench --model DIR [--steps N] [--warmup N] [--max-new-tokens N] [--json FILE]`."""
     from aha.infra.errors import AhaError
     if not (Path(args.model) / "config.json").is_file():
-        raise AhaError(f"--model {args.model}: no config.json there; give a transformers model dir (aha import-model makes one)")
+        raise AhaError(
+            f"--model {args.model}: no config.json there; give a transformers model dir (aha import-model makes one)"
+        )
     if args.max_new_tokens and len(args.max_new_tokens) > 1:
         raise AhaError("--model takes one --max-new-tokens")
     out = run_model_bench(args.model, args.steps or 2, args.warmup, (args.max_new_tokens or [128])[0],

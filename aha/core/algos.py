@@ -24,7 +24,8 @@ branches on a variant.
 
 Departures from the papers: a group whose rewards are all equal (max == min) gets advantage
 exactly 0 under every estimator (float32 rounds the mean of `[0.1] * 8`, which leaves a −7e-9 residue
-that the std division would blow up to −7e-5); the std gets + 1e-4 and is the unbiased one; log-ratios are clamped to ±20 before exp (verl does the same) so the loss stays
+that the std division would blow up to −7e-5); the std gets + 1e-4 and is the unbiased one; log-ratios are clamped to
+±20 before exp (verl does the same) so the loss stays
 finite; the aggregation divides by a `Normaliser` counted over the whole batch, so rows skipped
 for zero advantage change nothing. Batch statistics — Clip-Cov/KL-Cov's covariance and token
 counts, the entropy quantile — are taken over the rows that enter the loss (aha leaves out rows
@@ -36,8 +37,8 @@ Shapes: B completions (prompts × group_size, grouped contiguously), T completio
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -257,7 +258,10 @@ def corrected(token_loss: Tensor, weight: Tensor | None) -> Tensor:
 
 
 def bounds(spec: LossSpec) -> tuple[float | None, float | None]:
-    return (None if spec.clip_low is None else 1 - spec.clip_low, None if spec.clip_high is None else 1 + spec.clip_high)
+    return (
+        None if spec.clip_low is None else 1 - spec.clip_low,
+        None if spec.clip_high is None else 1 + spec.clip_high,
+    )
 
 
 def clamp(x: Tensor, low: float | None, high: float | None) -> Tensor:

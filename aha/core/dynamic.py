@@ -29,7 +29,8 @@ def filter_values(scores: list[dict], rewards: Tensor, metric: str) -> Tensor:
     """(N,) what the filter compares within each group: one reward component by name (DAPO and
     verl's `filter_groups.metric=acc` use accuracy), or "reward", the weighted total.
 
-    >>> filter_values([{"accuracy": 0.0, "format": 1.0}, {"accuracy": 0.0, "format": 0.0}], torch.tensor([0.1, 0.0]), "accuracy").tolist()
+    >>> scores = [{"accuracy": 0.0, "format": 1.0}, {"accuracy": 0.0, "format": 0.0}]
+    >>> filter_values(scores, torch.tensor([0.1, 0.0]), "accuracy").tolist()
     [0.0, 0.0]
     """
     return rewards if metric == "reward" else torch.tensor([float(s.get(metric, 0.0)) for s in scores])

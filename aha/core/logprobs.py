@@ -38,7 +38,6 @@ from transformers import DynamicCache, PreTrainedModel
 
 from aha.core.rollout import Rollout, cache_kwarg
 
-
 LOGIT_BYTES = 32 * 2**20             # fp32 logits of one forward above this: chunk the output head
 CHUNK_LOGIT_BYTES = 32 * 2**20       # fp32 logits of one chunk
 KEEP_PROBS_BYTES = 256 * 2**20       # the fused head keeps a micro-batch's probabilities for backward up to this
@@ -103,7 +102,9 @@ def chunked_logprobs(hidden, head: torch.nn.Linear, targets, mask, temperature: 
                 logp, entropy = checkpoint(_chunk_logprobs, flat_hidden[piece], head.weight, head.bias,
                                            flat_targets[piece], temperature, use_reentrant=False)
             else:
-                logp, entropy = _chunk_logprobs(flat_hidden[piece], head.weight, head.bias, flat_targets[piece], temperature)
+                logp, entropy = _chunk_logprobs(
+                    flat_hidden[piece], head.weight, head.bias, flat_targets[piece], temperature
+                )
             logps.append(logp)
             entropies.append(entropy)
         logp, entropy = torch.cat(logps), torch.cat(entropies)
@@ -183,7 +184,9 @@ class FusedHeadLogprobs(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_bias = bias is not None and ctx.needs_input_grad[2]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        grad_weight = (torch.empty_like(weight) if hidden.shape[0] else torch.zeros_like(weight)) if need_weight else None
+        grad_weight = (
+            (torch.empty_like(weight) if hidden.shape[0] else torch.zeros_like(weight)) if need_weight else None
+        )
         grad_bias = torch.zeros_like(bias) if need_bias else None
         logits = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0]) if probs is None else None
         for start in range(0, hidden.shape[0], chunk):
@@ -287,7 +290,9 @@ def completion_logprobs(model, rollout: Rollout, rows: torch.Tensor, temperature
     return logp, entropy, action_mask
 
 
-def _forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, group_size: int, share_prompts: bool):
+def _forward(
+    model, prompt_ids, prompt_mask, completion_ids, completion_mask, rows, group_size: int, share_prompts: bool
+):
     """The model's outputs (R, T, ·) at the positions that predict each completion token."""
     if share_prompts and can_share_prompts(model):
         groups = torch.div(rows, group_size, rounding_mode="floor")

@@ -165,14 +165,20 @@ def encode_prompt(tokenizer, text: str, add_special_tokens: bool, limit: int | N
     vocabulary without an unknown token) or it is longer than `limit` (`prompt_limit`: the model's
     context less the `max_new_tokens` of its answer)."""
     try:
-        ids = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]   # the length is checked below
-    except Exception as exc:   # tokenizers raises a bare Exception on characters it has no token for
-        raise AhaError(f"the tokenizer cannot encode the prompt {text[:50]!r}… ({str(exc).splitlines()[0][:80]}): "
-                       "use a model whose tokenizer covers the task's text") from None
+        ids = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)[
+            "input_ids"
+        ]  # the length is checked below
+    except Exception as exc:  # tokenizers raises a bare Exception on characters it has no token for
+        raise AhaError(
+            f"the tokenizer cannot encode the prompt {text[:50]!r}… ({str(exc).splitlines()[0][:80]}): "
+            "use a model whose tokenizer covers the task's text"
+        ) from None
     if limit is not None and len(ids) > limit:
-        raise AhaError(f"the prompt {text[:50]!r}… is {len(ids)} tokens and max_new_tokens is {max_new_tokens}: "
-                       f"{len(ids) + max_new_tokens} positions, more than this model's context of {limit + max_new_tokens}; "
-                       "use a model with a longer context, a shorter prompt, or fewer max_new_tokens")
+        raise AhaError(
+            f"the prompt {text[:50]!r}… is {len(ids)} tokens and max_new_tokens is {max_new_tokens}: "
+            f"{len(ids) + max_new_tokens} positions, more than this model's context of {limit + max_new_tokens}; "
+            "use a model with a longer context, a shorter prompt, or fewer max_new_tokens"
+        )
     return ids
 
 
@@ -272,8 +278,10 @@ def generate(model, prompts: list[list[int]], group_size: int, params: SamplingP
     if params.stop_strings and tokenizer is None:
         raise ValueError("stop strings need the tokenizer: generate(..., tokenizer=tokenizer)")
     per_chunk = max(1, (max_rows or n) // group_size)                  # prompts per pass
-    width = max(len(p) for p in prompts)                               # every chunk padded alike
-    check_context(width, params.max_new_tokens, model_context(model), "use a shorter prompt or template, or lower max_new_tokens")
+    width = max(len(p) for p in prompts)  # every chunk padded alike
+    check_context(
+        width, params.max_new_tokens, model_context(model), "use a shorter prompt or template, or lower max_new_tokens"
+    )
     with torch.inference_mode(), onednn_linears(model):          # aha/core/cpu_linear.py
         parts = [_generate_rows(model, prompts[start:start + per_chunk], group_size, params, pad_id, seed,
                                 row_offset + start * group_size, width, tokenizer)
@@ -295,9 +303,18 @@ def decode_mask(model, attention: Tensor) -> Tensor | None:
         attention == 0, float("-inf"))[:, None, None, :]
 
 
-@torch.inference_mode()          # no autograd bookkeeping at all: the decode step's ~400 ops run ~7% faster than under no_grad
-def _generate_rows(model, prompts: list[list[int]], group_size: int, params: SamplingParams, pad_id: int,
-                   seed: int, row_offset: int, prompt_width: int, tokenizer) -> Rollout:
+@torch.inference_mode()  # no autograd bookkeeping at all: the decode step's ~400 ops run ~7% faster than under no_grad
+def _generate_rows(
+    model,
+    prompts: list[list[int]],
+    group_size: int,
+    params: SamplingParams,
+    pad_id: int,
+    seed: int,
+    row_offset: int,
+    prompt_width: int,
+    tokenizer,
+) -> Rollout:
     """One pass of `generate`: these prompts' rows, global rows row_offset …, prompts left-padded to
     `prompt_width`."""
     device = next(model.parameters()).device

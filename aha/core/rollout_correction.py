@@ -15,7 +15,7 @@ it is ~0 by construction (README: measured).
 """
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -57,7 +57,8 @@ def rollout_weights(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor, mo
     """The correction weight: (B, T) for token_* modes, (B, 1) for sequence_* modes, no gradient;
     None for mode "none" (no correction).
 
-    >>> rollout_weights(torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -0.5]]), torch.ones(1, 2), "token_mask", 0.5, 2.0)
+    >>> trainer, sampler = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -0.5]])
+    >>> rollout_weights(trainer, sampler, torch.ones(1, 2), "token_mask", 0.5, 2.0)
     tensor([[1.6487, 0.0000]])
     """
     if mode == "none":
@@ -85,7 +86,9 @@ def rollout_mismatch(trainer_logp: Tensor, sampler_logp: Tensor, mask: Tensor,
                "rollout_kl": float((torch.expm1(log_rho) - log_rho).clamp(min=0).mean())}
     if weight is not None:
         values = weight.expand_as(mask)[keep]
-        metrics.update(rollout_weight_mean=float(values.mean()), rollout_weight_zero_frac=float((values == 0).float().mean()))
+        metrics.update(
+            rollout_weight_mean=float(values.mean()), rollout_weight_zero_frac=float((values == 0).float().mean())
+        )
     return metrics
 
 
@@ -104,7 +107,6 @@ def merge_mismatch(parts: list[tuple[float, dict[str, float]]], corrected: bool 
     {'rollout_logp_diff_mean': 0.1, 'rollout_logp_diff_max': 0.4, 'rollout_kl': 0.1}
     """
     parts = [(tokens, metrics) for tokens, metrics in parts if metrics and tokens > 0]
-    total = sum(tokens for tokens, _ in parts)
     merged = {}
     for name in MISMATCH_KEYS + (WEIGHT_KEYS if corrected else ()):
         values = [(tokens, metrics[name]) for tokens, metrics in parts if name in metrics]

@@ -34,34 +34,64 @@ from pathlib import Path
 import torch
 
 from aha.core.algos import ADVANTAGES, LossSpec, Normaliser, loss_spec, policy_loss
-from aha.infra.base import ensure_base_model
-from aha.infra.card import rl_card, save_model
-from aha.infra.checkpoint import (Cursor, RunLock, StopSignals, complete_checkpoints, latest_checkpoint, load_trainer_state,
-                            maybe_kill, open_records, prepare_out_dir, save_checkpoint, set_rng_states, trainer_state)
-from aha.infra.config import Config, parse_reward_weights, save_config
-from aha.infra.distributed import SINGLE, World, init_world, loss_scale
 from aha.core.dynamic import concat_rollouts, filter_values, group_spread, kept_groups
-from aha.infra.errors import AhaError, Stopped
-from aha.eval.evaluate import EvalSpec, evaluate
 from aha.core.health import HealthMonitor
 from aha.core.logprobs import completion_logprobs
-from aha.infra.lora import add_lora, merged
-from aha.infra.model import (autocast, check_context, count_parameters, detect_device, detect_dtype, disable_dropout, load_model,
-                       model_context)
-from aha.eval.passk import passed
-from aha.infra.plan import MemoryPlan, check_fits, plan_for as memory_plan_for, process_rss
-from aha.infra.progress import progress_bar
-from aha.tasks.rewards import SHAPING, Sample
-from aha.core.rollout import Rollout, SamplingParams, encode_prompt, generate, prompt_limit, stop_strings, stop_token_ids
+from aha.core.rollout import (
+    Rollout,
+    SamplingParams,
+    encode_prompt,
+    generate,
+    prompt_limit,
+    stop_strings,
+    stop_token_ids,
+)
 from aha.core.rollout_correction import merge_mismatch, rollout_mismatch, rollout_weights
 from aha.core.schedule import lr_factor
-from aha.tasks import get_task
-from aha.tasks.base import Problem, thought
-from aha.tasks.templates import apply_template, prompt_prefill
 from aha.core.tools import eval_engine, tool_engine, tool_schemas
 from aha.core.tools.interact import tool_metrics
+from aha.eval.evaluate import EvalSpec, evaluate
+from aha.eval.passk import passed
+from aha.infra.base import ensure_base_model
+from aha.infra.card import rl_card, save_model
+from aha.infra.checkpoint import (
+    Cursor,
+    RunLock,
+    StopSignals,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_trainer_state,
+    maybe_kill,
+    open_records,
+    prepare_out_dir,
+    save_checkpoint,
+    set_rng_states,
+    trainer_state,
+)
+from aha.infra.config import Config, parse_reward_weights, save_config
+from aha.infra.distributed import SINGLE, World, init_world, loss_scale
+from aha.infra.errors import AhaError, Stopped
+from aha.infra.lora import add_lora, merged
+from aha.infra.model import (
+    autocast,
+    check_context,
+    count_parameters,
+    detect_device,
+    detect_dtype,
+    disable_dropout,
+    load_model,
+    model_context,
+)
+from aha.infra.plan import MemoryPlan, check_fits, process_rss
+from aha.infra.plan import plan_for as memory_plan_for
+from aha.infra.progress import progress_bar
 from aha.infra.trackers import trackers_for
 from aha.infra.vllm_rollout import engine_metrics, rollout_engine
+from aha.tasks import get_task
+from aha.tasks.base import Problem, thought
+from aha.tasks.rewards import SHAPING, Sample
+from aha.tasks.templates import apply_template, prompt_prefill
+
 
 def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7_919) % 2**62
@@ -78,20 +108,26 @@ class Batch:
     tries: int                  # rollouts it took (dynamic sampling)
 
 
-def score(task, cfg: Config, texts: list[str], problems: list[Problem], rollout: Rollout) -> tuple[list[dict], torch.Tensor]:
+def score(
+    task, cfg: Config, texts: list[str], problems: list[Problem], rollout: Rollout
+) -> tuple[list[dict], torch.Tensor]:
     """Reward components of each completion, and their weighted sum (N,): the task's own, then each
     shaping component of aha/tasks/rewards.py that `reward_weights` names (overlong=soft adds DAPO's
     length penalty, weight 1)."""
     batch_problems = [problems[i // cfg.group_size] for i in range(len(texts))]
-    score_batch = getattr(task, "score_batch", None)       # parallel grading (aha/tasks/code.py)
-    scores = score_batch(texts, batch_problems) if score_batch else [task.score(t, p) for t, p in zip(texts, batch_problems)]
+    score_batch = getattr(task, "score_batch", None)  # parallel grading (aha/tasks/code.py)
+    scores = (
+        score_batch(texts, batch_problems) if score_batch else [task.score(t, p) for t, p in zip(texts, batch_problems)]
+    )
     weights, named = cfg.component_weights(), parse_reward_weights(cfg.reward_weights)
     shaping = [name for name in SHAPING if name not in scores[0] and (named.get(name) or
                                                                       (name == "overlong" and cfg.overlong == "soft"))]
     lengths = rollout.lengths.tolist() if shaping else []
     for name in shaping:
         for s, text, length in zip(scores, texts, lengths):
-            s[name] = SHAPING[name](Sample(text, length, cfg.max_new_tokens, s["accuracy"] >= 1, cfg.lang, cfg.overlong_cache))
+            s[name] = SHAPING[name](
+                Sample(text, length, cfg.max_new_tokens, s["accuracy"] >= 1, cfg.lang, cfg.overlong_cache)
+            )
     tools = getattr(rollout, "tools", None)               # what the tool loop recorded (aha/core/tools/), or None
     if tools is not None and tools.rewards is not None:     # an env: tool's reward() (aha/core/tools/)
         for s, value in zip(scores, tools.rewards.tolist()):
@@ -110,7 +146,11 @@ def check_component_names(cfg: Config, task) -> None:
         raise AhaError(f"reward_weights names {', '.join(sorted(unknown))}, but task {cfg.task!r} gives the components "
                        f"{', '.join(k for k in given if k != 'skip')} and aha/tasks/rewards.py {', '.join(SHAPING)}")
     metric = cfg.dynamic_sampling_metric
-    if cfg.dynamic_sampling and metric != "reward" and metric not in set(given) | set(parse_reward_weights(cfg.reward_weights)):
+    if (
+        cfg.dynamic_sampling
+        and metric != "reward"
+        and metric not in set(given) | set(parse_reward_weights(cfg.reward_weights))
+    ):
         raise AhaError(f"dynamic_sampling_metric={metric!r} is neither 'reward' nor a component of task {cfg.task!r} "
                        f"({', '.join(k for k in given if k != 'skip')}) or of reward_weights")
 
@@ -124,8 +164,12 @@ def check_prompt_lengths(cfg: Config, task, tokenizer, model) -> None:
         [next(stream) for _ in range(cfg.prompts_per_step)]
     special = getattr(task, "adds_special_tokens", True)
     longest = max(len(encode_prompt(tokenizer, task.prompt(p), special)) for p in problems)
-    check_context(longest, cfg.max_new_tokens, model_context(model),
-                  f"use a shorter prompt than template={cfg.template}, lower max_new_tokens, or a model with a longer context")
+    check_context(
+        longest,
+        cfg.max_new_tokens,
+        model_context(model),
+        f"use a shorter prompt than template={cfg.template}, lower max_new_tokens, or a model with a longer context",
+    )
 
 
 def fill_skipped(rewards: torch.Tensor, skip: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -146,7 +190,8 @@ def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingPara
            world: World = SINGLE, engine=generate, rollout_rows: int | None = None) -> Batch:
     """Roll out and score `prompts_per_step` fresh prompts; with dynamic sampling, roll out
     batches of fresh prompts again until `prompts_per_step` groups have a reward spread, or
-    `max_sampling_tries` rollouts were made. `rollout_rows`: rows generated at once (aha/infra/plan.py). Under torchrun each process rolls out and scores its
+    `max_sampling_tries` rollouts were made. `rollout_rows`: rows generated at once (aha/infra/plan.py). Under torchrun
+    each process rolls out and scores its
     slice of the prompts and the slices are gathered: every process gets the whole batch."""
     parts = []
     for attempt in range(cfg.max_sampling_tries if cfg.dynamic_sampling else 1):
@@ -160,7 +205,9 @@ def sample(model, tokenizer, task, problems, cfg: Config, sampling: SamplingPara
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         scores, rewards = score(task, cfg, texts, mine, rollout)
         parts.append((chosen, *world.gather(rollout, texts, scores, rewards, tokenizer.pad_token_id)))
-        informative = [group_spread(filter_values(p[3], p[4], cfg.dynamic_sampling_metric), cfg.group_size) for p in parts]
+        informative = [
+            group_spread(filter_values(p[3], p[4], cfg.dynamic_sampling_metric), cfg.group_size) for p in parts
+        ]
         if sum(int(spread.sum()) for spread in informative) >= cfg.prompts_per_step:
             break
     return Batch(problems=[p for part in parts for p in part[0]],
@@ -187,7 +234,9 @@ def group_advantages(cfg: Config, rewards: torch.Tensor, scores: list[dict], kep
     return advantages, batch_rows & ~skip, skip
 
 
-def loss_rows(cfg: Config, batch_rows: torch.Tensor, advantages: torch.Tensor, rollout: Rollout) -> tuple[torch.Tensor, Normaliser]:
+def loss_rows(
+    cfg: Config, batch_rows: torch.Tensor, advantages: torch.Tensor, rollout: Rollout
+) -> tuple[torch.Tensor, Normaliser]:
     """(indices of the rows that enter the loss (R,), the loss normaliser). overlong=mask takes
     truncated completions out of the loss, but they still count as rows of the normaliser (TRL);
     with β = 0 a row whose advantage is 0 carries no gradient and is left out."""
@@ -254,7 +303,9 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
                                                 cfg.rollout_is_low, cfg.rollout_is_high)
                     old[index] = (old_logp, is_weight)
                     if piece_weight:
-                        mismatches.append((float(mask.sum()), rollout_mismatch(old_logp, sampler_logp, mask, is_weight)))
+                        mismatches.append(
+                            (float(mask.sum()), rollout_mismatch(old_logp, sampler_logp, mask, is_weight))
+                        )
                 old_logp, is_weight = old[index]
                 ref_logp = None
                 if ref_model is not None:
@@ -272,7 +323,12 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
         means = {name: total / tokens if tokens else 0.0 for name, total in metric_sums.items()}
         loss_value, step_entropy, loss_metrics = world.reduce_update(
-            total_loss, torch.tensor(entropy_sum), torch.tensor(tokens), {**means, **merge_mismatch(mismatches, cfg.rollout_correction != "none")}, 1.0)
+            total_loss,
+            torch.tensor(entropy_sum),
+            torch.tensor(tokens),
+            {**means, **merge_mismatch(mismatches, cfg.rollout_correction != "none")},
+            1.0,
+        )
         skipped = not (math.isfinite(loss_value) and math.isfinite(grad_norm))
         if skipped:
             optimizer.zero_grad(set_to_none=True)
@@ -290,26 +346,51 @@ def step_record(step: int, task, batch: Batch, spread, kept, skip, rows, loss_va
     lengths, correct = rollout.lengths.float().cpu(), torch.tensor([s["accuracy"] >= 1 for s in scores])
     length_of = lambda chosen: lengths[chosen].mean().item() if chosen.any() else None
     return {
-        "step": step, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+        "step": step,
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item(),
         **{f"reward_{k}": sum(s[k] for s in scores) / len(scores) for k in scores[0]},
         "pass_rate": sum(passed(s["accuracy"]) for s in scores) / len(scores),
-        "think_rate": sum(thought(prompt_prefill(task, batch.problems[i * len(batch.problems) // len(texts)]) + t)
-                          for i, t in enumerate(texts)) / len(texts),
-        "response_tokens": rollout.lengths.float().mean().item(), "truncation_rate": rollout.truncated.float().mean().item(),
-        "response_tokens_correct": length_of(correct), "response_tokens_wrong": length_of(~correct),
-        "zero_spread_frac": 1.0 - spread.float().mean().item(), "sampling_tries": batch.tries,
-        "groups_kept": int(kept.sum()), "skipped_samples": int(skip.sum()), "loss": loss_value,
-        "entropy": entropy, "grad_norm": grad_norm, "trained_rows": int(rows.numel()),
-        "skipped_update": skipped, "time_generate": round(t_generate, 3), "time_update": round(t_update, 3),
-        **loss_metrics, **tool_metrics(rollout),
+        "think_rate": sum(
+            thought(prompt_prefill(task, batch.problems[i * len(batch.problems) // len(texts)]) + t)
+            for i, t in enumerate(texts)
+        )
+        / len(texts),
+        "response_tokens": rollout.lengths.float().mean().item(),
+        "truncation_rate": rollout.truncated.float().mean().item(),
+        "response_tokens_correct": length_of(correct),
+        "response_tokens_wrong": length_of(~correct),
+        "zero_spread_frac": 1.0 - spread.float().mean().item(),
+        "sampling_tries": batch.tries,
+        "groups_kept": int(kept.sum()),
+        "skipped_samples": int(skip.sum()),
+        "loss": loss_value,
+        "entropy": entropy,
+        "grad_norm": grad_norm,
+        "trained_rows": int(rows.numel()),
+        "skipped_update": skipped,
+        "time_generate": round(t_generate, 3),
+        "time_update": round(t_update, 3),
+        **loss_metrics,
+        **tool_metrics(rollout),
     }
 
 
 def dump_rollouts(file, step: int, task, batch: Batch, group: int) -> None:
     """The first sample of each group, with its reward components, to rollouts.jsonl."""
     for i in range(0, len(batch.texts), group):
-        file.write(json.dumps({"step": step, "prompt": task.prompt(batch.problems[i // group]), "completion": batch.texts[i],
-                               "reward": batch.rewards[i].item(), **batch.scores[i]}) + "\n")
+        file.write(
+            json.dumps(
+                {
+                    "step": step,
+                    "prompt": task.prompt(batch.problems[i // group]),
+                    "completion": batch.texts[i],
+                    "reward": batch.rewards[i].item(),
+                    **batch.scores[i],
+                }
+            )
+            + "\n"
+        )
     file.flush()
 
 
@@ -333,7 +414,9 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
     try:
         task = get_task(cfg.task, **cfg.task_options())
         if getattr(task, "skipped_rows", 0):
-            (console.print if console else print)(f"skipped {task.skipped_rows} bad row(s) of {cfg.data} (skip_bad_rows)")
+            (console.print if console else print)(
+                f"skipped {task.skipped_rows} bad row(s) of {cfg.data} (skip_bad_rows)"
+            )
         resume_from = latest_checkpoint(Path(cfg.out)) if resume else None
         saved = load_trainer_state(resume_from) if resume_from is not None else {}
         if model is None:
@@ -344,7 +427,9 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
         check_prompt_lengths(cfg, task, tokenizer, model)
         peft_model = None
         if cfg.lora_rank:
-            peft_model, model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)   # `model`: the same modules, adapters inside
+            peft_model, model = add_lora(
+                model, cfg.lora_rank, cfg.lora_alpha
+            )  # `model`: the same modules, adapters inside
             if saved:
                 from peft import set_peft_model_state_dict
                 set_peft_model_state_dict(peft_model, saved["adapter"])
@@ -356,7 +441,9 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        engine = tool_engine(cfg) or rollout_engine(cfg, model)   # the sampler: the tool loop, aha's torch engine, or vLLM
+        engine = tool_engine(cfg) or rollout_engine(
+            cfg, model
+        )  # the sampler: the tool loop, aha's torch engine, or vLLM
         plan = run_plan(cfg, model, task, tokenizer, world)
         if not resume and world.writes:
             if out is None:
@@ -398,12 +485,27 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
     # the module that trains: `model` itself, DDP around it, or an FSDP2-sharded copy (then `model`,
     # kept whole and refreshed after each update, generates, evaluates and is saved)
     trained = world.wrap(model, cfg.dist_strategy)
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, stop_token_ids(model, tokenizer),
-                              stop_strings(tokenizer))
+    optimizer = torch.optim.AdamW(
+        [p for p in trained.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    sampling = SamplingParams(
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.top_p,
+        cfg.top_k,
+        stop_token_ids(model, tokenizer),
+        stop_strings(tokenizer),
+    )
     plan = plan or run_plan(cfg, model, task, tokenizer, world)
-    eval_spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed,
-                         rows_per_pass=plan.eval_rows)
+    eval_spec = EvalSpec(
+        cfg.eval_problems,
+        cfg.eval_k,
+        cfg.eval_temperature,
+        cfg.eval_top_p,
+        cfg.max_new_tokens,
+        cfg.seed,
+        rows_per_pass=plan.eval_rows,
+    )
     group = cfg.group_size
     health = HealthMonitor(window=cfg.health_window)
     history, evals, bad_steps = saved.get("history", []), saved.get("evals", []), saved.get("bad_steps", 0)
@@ -416,7 +518,9 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
         health.history = list(history)
     first_step = len(history)
     # only rank 0 writes files; the other ranks write their records nowhere
-    metrics_file, rollouts_file = open_records(out, history) if world.writes else (open(os.devnull, "w"), open(os.devnull, "w"))
+    metrics_file, rollouts_file = (
+        open_records(out, history) if world.writes else (open(os.devnull, "w"), open(os.devnull, "w"))
+    )
     say = (console.print if console else print)
     if first_step:
         say(f"resuming {out} at step {first_step} of {cfg.steps}")
@@ -426,7 +530,11 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
         state["optimizer"] = world.optimizer_state(trained, optimizer)      # FSDP: gathered, so every rank calls it
         plain = model if peft_model is None else merged(peft_model, copy=True)    # training goes on unmerged
         card = rl_card(cfg, len(history), evals)
-        path = save_checkpoint(out, len(history), plain, tokenizer, state, cfg.keep_checkpoints, card) if world.writes else None
+        path = (
+            save_checkpoint(out, len(history), plain, tokenizer, state, cfg.keep_checkpoints, card)
+            if world.writes
+            else None
+        )
         world.barrier()                                # the others wait for rank 0's checkpoint
         return path
 
@@ -460,7 +568,18 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
             rows, norm = loss_rows(cfg, batch_rows, advantages, rollout)
             rows, advantages = rows.to(device), advantages.to(device)
             loss_value, grad_norm, loss_metrics, entropy, skipped = policy_update(
-                trained, ref_model, optimizer, rollout, rows, advantages, spec, norm, cfg, world, plan.micro_batch_tokens)
+                trained,
+                ref_model,
+                optimizer,
+                rollout,
+                rows,
+                advantages,
+                spec,
+                norm,
+                cfg,
+                world,
+                plan.micro_batch_tokens,
+            )
             world.sync(trained, model)                 # FSDP: the whole copy takes the new weights
             if ref_model is not None and cfg.ref_refresh_every and (step + 1) % cfg.ref_refresh_every == 0:
                 ref_model.load_state_dict(model.state_dict())     # R1: the reference follows the policy
@@ -488,7 +607,11 @@ def train_loop(cfg: Config, task, model, tokenizer, peft_model, out: Path, saved
             if step % cfg.dump_rollouts_every == 0:
                 dump_rollouts(rollouts_file, step, task, batch, group)
             for warning in health.update(record):
-                say(f"[yellow]warning (step {step}): {warning}[/yellow]" if console else f"warning (step {step}): {warning}")
+                say(
+                    f"[yellow]warning (step {step}): {warning}[/yellow]"
+                    if console
+                    else f"warning (step {step}): {warning}"
+                )
             bar.update(job, advance=1, description=(
                 f"train reward {record['reward_mean']:.2f} pass {record['pass_rate']:.2f} "
                 f"think {record['think_rate']:.2f} len {record['response_tokens']:.0f}"))

@@ -25,12 +25,15 @@ from aha.infra.errors import AhaError
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="pass@1, pass@k, cons@k on held-out problems with R1's sampling protocol",
-                       description="k samples per held-out problem at temperature 0.6, top-p 0.95; pass@1 = share of "
-                                   "correct samples, unbiased pass@j for each --pass-k, cons@k = majority vote of the k "
-                                   "answers, mean_accuracy = mean reward accuracy (partial credit included). A run folder "
-                                   "is evaluated with its own config.yaml (task, data, template, prefill, lengths); flags "
-                                   "override it. Several models: a side-by-side table.")
+    p = sub.add_parser(
+        "eval",
+        help="pass@1, pass@k, cons@k on held-out problems with R1's sampling protocol",
+        description="k samples per held-out problem at temperature 0.6, top-p 0.95; pass@1 = share of "
+        "correct samples, unbiased pass@j for each --pass-k, cons@k = majority vote of the k "
+        "answers, mean_accuracy = mean reward accuracy (partial credit included). A run folder "
+        "is evaluated with its own config.yaml (task, data, template, prefill, lengths); flags "
+        "override it. Several models: a side-by-side table.",
+    )
     p.add_argument("models", nargs="*", metavar="RUN_OR_MODEL_DIR", help="run folder(s) or model dir(s) to evaluate")
     p.add_argument("--model", action="append", default=[], metavar="DIR",
                    help="model dir or run folder (its model/); repeat to compare (default: the built-in base model)")
@@ -38,13 +41,23 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--digits", type=int, help="addition: digits per operand (default: the run's, else 3)")
     p.add_argument("--data", help="data file for file-backed tasks (gsm8k, math, py:…; default: the run's)")
     p.add_argument("--eval-data", help="a separate held-out file (default: the run's eval_data)")
-    p.add_argument("--template", help="prompt template: task, r1_zero, chat, or a file with {question} (default: the run's)")
+    p.add_argument(
+        "--template", help="prompt template: task, r1_zero, chat, or a file with {question} (default: the run's)"
+    )
     p.add_argument("--think-prefill", action="store_true", default=None, help="append <think> to every prompt")
-    p.add_argument("--no-think-prefill", dest="think_prefill", action="store_false", help="do not, whatever the run did")
+    p.add_argument(
+        "--no-think-prefill", dest="think_prefill", action="store_false", help="do not, whatever the run did"
+    )
     p.add_argument("--problems", type=int, help="held-out problems (default: the run's eval_problems, else 200)")
-    p.add_argument("--k", type=int, help="samples per problem (default: the run's eval_k, else 4; at least the largest --pass-k)")
-    p.add_argument("--pass-k", default="", metavar="J,J,…", help="also report unbiased pass@J for these J ≤ k, e.g. 1,2,4")
-    p.add_argument("--temperature", type=float, help="sampling temperature (default: the run's eval_temperature, else 0.6)")
+    p.add_argument(
+        "--k", type=int, help="samples per problem (default: the run's eval_k, else 4; at least the largest --pass-k)"
+    )
+    p.add_argument(
+        "--pass-k", default="", metavar="J,J,…", help="also report unbiased pass@J for these J ≤ k, e.g. 1,2,4"
+    )
+    p.add_argument(
+        "--temperature", type=float, help="sampling temperature (default: the run's eval_temperature, else 0.6)"
+    )
     p.add_argument("--top-p", type=float, help="nucleus (default: the run's eval_top_p, else 0.95)")
     p.add_argument("--max-new-tokens", type=int, help="completion budget (default: the run's, else 64)")
     p.add_argument("--prefill", default="", help='force the response to start so, e.g. " <think>"')
@@ -96,8 +109,11 @@ def eval_plan(path: str | None, args) -> EvalPlan:
     note = ""
     if run is not None and run.data and cfg.task == run.task:
         if same_file(cfg.eval_data, run.data):
-            raise AhaError(f"--eval-data {cfg.eval_data} is the training file of the run in {path}: the model trained on "
-                           f"its rows; evaluate its held-out set instead ({'eval_data ' + run.eval_data if run.eval_data else 'drop --eval-data'})")
+            raise AhaError(
+                f"--eval-data {cfg.eval_data} is the training file of the run in {path}: the model trained on "
+                f"its rows; evaluate its held-out set instead "
+                f"({'eval_data ' + run.eval_data if run.eval_data else 'drop --eval-data'})"
+            )
         if "data" in given and run.eval_data and "eval_data" not in given and same_file(cfg.data, run.data):
             note = (f"evaluating the run's held-out file {run.eval_data}: the hash split of its training file "
                     f"{cfg.data} holds rows the model trained on")
@@ -105,13 +121,13 @@ def eval_plan(path: str | None, args) -> EvalPlan:
 
 
 def cmd_eval(args, console):
-    from aha.infra.base import ensure_base_model
+    from aha.core.tools import eval_engine, tool_schemas
     from aha.eval.evaluate import EvalSpec, evaluate, markdown_table, resolve_model_dir, rich_table
+    from aha.infra.base import ensure_base_model
     from aha.infra.model import detect_device, load_model
     from aha.infra.plan import rollout_rows_for
     from aha.tasks import get_task
     from aha.tasks.templates import apply_template
-    from aha.core.tools import eval_engine, tool_schemas
     pass_k = parse_pass_k(args.pass_k)
     paths = [*args.models, *args.model] or [None]
     plans = [eval_plan(path, args) for path in paths]          # every bad input found before any model loads
@@ -128,12 +144,22 @@ def cmd_eval(args, console):
         rows = rollout_rows_for(model, 256, cfg.max_new_tokens, k, cfg.eval_problems * k)   # the KV-cache budget
         spec = EvalSpec(cfg.eval_problems, k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed,
                         pass_k=pass_k, rows_per_pass=rows, skip_unreadable=args.skip_unreadable)
-        result = evaluate(model, tokenizer, task, spec, prefill=args.prefill, console=console, label=f"eval {path or 'base'}",
-                          engine=eval_engine(cfg))
+        result = evaluate(
+            model,
+            tokenizer,
+            task,
+            spec,
+            prefill=args.prefill,
+            console=console,
+            label=f"eval {path or 'base'}",
+            engine=eval_engine(cfg),
+        )
         results.append({"model": path or "base", "task": cfg.task, "template": cfg.template,
                         "think_prefill": cfg.think_prefill, "max_new_tokens": cfg.max_new_tokens, **result})
     if len(results) > 1:
-        console.print(rich_table(results, f"{plans[0].cfg.task}: {results[0]['problems']} problems × {results[0]['k']} samples"))
+        console.print(
+            rich_table(results, f"{plans[0].cfg.task}: {results[0]['problems']} problems × {results[0]['k']} samples")
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results[0] if len(results) == 1 else results, f, indent=2)

@@ -20,11 +20,11 @@ well the model does when it does or does not reason.
 
 from dataclasses import dataclass
 
-from aha.infra.errors import AhaError
-from aha.infra.model import check_context, model_context
-from aha.eval.passk import REFLECTION_WORDS, cons_at_k, mean_pass_at_k, passed, reflection_rate
-from aha.infra.progress import progress_bar
 from aha.core.rollout import SamplingParams, encode_prompt, generate, prompt_limit, stop_strings, stop_token_ids
+from aha.eval.passk import REFLECTION_WORDS, cons_at_k, mean_pass_at_k, passed, reflection_rate
+from aha.infra.errors import AhaError
+from aha.infra.model import model_context
+from aha.infra.progress import progress_bar
 from aha.tasks.base import extract_answer, thought
 from aha.tasks.templates import prompt_prefill
 
@@ -48,7 +48,9 @@ class EvalSpec:
             raise AhaError(f"pass@k needs 1 ≤ k ≤ samples per problem ({self.k}); got {bad}: raise --k or drop them")
 
 
-def sample_metrics(correct: list[list[float]], answers: list[list[str | None]], texts: list[str], spec: EvalSpec) -> dict:
+def sample_metrics(
+    correct: list[list[float]], answers: list[list[str | None]], texts: list[str], spec: EvalSpec
+) -> dict:
     """pass@1, pass@j, cons@k (all three count a sample as correct when `passed`: full accuracy),
     the mean accuracy (partial credit included) and the reflection rate, from per-problem lists of k
     accuracies / extracted answers and the responses."""
@@ -122,7 +124,9 @@ def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=
                                  tokenizer.pad_token_id, seed=spec.seed, row_offset=start * spec.k,
                                  total_rows=len(problems) * spec.k, tokenizer=tokenizer)
                 rollouts.append(rollout)
-                decoded = [prefill + t for t in tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)]
+                decoded = [
+                    prefill + t for t in tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+                ]
                 scores = score_all(task, decoded, [p for p in readable for _ in range(spec.k)])
                 for i in range(0, len(decoded), spec.k):
                     problem, group = readable[i // spec.k], decoded[i:i + spec.k]
@@ -165,15 +169,19 @@ def eval_tool_metrics(rollouts: list) -> dict:
     if not rollouts or rollouts[0].tools is None:
         return {}
     metrics = tool_metrics(concat_rollouts(rollouts, 0))
-    return {key: metrics[key] for key in ("tool_use_rate", "tool_calls_per_sample", "tool_error_rate", "turns_per_sample",
-                                          "policy_tokens")}
+    return {
+        key: metrics[key]
+        for key in ("tool_use_rate", "tool_calls_per_sample", "tool_error_rate", "turns_per_sample", "policy_tokens")
+    }
 
 
 def resolve_model_dir(path: str) -> str:
     """A run folder (from `aha run`/`aha train`) stands for the model it saved in `model/`."""
     from pathlib import Path
     run_model = Path(path) / "model"
-    return str(run_model) if not (Path(path) / "config.json").is_file() and (run_model / "config.json").is_file() else path
+    return (
+        str(run_model) if not (Path(path) / "config.json").is_file() and (run_model / "config.json").is_file() else path
+    )
 
 
 def table_columns(results: list[dict]) -> list[str]:
@@ -181,7 +189,11 @@ def table_columns(results: list[dict]) -> list[str]:
     passes = sorted({key for r in results for key in r if key.startswith("pass@")}, key=lambda key: int(key[5:]))
     cons = sorted({key for r in results for key in r if key.startswith("cons@")}, key=lambda key: int(key[5:]))
     formats = ["format_rate"] if any("format_rate" in r for r in results) else []
-    return passes + cons + ["mean_accuracy", *formats, "think_rate", "reflection_rate", "mean_response_tokens", "truncation_rate"]
+    return (
+        passes
+        + cons
+        + ["mean_accuracy", *formats, "think_rate", "reflection_rate", "mean_response_tokens", "truncation_rate"]
+    )
 
 
 def _cell(value) -> str:

@@ -15,7 +15,7 @@ Pure functions of counts and strings, used by `aha eval` (aha/eval/evaluate.py).
 
 import re
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 REFLECTION_WORDS = ("wait", "check", "verify", "recheck", "re-check", "double-check", "mistake", "hmm")
 

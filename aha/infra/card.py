@@ -9,7 +9,8 @@ base model, task, method and its key hyperparameters, steps, seed, pass@1, the a
 command, and the one-line `summary` that `aha chat` and `aha serve` print. The text below it says
 the same for people. transformers ignores the file: the dir loads unchanged (tested).
 
-    aha.infra.card.summary("runs/demo/model")   # 'grpo on addition, 150 steps from the built-in base, seed 0; held-out pass@1 0.199 → 0.923'
+    aha.infra.card.summary("runs/demo/model")   # 'grpo on addition, 150 steps from the built-in base, seed 0; held-out
+    pass@1 0.199 → 0.923'
 """
 
 import re
@@ -36,7 +37,9 @@ def record_command(argv: list[str]) -> None:
 
 
 def command_line() -> str:
-    return "aha " + shlex.join(_command) if _command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    return (
+        "aha " + shlex.join(_command) if _command is not None else shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    )
 
 
 @dataclass
@@ -72,7 +75,8 @@ def summary_line(info: CardInfo) -> str:
 def rl_card(cfg, steps: int, evals: list | None = None, pass1_before: float | None = None,
             pass1_after: float | None = None) -> CardInfo:
     """The card of a model trained by `aha train` / `aha run` from its resolved config."""
-    protocol = f"{cfg.eval_problems} held-out problems × {cfg.eval_k} samples, T {cfg.eval_temperature}, top-p {cfg.eval_top_p}"
+    protocol = (f"{cfg.eval_problems} held-out problems × {cfg.eval_k} samples, T {cfg.eval_temperature}, top-p "
+                f"{cfg.eval_top_p}")
     hyper = {key: getattr(cfg, key) for key in RL_KEYS} | {"reward_weights": cfg.component_weights()}
     return CardInfo(cfg.model, cfg.task, cfg.algo, steps, cfg.seed, hyper, pass1_before, pass1_after, protocol,
                     [{"step": e["step"], "pass@1": e["pass@1"]} for e in evals or []])
@@ -82,9 +86,18 @@ def front_matter(info: CardInfo) -> str:
     from huggingface_hub import EvalResult, ModelCardData
     task_slug = re.sub(r"[^A-Za-z0-9]+", "-", info.task).strip("-").lower()
     name = f"aha-{task_slug}-{info.method}"
-    results = [EvalResult(task_type="text-generation", dataset_type=f"aha/{info.task}", dataset_name=f"{info.task} (held out)",
-                          metric_type="pass@1", metric_value=value, metric_name=label)
-               for label, value in (("pass@1 before", info.pass1_before), ("pass@1 after", info.pass1_after)) if value is not None]
+    results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=f"aha/{info.task}",
+            dataset_name=f"{info.task} (held out)",
+            metric_type="pass@1",
+            metric_value=value,
+            metric_name=label,
+        )
+        for label, value in (("pass@1 before", info.pass1_before), ("pass@1 after", info.pass1_after))
+        if value is not None
+    ]
     hub_base = info.base_model if HUB_ID_RE.match(info.base_model) and not Path(info.base_model).exists() else None
     record = {"summary": summary_line(info), "base_model": info.base_model or BUILTIN, "task": info.task,
               "method": info.method, "steps": info.steps, "seed": info.seed, "pass1_before": info.pass1_before,

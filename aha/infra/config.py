@@ -17,7 +17,6 @@ import yaml
 
 from aha.infra.errors import AhaError
 
-
 OVERLONG = ("none", "mask", "soft")
 
 
@@ -32,7 +31,7 @@ class Config:
     skip_bad_rows: bool = False      # skip and count rows without an answer instead of stopping
     task_config: dict = field(default_factory=dict)   # the task's own keyword options, e.g. for rg:NAME
                                      # {eval_size: 100, config: {min_terms: 2}} (reasoning-gym's dataset config)
-    template: str = "task"           # prompt: task (its own) | r1_zero | chat | PATH with {question}; aha/tasks/templates.py
+    template: str = "task"  # prompt: task (its own) | r1_zero | chat | PATH with {question}; aha/tasks/templates.py
     think_prefill: bool = False      # append <think> to every prompt
     out: str = "runs/train"
     seed: int = 0
@@ -71,13 +70,17 @@ class Config:
     clip_cov_low: float = 1.0        # clip_cov: covariance window (low, high) of the tokens it may cut
     clip_cov_high: float = 5.0
     kl_cov_coef: float = 1.0         # kl_cov: weight of |log ρ| on the selected tokens
-    top_entropy_quantile: float = 1.0   # train on the top-q share of tokens by entropy (0.2 in the paper); 1 = all
-    rollout_correction: str = "none"    # sampler ≠ trainer: none | token_truncate | token_mask | sequence_truncate | sequence_mask
+    top_entropy_quantile: float = 1.0  # train on the top-q share of tokens by entropy (0.2 in the paper); 1 = all
+    rollout_correction: str = (
+        "none"  # sampler ≠ trainer: none | token_truncate | token_mask | sequence_truncate | sequence_mask
+    )
     rollout_is_low: float = 0.0      # rollout correction bounds on ρ = π_trainer/π_sampler: truncate to / mask outside
     rollout_is_high: float = 3.0     # [low, high] (TRL's default C_max = 3)
     dynamic_sampling: bool = False   # DAPO: drop groups with equal rewards, refill from new prompts
-    max_sampling_tries: int = 4      # dynamic sampling: rollouts per step at most
-    dynamic_sampling_metric: str = "accuracy"   # what a kept group must have a spread in: a component, or "reward" (the total)
+    max_sampling_tries: int = 4  # dynamic sampling: rollouts per step at most
+    dynamic_sampling_metric: str = (
+        "accuracy"  # what a kept group must have a spread in: a component, or "reward" (the total)
+    )
     overlong: str = "none"           # truncated completions: none | mask (no loss) | soft (DAPO's length penalty)
     overlong_cache: int = 16         # soft: the penalty ramps 0 → −1 over the last this-many tokens
     ref_refresh_every: int = 0       # β > 0: copy the policy into the reference every N steps (R1: 400); 0 = never
@@ -94,10 +97,13 @@ class Config:
     # comes from $AHA_AUTOCAST when set (CI forces bf16 on CPUs without fast bf16 to test that path too)
     autocast: str = field(default_factory=lambda: os.environ.get("AHA_AUTOCAST", "auto"))
     # scale-out (aha/infra/distributed.py, aha/infra/vllm_rollout.py; docs/distributed.md)
-    dist_strategy: str = "ddp"       # under torchrun: ddp (whole model per process) | fsdp (FSDP2: sharded per decoder layer)
-    rollout: str = "torch"           # sampler: torch (aha/core/rollout.py) | vllm (colocated vLLM, needs CUDA + pip install 'aha[gpu]')
-    vllm_gpu_memory: float = 0.3     # rollout=vllm: share of the GPU's memory vLLM may take (weights + KV cache)
-    # tools (aha/core/tools/): multi-turn rollouts; max_new_tokens then bounds the whole interaction, tool output included
+    dist_strategy: str = "ddp"
+    rollout: str = (
+        "torch"  # sampler: torch (aha/core/rollout.py) | vllm (colocated vLLM, needs CUDA + pip install 'aha[gpu]')
+    )
+    vllm_gpu_memory: float = 0.3  # rollout=vllm: share of the GPU's memory vLLM may take (weights + KV cache)
+    # tools (aha/core/tools/): multi-turn rollouts; max_new_tokens then bounds the whole interaction, tool output
+    # included
     tools: str = ""                  # "" = none | python (sandboxed) | py:module:function | env:module:Class
     tool_format: str = "r1"          # r1 (<tool>CODE</tool> → <output>…</output>) | chat (the model's <tool_call> JSON)
     max_turns: int = 4               # tool calls per sample at most
@@ -107,8 +113,8 @@ class Config:
     # rewards: total = Σ weight × component
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
-    reward_weights: str = ""         # any component by name, e.g. "accuracy=1,format=0.1,tinyzero=1"; overrides the two above
-                                     # besides the task's own: format_strict, format_soft, tag_count, language,
+    reward_weights: str = ""  # any component by name, e.g. "accuracy=1,format=0.1,tinyzero=1"; overrides the two above
+    # besides the task's own: format_strict, format_soft, tag_count, language,
                                      # repetition, cosine, overlong (aha/tasks/rewards.py SHAPING)
     lang: str = "en"                 # the `language` component: the language the reasoning should be in (en, id, zh, …)
     # evaluation (R1 protocol: k samples at T 0.6, top-p 0.95)
@@ -119,10 +125,12 @@ class Config:
     eval_every: int = 50             # held-out eval during training; 0 = only before/after
     # records
     dump_rollouts_every: int = 10
-    checkpoint_every: int = 50       # steps between checkpoints (also on the last step and on SIGTERM/SIGINT); 0 = those only
+    checkpoint_every: int = (
+        50  # steps between checkpoints (also on the last step and on SIGTERM/SIGINT); 0 = those only
+    )
     keep_checkpoints: int = 2        # the newest this-many are kept
-    health_window: int = 10          # steps a symptom must last before the run warns
-    report_to: str = ""              # live dashboards, comma-separated: tensorboard, wandb (offline); aha/infra/trackers.py
+    health_window: int = 10  # steps a symptom must last before the run warns
+    report_to: str = ""  # live dashboards, comma-separated: tensorboard, wandb (offline); aha/infra/trackers.py
 
     def task_options(self) -> dict:
         """The options `get_task` takes for this task: only those that apply to it."""
@@ -156,7 +164,9 @@ class Config:
             if getattr(self, name) < 1:
                 raise AhaError(f"config: {name}={getattr(self, name)} must be at least 1")
         if self.group_size < 2:
-            raise AhaError(f"config: group_size={self.group_size} must be at least 2 (advantages compare samples within a group)")
+            raise AhaError(
+                f"config: group_size={self.group_size} must be at least 2 (advantages compare samples within a group)"
+            )
         if self.micro_batch_size != "auto" and not (self.micro_batch_size.isdigit() and int(self.micro_batch_size) > 0):
             raise AhaError(f"config: micro_batch_size={self.micro_batch_size!r} must be auto or a whole number ≥ 1")
         if self.micro_batch_tokens < 0 or self.rollout_batch_size < 0:
@@ -201,19 +211,41 @@ class Config:
     def validate_loss(self) -> None:
         """The ranges of the loss knobs of aha/core/algos.py and aha/core/rollout_correction.py."""
         checks = [
-            (self.dual_clip == 0 or self.dual_clip > 1, f"dual_clip={self.dual_clip} must be 0 (off) or above 1 (verl: 3)"),
-            (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0,
-             f"sapo_tau_pos={self.sapo_tau_pos} and sapo_tau_neg={self.sapo_tau_neg} must be above 0"),
-            (min(self.vespo_lambda_pos, self.vespo_lambda_neg) >= 0, "vespo_lambda_pos and vespo_lambda_neg must be 0 or more"),
+            (
+                self.dual_clip == 0 or self.dual_clip > 1,
+                f"dual_clip={self.dual_clip} must be 0 (off) or above 1 (verl: 3)",
+            ),
+            (
+                self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0,
+                f"sapo_tau_pos={self.sapo_tau_pos} and sapo_tau_neg={self.sapo_tau_neg} must be above 0",
+            ),
+            (
+                min(self.vespo_lambda_pos, self.vespo_lambda_neg) >= 0,
+                "vespo_lambda_pos and vespo_lambda_neg must be 0 or more",
+            ),
             (0 < self.cov_share <= 1, f"cov_share={self.cov_share} must be a share in (0, 1], e.g. 0.0002"),
-            (self.clip_cov_low < self.clip_cov_high, f"clip_cov_low={self.clip_cov_low} must be below clip_cov_high={self.clip_cov_high}"),
-            (0 <= self.top_entropy_quantile <= 1, f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1] (1 = every token)"),
-            (0 <= self.rollout_is_low < self.rollout_is_high,
-             f"need 0 <= rollout_is_low < rollout_is_high, got {self.rollout_is_low} and {self.rollout_is_high}"),
-            (self.clip_low >= 0 and self.clip_high >= 0, f"clip_low={self.clip_low} and clip_high={self.clip_high} must be 0 or more"),
-            (not (self.surrogate == "vespo" and self.rollout_correction.startswith("sequence")),
-             f"surrogate=vespo folds token weights into its sequence ratio: use rollout_correction=token_truncate or "
-             f"token_mask, not {self.rollout_correction} (as TRL)"),
+            (
+                self.clip_cov_low < self.clip_cov_high,
+                f"clip_cov_low={self.clip_cov_low} must be below clip_cov_high={self.clip_cov_high}",
+            ),
+            (
+                0 <= self.top_entropy_quantile <= 1,
+                f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1] (1 = every token)",
+            ),
+            (
+                0 <= self.rollout_is_low < self.rollout_is_high,
+                f"need 0 <= rollout_is_low < rollout_is_high, got {self.rollout_is_low} and {self.rollout_is_high}",
+            ),
+            (
+                self.clip_low >= 0 and self.clip_high >= 0,
+                f"clip_low={self.clip_low} and clip_high={self.clip_high} must be 0 or more",
+            ),
+            (
+                not (self.surrogate == "vespo" and self.rollout_correction.startswith("sequence")),
+                f"surrogate=vespo folds token weights into its sequence ratio: use rollout_correction=token_truncate "
+                f"or "
+                f"token_mask, not {self.rollout_correction} (as TRL)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -236,7 +268,9 @@ def parse_reward_weights(text: str) -> dict[str, float]:
         if number is None or not math.isfinite(number):
             raise AhaError(f"config: reward_weights entry {part!r} is not name=number (e.g. \"accuracy=1,format=0.1\")")
         if name == "skip":
-            raise AhaError("config: reward_weights cannot weight 'skip': it marks samples to leave out, it is not a reward")
+            raise AhaError(
+                "config: reward_weights cannot weight 'skip': it marks samples to leave out, it is not a reward"
+            )
         if name in weights:
             raise AhaError(f"config: reward_weights names {name!r} twice")
         weights[name] = number

@@ -156,8 +156,11 @@ class World:
             from torch.nn.parallel import DistributedDataParallel
             # MoE experts that no token chose get no gradient: DDP must look for unused parameters
             moe = any("expert" in name for name, _ in model.named_modules())
-            return DistributedDataParallel(model, device_ids=[model.device.index] if model.device.type == "cuda" else None,
-                                           find_unused_parameters=moe)
+            return DistributedDataParallel(
+                model,
+                device_ids=[model.device.index] if model.device.type == "cuda" else None,
+                find_unused_parameters=moe,
+            )
         from torch.distributed.fsdp import fully_shard
         sharded = copy.deepcopy(model)
         layers = set(getattr(model, "_no_split_modules", None) or ())
@@ -184,7 +187,10 @@ class World:
         if not isinstance(trained, FSDPModule) or not optimizer.state:
             return optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-        return get_optimizer_state_dict(trained, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+        return get_optimizer_state_dict(
+            trained, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     def load_optimizer_state(self, trained, optimizer, state: dict) -> None:
         """Inverse of `optimizer_state`: every rank loads the checkpoint's whole state (FSDP keeps its shard)."""
@@ -277,7 +283,17 @@ def torchrun_command(argv: list[str], nproc: int) -> list[str]:
             skip = True
         elif not arg.startswith("--nproc="):
             rest.append(arg)
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "aha", *rest]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "aha",
+        *rest,
+    ]
 
 
 def relaunch(argv: list[str], nproc: int) -> int:

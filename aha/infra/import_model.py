@@ -54,7 +54,9 @@ def locate(source: str) -> tuple[Path, str]:
             raise AhaError(f"{source} comes inside a wheel that is not installed: {known.pip}")
         path = Path(list(spec.submodule_search_locations)[0]) / known.filename
         if not path.is_file():
-            raise AhaError(f"{source}: the installed {known.package} has no {known.filename}; reinstall it: {known.pip}")
+            raise AhaError(
+                f"{source}: the installed {known.package} has no {known.filename}; reinstall it: {known.pip}"
+            )
         return path, known.note
     path = Path(source)
     if path.suffix.lower() != ".gguf":
@@ -83,13 +85,18 @@ def plain_copy(model):
     """The same weights in a model built from its config without the GGUF `quantization_config`,
     which `save_pretrained` refuses."""
     from transformers import AutoModelForCausalLM
-    config = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items() if k != "quantization_config"})
+
+    config = model.config.__class__.from_dict(
+        {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+    )
     config.dtype = torch.float32
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise AhaError(f"the GGUF model's weights do not fit its own config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise AhaError(
+            f"the GGUF model's weights do not fit its own config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     if config.tie_word_embeddings:
         plain.tie_weights()
     plain.generation_config = model.generation_config

@@ -11,7 +11,14 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, GPT2Config, PreTrainedTokenizerFast, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DeepseekV3Config,
+    GPT2Config,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
 from transformers.utils.logging import disable_progress_bar
 
 from aha.infra.errors import AhaError
@@ -64,14 +71,18 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     """(model, tokenizer) from a local transformers dir; a clear AhaError when it is not one."""
     path = Path(path)
     if not path.is_dir():
-        raise AhaError(f"model dir {path} does not exist: pass a transformers model directory (config.json + weights + tokenizer)")
+        raise AhaError(
+            f"model dir {path} does not exist: pass a transformers model directory (config.json + weights + tokenizer)"
+        )
     if not (path / "config.json").is_file():
         raise AhaError(f"model dir {path} has no config.json: is it a transformers model directory?")
     try:
         tokenizer = load_tokenizer(path)
     except Exception as exc:  # transformers raises many types here
         raise AhaError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0][:200]}") from None
-    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):   # transformers builds an empty one when files are missing
+    if len(tokenizer.get_vocab()) <= len(
+        tokenizer.all_special_tokens
+    ):  # transformers builds an empty one when files are missing
         raise AhaError(f"model dir {path} has no tokenizer (tokenizer.json, tokenizer.model or vocab files): "
                        "save the model's tokenizer into it with tokenizer.save_pretrained(dir)")
     disable_progress_bar()     # transformers' "Loading weights" bar: aha's own bars show progress
@@ -82,7 +93,10 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if len(tokenizer) > model.config.vocab_size:
-        raise AhaError(f"tokenizer in {path} has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: they do not belong together")
+        raise AhaError(
+            f"tokenizer in {path} has {len(tokenizer)} tokens but the model only {model.config.vocab_size}: they do "
+            f"not belong together"
+        )
     return model, tokenizer
 
 
@@ -110,8 +124,10 @@ def check_context(prompt_tokens: int, max_new_tokens: int, context: int | None, 
     """Stop, in one line, before a prompt plus its completion would run past the model's positions
     (learned positions then fail deep in torch.embedding with a bare IndexError)."""
     if context is not None and prompt_tokens + max_new_tokens > context:
-        raise AhaError(f"the longest prompt has {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
-                       f"{prompt_tokens + max_new_tokens} positions, more than this model's context of {context}; {fix}")
+        raise AhaError(
+            f"the longest prompt has {prompt_tokens} tokens and max_new_tokens is {max_new_tokens}: "
+            f"{prompt_tokens + max_new_tokens} positions, more than this model's context of {context}; {fix}"
+        )
 
 
 def detect_device() -> str:

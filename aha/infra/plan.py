@@ -33,9 +33,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from aha.core.logprobs import CHUNK_LOGIT_BYTES, KEEP_PROBS_BYTES, LOGIT_BYTES
 from aha.infra.config import Config
 from aha.infra.errors import AhaError
-from aha.core.logprobs import CHUNK_LOGIT_BYTES, KEEP_PROBS_BYTES, LOGIT_BYTES
 
 AUTO_MAX_TOKENS = 8192               # micro_batch_tokens=auto on a CPU: at most this many tokens per forward/backward
 AUTO_UPDATE_BYTES = 2 * 2**30        # … and at most this much activation + logit memory (bigger buys a CPU nothing)
@@ -60,7 +60,9 @@ class ModelShape:
 
     @staticmethod
     def of(config, params: int) -> "ModelShape":
-        get = lambda *names, default=None: next((getattr(config, n) for n in names if getattr(config, n, None)), default)  # noqa: E731
+        get = lambda *names, default=None: next(
+            (getattr(config, n) for n in names if getattr(config, n, None)), default
+        )  # noqa: E731
         hidden = get("hidden_size", "n_embd")
         heads = get("num_attention_heads", "n_head")
         head_dim = get("head_dim", default=hidden // heads)
@@ -68,10 +70,16 @@ class ModelShape:
         if getattr(config, "kv_lora_rank", None):        # MLA (DeepSeek-V3) caches keys and values per head
             head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
             head_dim //= 2
-        return ModelShape(params=params, vocab=config.vocab_size, hidden=hidden, layers=get("num_hidden_layers", "n_layer"),
-                          heads=heads, kv_width=kv_heads * head_dim,
-                          intermediate=get("intermediate_size", "n_inner", default=4 * hidden),
-                          max_positions=get("max_position_embeddings", "n_positions", default=0))
+        return ModelShape(
+            params=params,
+            vocab=config.vocab_size,
+            hidden=hidden,
+            layers=get("num_hidden_layers", "n_layer"),
+            heads=heads,
+            kv_width=kv_heads * head_dim,
+            intermediate=get("intermediate_size", "n_inner", default=4 * hidden),
+            max_positions=get("max_position_embeddings", "n_positions", default=0),
+        )
 
 
 def count_parameters_of(config) -> int:
@@ -87,7 +95,11 @@ def activation_bytes_per_token(shape: ModelShape, sequence: int, value_bytes: in
     With gradient checkpointing each layer keeps only its input, and one layer's activations exist at
     a time, while it is recomputed in the backward pass."""
     per_layer = 10 * shape.hidden + 4 * shape.intermediate + 2 * shape.kv_width + 3 * shape.heads * sequence
-    kept_layers = value_bytes * (shape.hidden * shape.layers + per_layer) if checkpointing else value_bytes * per_layer * shape.layers
+    kept_layers = (
+        value_bytes * (shape.hidden * shape.layers + per_layer)
+        if checkpointing
+        else value_bytes * per_layer * shape.layers
+    )
     return kept_layers + 4 * shape.hidden * 2                                    # + embeddings and final norm
 
 
@@ -125,7 +137,9 @@ def rollout_rows_for(model, prompt_tokens: int, max_new_tokens: int, group: int,
     cache and sampling buffers, whole groups."""
     shape = ModelShape.of(model.config, sum(p.numel() for p in model.parameters()))
     weight_bytes = next(model.parameters()).element_size()
-    return rows_that_fit(AUTO_ROLLOUT_BYTES, rollout_bytes(shape, 1, prompt_tokens, max_new_tokens, weight_bytes), group, total)
+    return rows_that_fit(
+        AUTO_ROLLOUT_BYTES, rollout_bytes(shape, 1, prompt_tokens, max_new_tokens, weight_bytes), group, total
+    )
 
 
 @dataclass
@@ -187,14 +201,18 @@ def memory_plan(cfg: Config, shape: ModelShape, prompt_tokens: int, *, trainable
         rows = int(cfg.micro_batch_size)
         tokens = rows * sequence
     else:
-        cap_tokens, cap_bytes = (GPU_AUTO_MAX_TOKENS, free // 2) if gpu else (AUTO_MAX_TOKENS, min(AUTO_UPDATE_BYTES, free // 2))
+        cap_tokens, cap_bytes = (
+            (GPU_AUTO_MAX_TOKENS, free // 2) if gpu else (AUTO_MAX_TOKENS, min(AUTO_UPDATE_BYTES, free // 2))
+        )
         tokens = cfg.micro_batch_tokens or min(cap_tokens, max(sequence, cap_bytes // per_token))
         rows = max(1, tokens // sequence)
     rows = min(rows, rows_total)
     update = update_bytes(shape, rows, prompt_tokens, completion, value_bytes, checkpointing)
 
     per_rollout_row = rollout_bytes(shape, 1, prompt_tokens, completion, weight_bytes)
-    rollout_budget = max(AUTO_ROLLOUT_BYTES, free // 4) if gpu else AUTO_ROLLOUT_BYTES     # a GPU decodes wide batches fast
+    rollout_budget = (
+        max(AUTO_ROLLOUT_BYTES, free // 4) if gpu else AUTO_ROLLOUT_BYTES
+    )  # a GPU decodes wide batches fast
     # a training step's rows in one pass where they fit in an eighth of the free memory: decoding is
     # bound by reading the weights once per step, so 3 passes of 24 rows cost ~3× one pass of 64
     # (SmolLM2-135M, 64 rows × 128 tokens in `aha bench --model`: 53.8 s in 3 passes of 24, 35.2 s in one)
@@ -279,8 +297,17 @@ def plan_for(cfg: Config, model_config, task, tokenizer, *, trainable: int | Non
     prompt = longest_prompt(task, tokenizer, cfg)
     weight_bytes = 2 if device == "cuda" and (not torch.cuda.is_available() or torch.cuda.is_bf16_supported()) else 4
     process = process_rss() if process_bytes is None else process_bytes
-    plan = memory_plan(cfg, shape, prompt, trainable=trainable, weight_bytes=weight_bytes, process_bytes=process, gpu=device == "cuda",
-                       device_bytes=device_memory(device) if device_bytes is None else device_bytes, world_size=world_size)
+    plan = memory_plan(
+        cfg,
+        shape,
+        prompt,
+        trainable=trainable,
+        weight_bytes=weight_bytes,
+        process_bytes=process,
+        gpu=device == "cuda",
+        device_bytes=device_memory(device) if device_bytes is None else device_bytes,
+        world_size=world_size,
+    )
     return plan, prompt
 
 
@@ -400,9 +427,16 @@ def plan_command(cfg: Config, calibrate: bool = True, device: str | None = None,
     else:
         prompt = prompt_tokens
         weight_bytes = 2 if device == "cuda" else 4
-        plan = memory_plan(cfg, ModelShape.of(model_config, params), prompt, trainable=trainable, weight_bytes=weight_bytes,
-                           process_bytes=process_rss() if device == "cpu" else 0, device_bytes=device_bytes,
-                           gpu=device == "cuda")
+        plan = memory_plan(
+            cfg,
+            ModelShape.of(model_config, params),
+            prompt,
+            trainable=trainable,
+            weight_bytes=weight_bytes,
+            process_bytes=process_rss() if device == "cpu" else 0,
+            device_bytes=device_bytes,
+            gpu=device == "cuda",
+        )
     result = {"model": str(model_dir), "device": device, "parameters": params, "trainable": trainable,
               "longest_prompt_tokens": prompt, **plan.as_dict()}
     if calibrate and device == here and plan.weights < plan.device_bytes // 4:
@@ -422,11 +456,14 @@ def format_plan(result: dict) -> str:
     for name in ("process", "weights", "gradients", "optimizer", "reference"):
         lines.append(f"  {name:<11} {gib(result[name])}")
     lines.append(f"  {'static':<11} {gib(result['static'])}   (all run long)")
-    phases = {"update": f"one micro-batch of {result['micro_batch_rows']} rows ({result['micro_batch_tokens']} tokens): "
-                        "activations + logits",
-              "rollout": f"{result['rollout_rows']} rows at once: KV cache + sampling buffers",
-              "evaluation": f"{result['eval_rows']} rows at once", "checkpoint": "serialised copy of the weights",
-              "optimizer_step": "AdamW's temporaries"}
+    phases = {
+        "update": f"one micro-batch of {result['micro_batch_rows']} rows ({result['micro_batch_tokens']} tokens): "
+        "activations + logits",
+        "rollout": f"{result['rollout_rows']} rows at once: KV cache + sampling buffers",
+        "evaluation": f"{result['eval_rows']} rows at once",
+        "checkpoint": "serialised copy of the weights",
+        "optimizer_step": "AdamW's temporaries",
+    }
     for name, what in phases.items():
         lines.append(f"  {name:<11} {gib(result[name])}   {what}")
     verdict = "fits" if result["fits"] else "does NOT fit"

@@ -10,14 +10,22 @@ import functools
 @functools.cache
 def _rich():
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     class _Progress(Progress):
         def __exit__(self, exc_type, exc_value, traceback):
             if exc_type is None:
                 return super().__exit__(exc_type, exc_value, traceback)
-            self.live.transient = True    # a failed phase leaves no bar (nor blank line): the error's one line is the last word
+            self.live.transient = (
+                True  # a failed phase leaves no bar (nor blank line): the error's one line is the last word
+            )
             self.live.stop()
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -51,7 +51,11 @@ def eval_points(history: list[dict], report: dict | None) -> list[dict]:
 def plot_curves(history: list[dict], evals: list[dict], path: Path) -> None:
     steps = [r["step"] for r in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    panels = [("reward_mean", "reward (mean over samples)"), ("pass_rate", "pass@1"), ("response_tokens", "response length (tokens)")]
+    panels = [
+        ("reward_mean", "reward (mean over samples)"),
+        ("pass_rate", "pass@1"),
+        ("response_tokens", "response length (tokens)"),
+    ]
     for ax, (key, title) in zip(axes, panels):
         values = [r[key] for r in history]
         ax.plot(steps, values, alpha=0.3, color="tab:blue")
@@ -90,7 +94,9 @@ def run_lines(report: dict) -> list[str]:
         lines += [f"### {name} RL", ""]
         for s in result["samples"][:4]:
             mark = "right" if s["correct"] else "wrong"
-            lines.append(f"- `{s['prompt'].replace(chr(10), ' ')}` → `{s['completion'].strip()}` ({mark}, answer {s['answer']})")
+            lines.append(
+                f"- `{s['prompt'].replace(chr(10), ' ')}` → `{s['completion'].strip()}` ({mark}, answer {s['answer']})"
+            )
         lines.append("")
     return lines
 
@@ -107,13 +113,20 @@ def training_lines(history: list[dict], evals: list[dict], config: dict, rollout
             lines.append(f"| {key} | {sum(r[key] for r in last) / len(last):.3f} |")
         lines.append("")
     if evals:
-        lines += ["| steps done | held-out pass@1 |", "|---|---|", *[f"| {e['step']} | {e['pass@1']:.3f} |" for e in evals], ""]
+        lines += [
+            "| steps done | held-out pass@1 |",
+            "|---|---|",
+            *[f"| {e['step']} | {e['pass@1']:.3f} |" for e in evals],
+            "",
+        ]
     lines += ["![curves](curves.png)", ""]
     if rollouts:
         step = rollouts[-1]["step"]
         lines += [f"## Samples at step {step}", ""]
         for r in [r for r in rollouts if r["step"] == step][:4]:
-            lines.append(f"- `{r['prompt'].replace(chr(10), ' ')}` → `{r['completion'].strip()}` (reward {r['reward']:.2f})")
+            lines.append(
+                f"- `{r['prompt'].replace(chr(10), ' ')}` → `{r['completion'].strip()}` (reward {r['reward']:.2f})"
+            )
         lines.append("")
     return lines
 
@@ -123,7 +136,9 @@ def write_report(out: str | Path) -> Path:
     out = Path(out)
     history = read_jsonl(out / "metrics.jsonl")
     if not history:
-        raise AhaError(f"{out}: no metrics.jsonl with a finished step yet; give the --out folder of an aha train or aha run")
+        raise AhaError(
+            f"{out}: no metrics.jsonl with a finished step yet; give the --out folder of an aha train or aha run"
+        )
     report = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else None
     config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").is_file() else {}
     evals = eval_points(history, report)

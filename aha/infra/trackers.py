@@ -41,7 +41,9 @@ def parse_report_to(text: str) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
     for name in names:
         if name not in PACKAGES:
-            raise AhaError(f"config: report_to names {name!r}; choose from {', '.join(PACKAGES)} (comma-separated), or \"\"")
+            raise AhaError(
+                f'config: report_to names {name!r}; choose from {", ".join(PACKAGES)} (comma-separated), or ""'
+            )
         if importlib.util.find_spec(PACKAGES[name]) is None:
             raise AhaError(f"config: report_to={name} needs the {PACKAGES[name]} package: pip install 'aha[logging]'")
     return names

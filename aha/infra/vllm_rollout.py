@@ -48,10 +48,10 @@ import time
 
 import torch
 
-from aha.infra.errors import AhaError
 from aha.core.logprobs import completion_logprobs
-from aha.infra.model import autocast
 from aha.core.rollout import Rollout, SamplingParams, generate, left_pad
+from aha.infra.errors import AhaError
+from aha.infra.model import autocast
 
 VLLM_VERIFIED = ">=0.22.0,<=0.31.0"      # the API below, checked against these releases' source
 LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "VLLM_ENABLE_V1_MULTIPROCESSING")
@@ -212,8 +212,15 @@ class VllmEngine:
         self.llm.sleep(level=2)
         _synchronize()
         clock.append(time.perf_counter())
-        completions = [(list(sample.token_ids), [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)],
-                        sample.finish_reason == "length") for output in outputs for sample in output.outputs]
+        completions = [
+            (
+                list(sample.token_ids),
+                [step[token].logprob for step, token in zip(sample.logprobs, sample.token_ids)],
+                sample.finish_reason == "length",
+            )
+            for output in outputs
+            for sample in output.outputs
+        ]
         if params.stop_strings and tokenizer is not None:
             completions = [cut_at_stop_string(c, tokenizer, params.stop_strings) for c in completions]
         rollout = to_rollout(prompts, completions, group_size, pad_id)
@@ -239,9 +246,13 @@ class VllmEngine:
         totals, self.totals = self.totals, {}
         if not totals:
             return {}
-        return {"sampler_logp_gap_mean": totals["sum"] / max(totals["tokens"], 1), "sampler_logp_gap_max": totals["max"],
-                "sampler_tokens": totals["tokens"], "sampler_is_correction": False,
-                **{name: round(value, 4) for name, value in totals.items() if name.endswith("_s")}}
+        return {
+            "sampler_logp_gap_mean": totals["sum"] / max(totals["tokens"], 1),
+            "sampler_logp_gap_max": totals["max"],
+            "sampler_tokens": totals["tokens"],
+            "sampler_is_correction": False,
+            **{name: round(value, 4) for name, value in totals.items() if name.endswith("_s")},
+        }
 
 
 def engine_metrics(engine) -> dict:

@@ -24,8 +24,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from aha.serve.engine import Engine, GenerationParams, encode_chat, load_engine
-from aha.serve.reasoning import ReasoningSplitter
 from aha.serve.live_tools import ToolSession
+from aha.serve.reasoning import ReasoningSplitter
 
 HELP = "/exit or Ctrl-D quits, /reset forgets the conversation, Ctrl-C stops an answer"
 
@@ -46,7 +46,9 @@ class Reply:
     finish_reason: str
 
 
-def fit_prompt(engine: Engine, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], bool, list[dict]]:
+def fit_prompt(
+    engine: Engine, messages: list[dict], tools: list[dict] | None = None
+) -> tuple[list[int], bool, list[dict]]:
     """Prompt ids for `messages`, dropping the oldest exchanges until the prompt leaves room to answer."""
     while True:
         ids, in_reasoning = encode_chat(engine.tokenizer, messages, tools)
@@ -165,8 +167,8 @@ def add_chat_parser(subparsers) -> None:
 
 def model_summary(path: str) -> str:
     """": " + the model card's one-line summary (aha/infra/card.py), or "" for a model without one."""
-    from aha.infra.card import summary
     from aha.eval.evaluate import resolve_model_dir
+    from aha.infra.card import summary
     line = summary(resolve_model_dir(path))
     return f": {line}" if line else ""
 
@@ -182,8 +184,10 @@ def cmd_chat(args, console: Console) -> None:
     out = Console(highlight=False)
     console.print(f"[dim]chatting with {escape(args.model + model_summary(args.model))} ({HELP})[/]")
     if runner:
-        console.print(f"[dim]tools: {escape(runner.toolbox.spec)} ({runner.call_format} format, up to {runner.max_turns} "
-                      "calls an answer; --tools none turns them off)[/]")
+        console.print(
+            f"[dim]tools: {escape(runner.toolbox.spec)} ({runner.call_format} format, up to {runner.max_turns} "
+            "calls an answer; --tools none turns them off)[/]"
+        )
     try:
         chat_loop(engine, settings, lambda: out.input("[bold cyan]you>[/] "), out, runner)
     finally:

@@ -33,7 +33,9 @@ def cmd_serve(args, console) -> None:
     app = create_app(args.model, api_key=api_key, device=args.device, max_batch=args.max_batch,
                      max_tokens_cap=args.max_tokens_cap, tools=runner)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        console.print(f"[yellow]warning: serving on {args.host} without an API key: anyone who can reach it can use it[/]")
+        console.print(
+            f"[yellow]warning: serving on {args.host} without an API key: anyone who can reach it can use it[/]"
+        )
     from rich.markup import escape
 
     from aha.serve.chat import model_summary
@@ -43,6 +45,8 @@ def cmd_serve(args, console) -> None:
     elif runner:
         console.print(f"tools: {escape(runner.toolbox.spec)} runs server-side ({runner.call_format} format, "
                       f"up to {runner.max_turns} calls an answer)")
-    console.print(f"serving {app.state.model_id!r}{escape(model_summary(args.model))} at http://{args.host}:{args.port}/v1 "
-                  f"(API key {'required' if api_key else 'off'}); Ctrl-C stops")
+    console.print(
+        f"serving {app.state.model_id!r}{escape(model_summary(args.model))} at http://{args.host}:{args.port}/v1 "
+        f"(API key {'required' if api_key else 'off'}); Ctrl-C stops"
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

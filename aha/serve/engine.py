@@ -7,7 +7,8 @@ Used by `aha serve` (aha/serve/server.py) and `aha chat` (aha/serve/chat.py). A 
    prefilled together (left-padded, one forward pass), each prompt's cache row is repeated for
    its `n` sequences, and the new rows are merged into the running batch's KV cache;
 2. samples one token for every running sequence, each from its own seeded `torch.Generator`
-   (one uniform per token for `aha.core.rollout.sample_next`'s inverse-CDF draw), and streams the new text to its request;
+   (one uniform per token for `aha.core.rollout.sample_next`'s inverse-CDF draw), and streams the new text to its
+   request;
 3. drops finished or cancelled sequences from the cache, and trims cache columns that are
    padding for every row left;
 4. runs one decode forward pass for all remaining sequences together.
@@ -42,9 +43,17 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from aha.infra.errors import AhaError
 from aha.core.cpu_linear import fast_layers, onednn_available, onednn_linears
-from aha.core.rollout import SamplingParams, cache_kwarg, decode_mask, left_pad, sample_next, stop_strings, stop_token_ids
+from aha.core.rollout import (
+    SamplingParams,
+    cache_kwarg,
+    decode_mask,
+    left_pad,
+    sample_next,
+    stop_strings,
+    stop_token_ids,
+)
+from aha.infra.errors import AhaError
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ class Event:
     finish_reason: str | None = None
     completion_tokens: int = 0
     error: str | None = None
-    token_ids: tuple[int, ...] = ()        # a final event's sampled tokens (the tool loop extends its context with them)
+    token_ids: tuple[int, ...] = ()  # a final event's sampled tokens (the tool loop extends its context with them)
     kind: str = "text"                     # "text": the model's; "tool": a tool's output (aha/serve/live_tools.py)
 
 
@@ -228,7 +237,10 @@ class Engine:
     def _admit(self) -> None:
         admitted: list[Request] = []
         with self._lock:
-            while self._waiting and len(self.rows) + sum(r.params.n for r in admitted) + self._waiting[0].params.n <= self.max_batch:
+            while (
+                self._waiting
+                and len(self.rows) + sum(r.params.n for r in admitted) + self._waiting[0].params.n <= self.max_batch
+            ):
                 request = self._waiting.popleft()
                 if not request.cancelled.is_set():
                     admitted.append(request)
@@ -276,8 +288,12 @@ class Engine:
             index = torch.tensor(members, device=self.device)
             logits = self._logits[index]                               # (A, V)
             # one U[0, 1) per row from its own generator (greedy ignores it)
-            uniforms = torch.stack([torch.rand((), dtype=torch.float64, generator=self.rows[i].generator, device=self.device)
-                                    for i in members])
+            uniforms = torch.stack(
+                [
+                    torch.rand((), dtype=torch.float64, generator=self.rows[i].generator, device=self.device)
+                    for i in members
+                ]
+            )
             tokens[index] = sample_next(logits, uniforms, SamplingParams(temperature=temperature, top_p=top_p))[0]
         return tokens
 
@@ -290,7 +306,9 @@ class Engine:
         finish = "stop" if token in self.stop_ids else None
         stops = row.request.params.stop
         cut = min((at for at in (text.find(s) for s in stops) if at >= 0), default=-1)
-        end = min((at + len(s) for s in self.end_strings + row.request.params.end if (at := text.find(s)) >= 0), default=-1)
+        end = min(
+            (at + len(s) for s in self.end_strings + row.request.params.end if (at := text.find(s)) >= 0), default=-1
+        )
         if end >= 0 and (cut < 0 or end <= cut):
             text, finish = text[:end], "stop"
         elif cut >= 0:
@@ -301,7 +319,9 @@ class Engine:
         new = text[len(row.sent):end] if end > len(row.sent) else ""
         row.sent += new
         if new or finish:
-            row.request.push(Event(row.index, new, finish, len(row.token_ids), token_ids=tuple(row.token_ids) if finish else ()))
+            row.request.push(
+                Event(row.index, new, finish, len(row.token_ids), token_ids=tuple(row.token_ids) if finish else ())
+            )
         return finish is not None
 
     def _trim_padding(self) -> None:

@@ -25,10 +25,10 @@ import queue
 import threading
 from dataclasses import dataclass, replace
 
-from aha.serve.engine import Event, GenerationParams, Request
 from aha.core.tools.formats import FORMATS, cut_tokens
 from aha.core.tools.interact import turn_seed
 from aha.core.tools.tools import Observation, Toolbox, get_toolbox
+from aha.serve.engine import Event, GenerationParams, Request
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,9 @@ class ToolRunner:
     @classmethod
     def from_config(cls, cfg, tools: str | None = None) -> "ToolRunner":
         """A run's tool settings (aha/infra/config.py Config), `tools` replacing its `tools` key."""
-        return cls(get_toolbox(tools or cfg.tools, cfg.tool_timeout), cfg.tool_format, cfg.max_turns, cfg.tool_output_tokens)
+        return cls(
+            get_toolbox(tools or cfg.tools, cfg.tool_timeout), cfg.tool_format, cfg.max_turns, cfg.tool_output_tokens
+        )
 
     @property
     def format(self):
@@ -58,8 +60,8 @@ def tool_runner(path, tools: str | None = None) -> ToolRunner | None:
     trained with (the tool keys of its config.yaml), else None."""
     from pathlib import Path
 
-    from aha.infra.config import Config, read_yaml_mapping
     from aha.core.tools import CONFIG_KEYS, validate
+    from aha.infra.config import Config, read_yaml_mapping
     if tools == "none":
         return None
     path = Path(path)
@@ -99,8 +101,15 @@ class ToolSession:
         self._turns: list[Request | None] = [None] * params.n
         self._lock = threading.Lock()
         prompt = engine.tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        self._threads = [threading.Thread(target=self._guarded, args=(i, list(prompt_ids), runner.toolbox.episode(prompt)),
-                                          name=f"aha-tools-{i}", daemon=True) for i in range(params.n)]
+        self._threads = [
+            threading.Thread(
+                target=self._guarded,
+                args=(i, list(prompt_ids), runner.toolbox.episode(prompt)),
+                name=f"aha-tools-{i}",
+                daemon=True,
+            )
+            for i in range(params.n)
+        ]
         for thread in self._threads:
             thread.start()
 

@@ -35,8 +35,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from aha.serve.engine import Engine, GenerationParams, encode_chat, load_engine, resolve_model_dir
-from aha.serve.reasoning import ReasoningSplitter
 from aha.serve.live_tools import ToolSession
+from aha.serve.reasoning import ReasoningSplitter
 
 
 class ApiError(Exception):
@@ -112,7 +112,11 @@ def create_app(model_dir: str | Path, api_key: str | None = None, device: str | 
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
         loc = [str(part) for part in first.get("loc", ())][1:]
         if first.get("type") == "json_invalid":
-            return error_response(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", code="invalid_json")
+            return error_response(
+                400,
+                f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                code="invalid_json",
+            )
         where = ".".join(loc) or "body"
         return error_response(400, f"{where}: {first['msg']}", param=where or None, code="invalid_value")
 
@@ -142,21 +146,32 @@ def create_app(model_dir: str | Path, api_key: str | None = None, device: str | 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatRequest, request: Request):
         if body.model != model_id:
-            raise ApiError(404, f"model {body.model!r} does not exist: this server serves {model_id!r}", "model", "model_not_found")
+            raise ApiError(
+                404, f"model {body.model!r} does not exist: this server serves {model_id!r}", "model", "model_not_found"
+            )
         prompt_ids, in_reasoning, params = prepare(engine, body, cap, tools.schemas() if tools else None)
         loop = asyncio.get_running_loop()
-        handle = ToolSession(engine, tools, prompt_ids, params, loop) if tools else engine.submit(prompt_ids, params, loop=loop)
+        handle = (
+            ToolSession(engine, tools, prompt_ids, params, loop)
+            if tools
+            else engine.submit(prompt_ids, params, loop=loop)
+        )
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream_events(handle, params.n, in_reasoning, meta, len(prompt_ids), include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                stream_events(handle, params.n, in_reasoning, meta, len(prompt_ids), include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         return await complete(handle, params.n, in_reasoning, meta, len(prompt_ids), request)
 
     return app
 
 
-def prepare(engine: Engine, body: ChatRequest, cap: int, tools: list[dict] | None = None) -> tuple[list[int], bool, GenerationParams]:
+def prepare(
+    engine: Engine, body: ChatRequest, cap: int, tools: list[dict] | None = None
+) -> tuple[list[int], bool, GenerationParams]:
     """Prompt ids, whether the prompt opened a think block, and the checked sampling parameters."""
     try:
         prompt_ids, in_reasoning = encode_chat(engine.tokenizer, [m.as_dict() for m in body.messages], tools)
@@ -170,8 +185,13 @@ def prepare(engine: Engine, body: ChatRequest, cap: int, tools: list[dict] | Non
     if max_tokens is not None and max_tokens > cap:
         raise ApiError(400, f"max_tokens is {max_tokens}; at most {cap} allowed", "max_tokens", "invalid_value")
     if max_tokens is not None and max_tokens > room:
-        raise ApiError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceed this model's context "
-                       f"of {engine.max_context}", "max_tokens", "context_length_exceeded")
+        raise ApiError(
+            400,
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceed this model's context "
+            f"of {engine.max_context}",
+            "max_tokens",
+            "context_length_exceeded",
+        )
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
         raise ApiError(400, "stop: up to 4 non-empty strings", "stop", "invalid_value")
@@ -230,7 +250,9 @@ async def stream_events(handle, n: int, in_reasoning: bool, meta: dict, prompt_t
     finished, tokens = 0, 0
 
     def delta_chunk(index: int, delta: dict, finish_reason=None) -> str:
-        return sse({**chunk, "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]})
+        return sse(
+            {**chunk, "choices": [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+        )
 
     def pieces_chunks(index: int, pieces) -> list[str]:
         return [delta_chunk(index, {"reasoning_content" if channel == "reasoning" else "content": text})

@@ -29,8 +29,15 @@ def distill(sample_cfg: SampleConfig, sft_cfg: SFTConfig, console=None) -> dict:
         raise AhaError(f"distill: the teacher {sample_cfg.model} got no sample right out of {sampled['samples']}; "
                        "nothing to learn from (try more --prompts, a larger --k or a stronger teacher)")
     trained = sft(replace(sft_cfg, data=str(samples)), console=console)
-    hyper = {"teacher": str(sample_cfg.model), "prompts": sample_cfg.prompts, "k": sample_cfg.k,
-             "temperature": sample_cfg.temperature, "top_p": sample_cfg.top_p, "epochs": sft_cfg.epochs, "lr": sft_cfg.lr}
+    hyper = {
+        "teacher": str(sample_cfg.model),
+        "prompts": sample_cfg.prompts,
+        "k": sample_cfg.k,
+        "temperature": sample_cfg.temperature,
+        "top_p": sample_cfg.top_p,
+        "epochs": sft_cfg.epochs,
+        "lr": sft_cfg.lr,
+    }
     write_card(out, CardInfo(str(sft_cfg.model), sample_cfg.task, "distill", trained["steps"], sft_cfg.seed, hyper,
                              note=f"Distilled from `{sample_cfg.model}`: SFT on its {sampled['kept']} verified samples "
                                   f"of {sampled['samples']}."))

@@ -93,7 +93,10 @@ def matched_sft_rows(row_tokens: list[int], budget_tokens: float) -> list[int]:
     [0, 1, 2, 0]
     """
     if not row_tokens:
-        raise AhaError("distill-vs-rl: the teacher got no sample right: nothing to distill (raise teacher_steps or distill_prompts)")
+        raise AhaError(
+            "distill-vs-rl: the teacher got no sample right: nothing to distill (raise teacher_steps or "
+            "distill_prompts)"
+        )
     chosen, total = [], 0
     while not chosen or total + row_tokens[len(chosen) % len(row_tokens)] / 2 < budget_tokens:
         tokens = row_tokens[len(chosen) % len(row_tokens)]
@@ -168,9 +171,9 @@ def rl_config(cfg: ExperimentConfig, steps: int, seed: int, out: Path, model: Pa
 
 def cached_models(cfg: ExperimentConfig, cache: Path, console=None) -> tuple[Path, Path]:
     """(teacher model dir, student base dir), made once per configuration and kept in `cache`."""
+    from aha.core.train import train
     from aha.infra.base import ensure_base_model
     from aha.stages.pretrain import PretrainConfig, pretrain
-    from aha.core.train import train
     student = cache / f"student_h{cfg.student_hidden}_l{cfg.student_layers}_s{cfg.student_pretrain_steps}"
     if not (student / "config.json").is_file():
         pretrain(PretrainConfig(out=str(student), hidden=cfg.student_hidden, layers=cfg.student_layers,
@@ -185,8 +188,8 @@ def cached_models(cfg: ExperimentConfig, cache: Path, console=None) -> tuple[Pat
 
 def rl_arm(student: Path, cfg: ExperimentConfig, steps: int, seed: int, folder: Path, console=None) -> dict:
     """The student trained by GRPO alone; its compute counted by a forward hook."""
-    from aha.infra.model import count_parameters, detect_device, detect_dtype, load_model
     from aha.core.train import train
+    from aha.infra.model import count_parameters, detect_device, detect_dtype, load_model
     device = detect_device()
     model, tokenizer = load_model(student, device, detect_dtype(device))
     counter = TokenCounter(model)
@@ -198,7 +201,9 @@ def rl_arm(student: Path, cfg: ExperimentConfig, steps: int, seed: int, folder: 
             "student_flops": student_flops(count_parameters(model), counter.forward_tokens, counter.train_tokens)}
 
 
-def teacher_samples(teacher: Path, cfg: ExperimentConfig, seed: int, folder: Path, console=None) -> tuple[list[dict], dict]:
+def teacher_samples(
+    teacher: Path, cfg: ExperimentConfig, seed: int, folder: Path, console=None
+) -> tuple[list[dict], dict]:
     """Rejection sampling from the teacher (aha.stages.rejection) → folder/samples.jsonl; its compute counted apart."""
     from aha.infra.model import count_parameters, detect_device, load_model
     from aha.stages.rejection import SampleConfig, model_completer, sample_rows, write_rows
@@ -207,7 +212,9 @@ def teacher_samples(teacher: Path, cfg: ExperimentConfig, seed: int, folder: Pat
     counter = TokenCounter(model)
     scfg = SampleConfig(model=str(teacher), prompts=cfg.distill_prompts, k=cfg.distill_k, max_new_tokens=64,
                         seed=seed, prompts_per_batch=64)
-    rows, stats = sample_rows(get_task("addition"), model_completer(model.eval(), tokenizer, scfg), scfg, str(teacher), console)
+    rows, stats = sample_rows(
+        get_task("addition"), model_completer(model.eval(), tokenizer, scfg), scfg, str(teacher), console
+    )
     counter.close()
     write_rows(rows, folder / "samples.jsonl")
     return rows, {"teacher_samples_kept": stats["kept"], "teacher_samples": stats["samples"],
@@ -249,7 +256,10 @@ def run_seed(teacher: Path, student: Path, cfg: ExperimentConfig, seed: int, fol
         t1 = time.time()
         budget = sft_budget_tokens(rl["forward_tokens"], rl["train_tokens"])
         distill = distill_arm(rows, student, budget, cfg, seed, folder / f"distill_{steps}", console)
-        models[f"distill@{steps}"] = (folder / f"distill_{steps}" / "model", {**distill, "seconds": round(time.time() - t1, 1)})
+        models[f"distill@{steps}"] = (
+            folder / f"distill_{steps}" / "model",
+            {**distill, "seconds": round(time.time() - t1, 1)},
+        )
         models[f"rl@{steps}"] = (folder / f"rl_{steps}" / "model", {**rl, "seconds": round(t1 - t0, 1)})
     record = {"seed": seed}
     for arm, (model_dir, extra) in models.items():
@@ -281,11 +291,17 @@ def markdown(report: dict) -> str:
              "| model | pass@1 | think rate | response tokens | student compute (GFLOP) |", "|---|---:|---:|---:|---:|"]
     for arm, metrics in summary.items():
         flops = metrics.get("student_flops")
-        lines.append(f"| {label(arm)} | {cell(metrics['pass@1'], '.3f')} | {cell(metrics['think_rate'], '.2f')} | "
-                     f"{cell(metrics['mean_response_tokens'], '.1f')} | {cell([f / 1e9 for f in flops], '.1f') if flops else '–'} |")
+        lines.append(
+            f"| {label(arm)} | {cell(metrics['pass@1'], '.3f')} | {cell(metrics['think_rate'], '.2f')} | "
+            f"{cell(metrics['mean_response_tokens'], '.1f')} | "
+            f"{cell([f / 1e9 for f in flops], '.1f') if flops else '–'} |"
+        )
     teacher = summary["teacher"].get("teacher_sampling_flops")
     if teacher:
-        lines += ["", f"The teacher spent {teacher[0] / 1e9:.1f} GFLOP per seed sampling its answers (not student compute)."]
+        lines += [
+            "",
+            f"The teacher spent {teacher[0] / 1e9:.1f} GFLOP per seed sampling its answers (not student compute).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -312,25 +328,37 @@ def distill_vs_rl(cfg: ExperimentConfig, force: bool = False, console=None) -> d
     out = prepare(Path(cfg.out), force)
     teacher, student = cached_models(cfg, out / "cache", console)
     per_seed = [run_seed(teacher, student, cfg, seed, out / f"seed{seed}", console) for seed in range(cfg.seeds)]
-    report = {"experiment": "distill-vs-rl", "config": dataclasses.asdict(cfg), "seeds": per_seed,
-              "summary": aggregate(per_seed), "student_parameters": count_parameters(load_model(student)[0]),
-              "teacher_parameters": count_parameters(load_model(teacher)[0]), "wall_seconds": round(time.time() - start, 1)}
+    report = {
+        "experiment": "distill-vs-rl",
+        "config": dataclasses.asdict(cfg),
+        "seeds": per_seed,
+        "summary": aggregate(per_seed),
+        "student_parameters": count_parameters(load_model(student)[0]),
+        "teacher_parameters": count_parameters(load_model(teacher)[0]),
+        "wall_seconds": round(time.time() - start, 1),
+    }
     (out / "experiment.json").write_text(json.dumps(report, indent=2))
     (out / "experiment.md").write_text(markdown(report))
     return report
 
 
 def add_experiment_parser(sub) -> None:
-    p = sub.add_parser("experiment", help="papers' findings as experiments: distill-vs-rl, length-bias, entropy, tools",
-                       description="distill-vs-rl: a small pretrained student distilled from an RL teacher vs the same "
-                                   "student trained by RL alone, at equal student compute. length-bias: GRPO vs Dr. GRPO, "
-                                   "the length of correct and wrong completions. entropy: GRPO vs clip-higher vs Clip-Cov, "
-                                   "policy entropy and pass@1. tools: RL with the python tool vs without, on 4 × 3-digit "
-                                   "multiplication, held-out pass@1 and tool-use rate before and after. Mean ± std over seeds → --out/experiment.json, experiment.md "
-                                   "(aha/stages/experiment.py, aha/stages/findings.py).")
+    p = sub.add_parser(
+        "experiment",
+        help="papers' findings as experiments: distill-vs-rl, length-bias, entropy, tools",
+        description="distill-vs-rl: a small pretrained student distilled from an RL teacher vs the same "
+        "student trained by RL alone, at equal student compute. length-bias: GRPO vs Dr. GRPO, "
+        "the length of correct and wrong completions. entropy: GRPO vs clip-higher vs Clip-Cov, "
+        "policy entropy and pass@1. tools: RL with the python tool vs without, on 4 × 3-digit "
+        "multiplication, held-out pass@1 and tool-use rate before and after. Mean ± std over seeds → "
+        "--out/experiment.json, experiment.md "
+        "(aha/stages/experiment.py, aha/stages/findings.py).",
+    )
     p.add_argument("name", choices=EXPERIMENTS)
     p.add_argument("--seeds", type=int, default=ExperimentConfig.seeds, help="seeds 0..N-1")
-    p.add_argument("--out", default=None, help="default runs/<name> (runs/distill_vs_rl, runs/length_bias, runs/entropy)")
+    p.add_argument(
+        "--out", default=None, help="default runs/<name> (runs/distill_vs_rl, runs/length_bias, runs/entropy)"
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every step, meaningless numbers")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out (its cache/ of models is kept)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -346,9 +374,14 @@ def cmd_distill_vs_rl(args, console) -> None:
     apply_typed(cfg, parse_kv(args.overrides), "command line")
     report = distill_vs_rl(cfg, force=args.force, console=console)
     print(markdown(report), end="")
-    console.print(f"{report['wall_seconds']:.0f} s; {Path(cfg.out) / 'experiment.json'}, {Path(cfg.out) / 'experiment.md'}")
+    console.print(
+        f"{report['wall_seconds']:.0f} s; {Path(cfg.out) / 'experiment.json'}, {Path(cfg.out) / 'experiment.md'}"
+    )
 
 
 def cmd_experiment(args, console) -> None:
     from aha.stages.findings import cmd_finding
-    {"distill-vs-rl": cmd_distill_vs_rl, "length-bias": cmd_finding, "entropy": cmd_finding, "tools": cmd_finding}[args.name](args, console)
+
+    {"distill-vs-rl": cmd_distill_vs_rl, "length-bias": cmd_finding, "entropy": cmd_finding, "tools": cmd_finding}[
+        args.name
+    ](args, console)

@@ -48,9 +48,9 @@ import json
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from aha.infra.errors import AhaError
 
@@ -109,10 +109,23 @@ def tools_arms(cfg: FindingConfig) -> dict[str, dict]:
 def tools_base(cfg: FindingConfig, cache: Path, console=None) -> Path:
     """The multiplication base model of the tools demo (aha pretrain --task multiplication); made once, cached."""
     from aha.stages.pretrain import PretrainConfig, pretrain
-    path = cache / f"multiplication_d{cfg.tool_digits}_w{cfg.tool_think_frac:g}_t{cfg.tool_frac:g}_s{cfg.tool_pretrain_steps}"
+
+    path = (
+        cache
+        / f"multiplication_d{cfg.tool_digits}_w{cfg.tool_think_frac:g}_t{cfg.tool_frac:g}_s{cfg.tool_pretrain_steps}"
+    )
     if not (path / "config.json").is_file():
-        pretrain(PretrainConfig(out=str(path), task="multiplication", digits=cfg.tool_digits, think_frac=cfg.tool_think_frac,
-                                tool_frac=cfg.tool_frac, steps=cfg.tool_pretrain_steps), console)
+        pretrain(
+            PretrainConfig(
+                out=str(path),
+                task="multiplication",
+                digits=cfg.tool_digits,
+                think_frac=cfg.tool_think_frac,
+                tool_frac=cfg.tool_frac,
+                steps=cfg.tool_pretrain_steps,
+            ),
+            console,
+        )
     return path
 
 
@@ -150,7 +163,9 @@ def padded_base(cfg: FindingConfig, cache: Path, console=None) -> Path:
         document = task.corpus_document(problem, rng.random() < 0.3, rng.randint(0, cfg.max_padding))
         rows.append({"prompt": task.prompt(problem), "response": document[len(task.prompt(problem)):]})
     model, tokenizer = load_model(ensure_base_model(console), "cpu")
-    sft_model(model, tokenizer, rows, SFTConfig(lr=cfg.pad_lr, epochs=1, batch_tokens=1024, seq_len=256, seed=0), console)
+    sft_model(
+        model, tokenizer, rows, SFTConfig(lr=cfg.pad_lr, epochs=1, batch_tokens=1024, seq_len=256, seed=0), console
+    )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -192,9 +207,9 @@ def entropy_settings(cfg: FindingConfig, cache: Path, console=None) -> dict:
 
 def held_out(run_cfg, model, tokenizer, seed: int, step: int, label: str, console=None) -> dict:
     """Held-out pass@1 (and tool-use rate, with tools) through the run's own sampler, as `aha eval`."""
+    from aha.core.tools import eval_engine
     from aha.eval.evaluate import EvalSpec, evaluate
     from aha.tasks import get_task
-    from aha.core.tools import eval_engine
     spec = EvalSpec(run_cfg.eval_problems, run_cfg.eval_k, max_new_tokens=run_cfg.max_new_tokens, seed=seed)
     result = evaluate(model, tokenizer, get_task(run_cfg.task, **run_cfg.task_options()), spec, console=console,
                       label=label, engine=eval_engine(run_cfg))
@@ -205,9 +220,9 @@ def run_arm(settings: dict, arm: dict, cfg: FindingConfig, seed: int, folder: Pa
             final_eval: bool, finding_extra=None, console=None, before_eval: bool = False) -> dict:
     """One `aha train` run; its per-step curves, held-out evals, a final held-out pass@1 and, with
     `before_eval`, one of the starting model first."""
+    from aha.core.train import train
     from aha.infra.config import load_config
     from aha.infra.model import load_model
-    from aha.core.train import train
     overrides = {**settings, **cfg.rl, **arm, "steps": cfg.steps, "seed": seed, "out": str(folder)}
     run_cfg = load_config(None, overrides)
     folder.mkdir(parents=True)
@@ -217,10 +232,12 @@ def run_arm(settings: dict, arm: dict, cfg: FindingConfig, seed: int, folder: Pa
         model, tokenizer = load_model(run_cfg.model, "cpu")
         before = [held_out(run_cfg, model, tokenizer, seed, 0, f"eval {folder.name} before", console)]
     result = train(run_cfg, console=console, out=folder)
-    record = {"curves": {key: [r.get(key) for r in result["history"]] for key in curves}
-              | (finding_extra(folder, cfg.steps) if finding_extra else {}),
-              "evals": before + [{"step": e["step"], **{k: e[k] for k in EVAL_KEYS if k in e}} for e in result["evals"]],
-              "seconds": round(time.time() - start, 1)}
+    record = {
+        "curves": {key: [r.get(key) for r in result["history"]] for key in curves}
+        | (finding_extra(folder, cfg.steps) if finding_extra else {}),
+        "evals": before + [{"step": e["step"], **{k: e[k] for k in EVAL_KEYS if k in e}} for e in result["evals"]],
+        "seconds": round(time.time() - start, 1),
+    }
     if final_eval:
         record["evals"].append(held_out(run_cfg, result["model"], result["tokenizer"], seed, cfg.steps,
                                         f"eval {folder.name}", console))
@@ -230,7 +247,8 @@ def run_arm(settings: dict, arm: dict, cfg: FindingConfig, seed: int, folder: Pa
 def window_mean(values: list, window: int, last: bool) -> float | None:
     """Mean of the first (or last) `window` non-missing values.
 
-    >>> window_mean([None, 1.0, 2.0, 3.0, None, 5.0], 2, last=False), window_mean([None, 1.0, 2.0, 3.0, None, 5.0], 2, last=True)
+    >>> values = [None, 1.0, 2.0, 3.0, None, 5.0]
+    >>> window_mean(values, 2, last=False), window_mean(values, 2, last=True)
     (1.5, 4.0)
     """
     present = [v for v in values if v is not None]
@@ -272,23 +290,58 @@ class Finding:
 
 
 FINDINGS = {
-    "length-bias": Finding(length_bias_arms, length_bias_settings, LENGTH_CURVES, padding_curves, False,
-                           (("response_tokens_wrong", "length of wrong completions (tokens)"),
-                            ("response_tokens_correct", "length of correct completions (tokens)"),
-                            ("padding_wrong", "padding of wrong completions (spaces)"),
-                            ("padding_correct", "padding of correct completions (spaces)")),
-                           (("response_tokens_wrong", "wrong: tokens", ".1f"), ("response_tokens_correct", "correct: tokens", ".1f"),
-                            ("padding_wrong", "wrong: padding", ".2f"), ("padding_correct", "correct: padding", ".2f"),
-                            ("pass_rate", "pass rate", ".3f"), ("think_rate", "think rate", ".2f"))),
-    "entropy": Finding(entropy_arms, entropy_settings, ENTROPY_CURVES, None, True,
-                       (("entropy", "policy entropy (nats per token)"), ("pass_rate", "training pass rate"),
-                        ("clip_frac", "share of tokens clipped / cut")),
-                       (("entropy", "entropy", ".3f"), ("pass_rate", "pass rate", ".3f"), ("clip_frac", "clipped", ".4f"))),
-    "tools": Finding(tools_arms, tools_settings, TOOLS_CURVES, tool_call_curve, True,
-                     (("pass_rate", "training pass rate"), ("tool_call_rate", "share of samples that call the tool"),
-                      ("response_tokens", "response length (tokens, tool output included)")),
-                     (("pass_rate", "pass rate", ".3f"), ("tool_call_rate", "tool calls", ".2f"),
-                      ("response_tokens", "tokens", ".1f")), before_eval=True),
+    "length-bias": Finding(
+        length_bias_arms,
+        length_bias_settings,
+        LENGTH_CURVES,
+        padding_curves,
+        False,
+        (
+            ("response_tokens_wrong", "length of wrong completions (tokens)"),
+            ("response_tokens_correct", "length of correct completions (tokens)"),
+            ("padding_wrong", "padding of wrong completions (spaces)"),
+            ("padding_correct", "padding of correct completions (spaces)"),
+        ),
+        (
+            ("response_tokens_wrong", "wrong: tokens", ".1f"),
+            ("response_tokens_correct", "correct: tokens", ".1f"),
+            ("padding_wrong", "wrong: padding", ".2f"),
+            ("padding_correct", "correct: padding", ".2f"),
+            ("pass_rate", "pass rate", ".3f"),
+            ("think_rate", "think rate", ".2f"),
+        ),
+    ),
+    "entropy": Finding(
+        entropy_arms,
+        entropy_settings,
+        ENTROPY_CURVES,
+        None,
+        True,
+        (
+            ("entropy", "policy entropy (nats per token)"),
+            ("pass_rate", "training pass rate"),
+            ("clip_frac", "share of tokens clipped / cut"),
+        ),
+        (("entropy", "entropy", ".3f"), ("pass_rate", "pass rate", ".3f"), ("clip_frac", "clipped", ".4f")),
+    ),
+    "tools": Finding(
+        tools_arms,
+        tools_settings,
+        TOOLS_CURVES,
+        tool_call_curve,
+        True,
+        (
+            ("pass_rate", "training pass rate"),
+            ("tool_call_rate", "share of samples that call the tool"),
+            ("response_tokens", "response length (tokens, tool output included)"),
+        ),
+        (
+            ("pass_rate", "pass rate", ".3f"),
+            ("tool_call_rate", "tool calls", ".2f"),
+            ("response_tokens", "tokens", ".1f"),
+        ),
+        before_eval=True,
+    ),
 }
 
 
@@ -330,11 +383,17 @@ def markdown(report: dict, finding: Finding) -> str:
     evals = [("pass@1", "held-out pass@1")] if finding.final_eval else []
     evals += [("tool_use_rate", "held-out tool-use rate")] if finding.before_eval else []
     change = " before → after" if finding.before_eval else ""
-    lines = [f"# aha experiment {report['experiment']} ({n} seed{'s' * (n > 1)}, {report['config']['steps']} steps)", "",
-             f"| arm | {head} |" + "".join(f" {title}{change} |" if change else f" final {title} |" for _, title in evals),
-             "|---|" + "---:|" * (len(finding.rows) + len(evals))]
+    lines = [
+        f"# aha experiment {report['experiment']} ({n} seed{'s' * (n > 1)}, {report['config']['steps']} steps)",
+        "",
+        f"| arm | {head} |" + "".join(f" {title}{change} |" if change else f" final {title} |" for _, title in evals),
+        "|---|" + "---:|" * (len(finding.rows) + len(evals)),
+    ]
     for arm, metrics in report["summary"].items():
-        cells = [f"{cell(metrics.get(c, {}).get('first'), fmt)} → {cell(metrics.get(c, {}).get('last'), fmt)}" for c, _, fmt in finding.rows]
+        cells = [
+            f"{cell(metrics.get(c, {}).get('first'), fmt)} → {cell(metrics.get(c, {}).get('last'), fmt)}"
+            for c, _, fmt in finding.rows
+        ]
         for key, _ in evals:
             final = cell(metrics.get(f"final_{key}"), ".3f")
             cells.append(f"{cell(metrics.get(f'before_{key}'), '.3f')} → {final}" if change else final)
@@ -344,7 +403,11 @@ def markdown(report: dict, finding: Finding) -> str:
 
 def run_finding(name: str, cfg: FindingConfig, force: bool = False, console=None) -> dict:
     from aha.stages.experiment import prepare
-    if min(cfg.seeds, cfg.steps, cfg.window, cfg.mu, cfg.pad_examples, cfg.tool_pretrain_steps, cfg.tool_new_tokens) < 1:
+
+    if (
+        min(cfg.seeds, cfg.steps, cfg.window, cfg.mu, cfg.pad_examples, cfg.tool_pretrain_steps, cfg.tool_new_tokens)
+        < 1
+    ):
         raise AhaError(f"experiment {name}: seeds, steps, window, mu, pad_examples, tool_pretrain_steps and "
                        "tool_new_tokens must be at least 1")
     if cfg.base not in BASES:
@@ -355,8 +418,21 @@ def run_finding(name: str, cfg: FindingConfig, force: bool = False, console=None
     settings = finding.settings(cfg, out / "cache", console)
     per_seed = []
     for seed in range(cfg.seeds):
-        arms = {arm: run_arm(settings, overrides, cfg, seed, out / f"seed{seed}" / arm, finding.curves, finding.final_eval,
-                             finding.extra, console, finding.before_eval) for arm, overrides in finding.arms(cfg).items()}
+        arms = {
+            arm: run_arm(
+                settings,
+                overrides,
+                cfg,
+                seed,
+                out / f"seed{seed}" / arm,
+                finding.curves,
+                finding.final_eval,
+                finding.extra,
+                console,
+                finding.before_eval,
+            )
+            for arm, overrides in finding.arms(cfg).items()
+        }
         per_seed.append({"seed": seed, "arms": arms})
     report = {"experiment": name, "config": dataclasses.asdict(cfg), "settings": settings, "seeds": per_seed,
               "summary": summarise(per_seed, cfg.window), "wall_seconds": round(time.time() - start, 1)}
@@ -375,4 +451,6 @@ def cmd_finding(args, console) -> None:
     apply_typed(cfg, parse_kv(args.overrides), "command line")
     report = run_finding(args.name, cfg, force=args.force, console=console)
     print(markdown(report, FINDINGS[args.name]), end="")
-    console.print(f"{report['wall_seconds']:.0f} s; {Path(cfg.out) / 'experiment.json'}, {Path(cfg.out) / 'curves.png'}")
+    console.print(
+        f"{report['wall_seconds']:.0f} s; {Path(cfg.out) / 'experiment.json'}, {Path(cfg.out) / 'curves.png'}"
+    )

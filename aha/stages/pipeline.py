@@ -37,7 +37,18 @@ from aha.infra.errors import AhaError
 STAGES = [("base", "base"), ("cold_start", "cold start (≈ R1-Dev1)"), ("reasoning_rl", "reasoning RL (≈ R1-Dev2)"),
           ("rejection_sft", "rejection-SFT (≈ R1-Dev3)"), ("final_rl", "final RL (≈ R1)")]
 COLD_START_STREAM = 7_777        # cold-start problems come from another training stream than RL's
-OWNED_BY_PIPELINE = {"task", "digits", "data", "seed", "max_new_tokens", "eval_problems", "eval_k", "steps", "model", "out"}
+OWNED_BY_PIPELINE = {
+    "task",
+    "digits",
+    "data",
+    "seed",
+    "max_new_tokens",
+    "eval_problems",
+    "eval_k",
+    "steps",
+    "model",
+    "out",
+}
 
 
 @dataclass
@@ -72,8 +83,19 @@ class PipelineConfig:
     eval_k: int = 4
 
     def validate(self) -> "PipelineConfig":
-        for name in ("max_new_tokens", "cold_start_examples", "cold_start_epochs", "sft_epochs", "sft_batch_tokens", "rl_steps",
-                     "final_rl_steps", "sample_prompts", "sample_k", "eval_problems", "eval_k"):
+        for name in (
+            "max_new_tokens",
+            "cold_start_examples",
+            "cold_start_epochs",
+            "sft_epochs",
+            "sft_batch_tokens",
+            "rl_steps",
+            "final_rl_steps",
+            "sample_prompts",
+            "sample_k",
+            "eval_problems",
+            "eval_k",
+        ):
             if getattr(self, name) < 1:
                 raise AhaError(f"pipeline config: {name}={getattr(self, name)} must be at least 1")
         if self.sft_lr <= 0 or self.sft_seq_len < 2:
@@ -166,7 +188,9 @@ def eval_spec(cfg: PipelineConfig):
     return EvalSpec(cfg.eval_problems, cfg.eval_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
 
 
-def evaluate_dir(model_dir: Path, cfg: PipelineConfig, rl_cfg: Config, folder: Path, console=None, label="eval") -> dict:
+def evaluate_dir(
+    model_dir: Path, cfg: PipelineConfig, rl_cfg: Config, folder: Path, console=None, label="eval"
+) -> dict:
     """pass@1 & co. of the model in `model_dir`, prompted as the RL stages prompt; saved to folder/eval.json."""
     from aha.eval.evaluate import evaluate
     from aha.infra.model import detect_device, load_model
@@ -199,8 +223,11 @@ def rl_stage(start_dir: Path, steps: int, folder: Path, cfg: PipelineConfig, con
             "pass_rate_last": sum(r["pass_rate"] for r in last) / len(last)}
 
 
-def rejection_sample(model_dir: Path, folder: Path, cfg: PipelineConfig, rl_cfg: Config, console=None) -> tuple[list[dict], dict]:
-    """R1's rejection sampling from the stage-2 model: only verified, clean samples (aha.stages.rejection) → folder/samples.jsonl."""
+def rejection_sample(
+    model_dir: Path, folder: Path, cfg: PipelineConfig, rl_cfg: Config, console=None
+) -> tuple[list[dict], dict]:
+    """R1's rejection sampling from the stage-2 model: only verified, clean samples (aha.stages.rejection) → "
+    "folder/samples.jsonl."""
     from aha.infra.model import detect_device, load_model
     from aha.stages.rejection import SampleConfig, model_completer, sample_rows, write_rows
     from aha.tasks import get_task
@@ -237,8 +264,11 @@ def run_stages(cfg: PipelineConfig, out: Path, console=None) -> list[dict]:
                         "truncation_rate": result["truncation_rate"], "wall_seconds": round(seconds, 1),
                         "eval_seconds": round(time.time() - t0, 1), "folder": str(folder), "model": str(model_dir),
                         "details": details})
-        say(f"pipeline: {index}/4 {dict(STAGES)[key]}: pass@1 {result['pass@1']:.3f}, think {result['think_rate']:.2f}, "
-            f"{result['mean_response_tokens']:.1f} tokens; {seconds:.0f} s (+{time.time() - t0:.0f} s eval) → {folder}")
+        say(
+            f"pipeline: {index}/4 {dict(STAGES)[key]}: pass@1 {result['pass@1']:.3f}, think "
+            f"{result['think_rate']:.2f}, "
+            f"{result['mean_response_tokens']:.1f} tokens; {seconds:.0f} s (+{time.time() - t0:.0f} s eval) → {folder}"
+        )
         return model_dir
 
     record("base", out / "0_base", base, 0.0, {})
@@ -270,10 +300,14 @@ def run_stages(cfg: PipelineConfig, out: Path, console=None) -> list[dict]:
 
 def markdown(records: list[dict], cfg: PipelineConfig) -> str:
     """R1's table at toy scale: one row per stage."""
-    lines = [f"# R1's four stages on `{cfg.task}`", "",
-             f"Held-out pass@1: {cfg.eval_problems} problems × {cfg.eval_k} samples, T 0.6, top-p 0.95 (R1 protocol).", "",
-             "| stage | pass@1 | think rate | response tokens | stage wall s | folder |",
-             "|---|---:|---:|---:|---:|---|"]
+    lines = [
+        f"# R1's four stages on `{cfg.task}`",
+        "",
+        f"Held-out pass@1: {cfg.eval_problems} problems × {cfg.eval_k} samples, T 0.6, top-p 0.95 (R1 protocol).",
+        "",
+        "| stage | pass@1 | think rate | response tokens | stage wall s | folder |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
     lines += [f"| {r['name']} | {r['pass@1']:.3f} | {r['think_rate']:.2f} | {r['mean_response_tokens']:.1f} | "
               f"{r['wall_seconds']:.0f} | `{Path(r['folder']).name}` |" for r in records]
     return "\n".join(lines) + "\n"
@@ -294,9 +328,12 @@ def pipeline(cfg: PipelineConfig, force: bool = False, console=None) -> dict:
 
 
 def add_pipeline_parser(sub) -> None:
-    p = sub.add_parser("pipeline", help="R1's four stages: cold-start SFT → RL → rejection-SFT → RL, with a table",
-                       description="Cold-start SFT of the base model, reasoning RL, rejection sampling + SFT of the base "
-                                   "model, final RL; held-out pass@1 after every stage → --out/pipeline.json, pipeline.md.")
+    p = sub.add_parser(
+        "pipeline",
+        help="R1's four stages: cold-start SFT → RL → rejection-SFT → RL, with a table",
+        description="Cold-start SFT of the base model, reasoning RL, rejection sampling + SFT of the base "
+        "model, final RL; held-out pass@1 after every stage → --out/pipeline.json, pipeline.md.",
+    )
     p.add_argument("--config", help="YAML file of pipeline keys (aha/stages/pipeline.py; recipes/pipeline_quick.yaml)")
     p.add_argument("--quick", action="store_true", help="small stages: about 5-8 minutes on 2 CPU cores")
     p.add_argument("--out", help="folder for the stages and the table")

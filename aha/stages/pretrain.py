@@ -20,8 +20,8 @@ import torch
 from aha.infra.card import CardInfo, save_model
 from aha.infra.model import build_model, count_parameters
 from aha.infra.progress import progress_bar
-from aha.tasks import get_task
 from aha.infra.tokenizer import TAGS, build_char_tokenizer
+from aha.tasks import get_task
 
 
 @dataclass
@@ -93,12 +93,16 @@ def lm_loss(model, input_ids, loss_mask) -> torch.Tensor:
     """Next-token cross-entropy on the positions of `loss_mask` (right padding needs no attention mask)."""
     logits = model(input_ids=input_ids, use_cache=False).logits[:, :-1]   # (B, L-1, V)
     targets = input_ids[:, 1:].masked_fill(loss_mask[:, 1:] == 0, -100)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100
+    )
 
 
 def pretrain(cfg: PretrainConfig, console=None) -> dict:
     torch.manual_seed(cfg.seed)
-    task = get_task(cfg.task, digits=cfg.digits, **({"tool_frac": cfg.tool_frac} if cfg.task == "multiplication" else {}))
+    task = get_task(
+        cfg.task, digits=cfg.digits, **({"tool_frac": cfg.tool_frac} if cfg.task == "multiplication" else {})
+    )
     tokenizer = build_char_tokenizer(TAGS + list(getattr(task, "tokenizer_tags", ())))
     model = build_model(cfg.arch, tokenizer, cfg.seed, hidden=cfg.hidden, layers=cfg.layers)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.95))

@@ -16,15 +16,15 @@ Identical responses to one prompt are kept once. Rows: `prompt`, `response`, and
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+from aha.core.rollout import SamplingParams, generate, stop_strings, stop_token_ids
 from aha.infra.errors import AhaError
 from aha.infra.progress import progress_bar
-from aha.tasks.rewards import language_consistency, repetition_penalty
-from aha.core.rollout import SamplingParams, generate, stop_strings, stop_token_ids
 from aha.tasks.base import is_well_formed
+from aha.tasks.rewards import language_consistency, repetition_penalty
 
 # (prompt texts, k, seed) → for each prompt × k, grouped by prompt: (text, response tokens, truncated)
 Completer = Callable[[list[str], int, int], list[tuple[str, int, bool]]]

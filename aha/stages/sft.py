@@ -68,7 +68,11 @@ def read_examples(path: str | Path) -> list[dict]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise AhaError(f"{path}:{number}: not JSON ({exc.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("prompt"), str)
+            or not isinstance(row.get("response"), str)
+        ):
             raise AhaError(f"{path}:{number}: a row needs string fields \"prompt\" and \"response\"")
         if not row["response"].strip():
             raise AhaError(f"{path}:{number}: empty \"response\": there is nothing to learn from it")
@@ -118,7 +122,9 @@ def block_causal_mask(example_ids: torch.Tensor, dtype=torch.float32) -> torch.T
     causal = torch.ones(length, length, dtype=torch.bool, device=example_ids.device).tril()
     same = example_ids[:, :, None] == example_ids[:, None, :]                 # (R, L, L)
     allowed = (same & causal)[:, None]
-    return torch.zeros(allowed.shape, dtype=dtype, device=example_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return torch.zeros(allowed.shape, dtype=dtype, device=example_ids.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
 
 
 def packed_loss(model, batch: Packed) -> torch.Tensor:
@@ -129,7 +135,9 @@ def packed_loss(model, batch: Packed) -> torch.Tensor:
     same_example = batch.example_ids[:, 1:] == batch.example_ids[:, :-1]
     keep = (batch.loss_mask[:, 1:] == 1) & same_example
     targets = batch.input_ids[:, 1:].masked_fill(~keep, -100)
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100)
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-100
+    )
 
 
 def sft_model(model, tokenizer, rows: list[dict], cfg: SFTConfig, console=None) -> dict:
@@ -156,7 +164,12 @@ def sft_model(model, tokenizer, rows: list[dict], cfg: SFTConfig, console=None) 
         for packed in epochs:
             for start in range(0, len(packed.input_ids), rows_per_step):
                 part = slice(start, start + rows_per_step)
-                batch = Packed(*(t[part].to(device) for t in (packed.input_ids, packed.loss_mask, packed.position_ids, packed.example_ids)))
+                batch = Packed(
+                    *(
+                        t[part].to(device)
+                        for t in (packed.input_ids, packed.loss_mask, packed.position_ids, packed.example_ids)
+                    )
+                )
                 loss = packed_loss(model, batch)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -178,10 +191,28 @@ def sft(cfg: SFTConfig, console=None) -> dict:
     stats = sft_model(model, tokenizer, rows, cfg, console=console)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    hyper = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_tokens": cfg.batch_tokens, "seq_len": cfg.seq_len, "warmup": cfg.warmup}
-    save_model(model, tokenizer, out, CardInfo(
-        cfg.model, f"SFT data {Path(cfg.data).name}", "sft", stats["steps"], cfg.seed, hyper,
-        note=f"Supervised fine-tuning on {stats['examples']} examples of `{cfg.data}`: loss {stats['loss_first']:.3f} → "
-             f"{stats['loss_last']:.3f}."))
+    hyper = {
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "batch_tokens": cfg.batch_tokens,
+        "seq_len": cfg.seq_len,
+        "warmup": cfg.warmup,
+    }
+    save_model(
+        model,
+        tokenizer,
+        out,
+        CardInfo(
+            cfg.model,
+            f"SFT data {Path(cfg.data).name}",
+            "sft",
+            stats["steps"],
+            cfg.seed,
+            hyper,
+            note=f"Supervised fine-tuning on {stats['examples']} examples of `{cfg.data}`: loss "
+                 f"{stats['loss_first']:.3f} → "
+            f"{stats['loss_last']:.3f}.",
+        ),
+    )
     (out / "sft.json").write_text(json.dumps({**stats, "data": str(cfg.data), "base_model": str(cfg.model)}, indent=2))
     return stats

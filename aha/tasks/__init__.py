@@ -23,7 +23,8 @@ import inspect
 from aha.infra.errors import AhaError
 from aha.tasks.base import Problem, Task
 
-NAMES = "addition, multiplication, countdown, gsm8k, math, code, humaneval, champ, arc, rg:NAME, jsonl:PATH, py:module:function"
+NAMES = ("addition, multiplication, countdown, gsm8k, math, code, humaneval, champ, arc, rg:NAME, jsonl:PATH, "
+         "py:module:function")
 
 
 def _task_class(name: str):

@@ -16,7 +16,7 @@ never contain one (checked in tests/test_task.py).
 import functools
 import random
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 from aha.infra.errors import AhaError
 from aha.tasks.base import Problem, extract_answer, is_well_formed
@@ -123,5 +123,7 @@ class AdditionTask:
     def score(self, completion: str, problem: Problem) -> dict[str, float]:
         answer = extract_answer(completion)
         # ASCII digits only: str.isdigit() also takes '²', which int() refuses, and int() takes '١٢٣'
-        correct = answer is not None and ASCII_NUMBER_RE.fullmatch(answer) is not None and int(answer) == int(problem.answer)
+        correct = (
+            answer is not None and ASCII_NUMBER_RE.fullmatch(answer) is not None and int(answer) == int(problem.answer)
+        )
         return {"accuracy": float(correct), "format": float(is_well_formed(completion))}

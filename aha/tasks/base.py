@@ -5,8 +5,9 @@ that the trainer weights and logs one by one.
 """
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol
+from typing import Protocol
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 THINK_RE = re.compile(r"^\s*<think>(.*?)</think>", re.DOTALL)
@@ -33,8 +34,10 @@ def extract_answer(completion: str) -> str | None:
     None when there is none, or more than one `<answer>` or `</answer>` tag (several answers,
     nested or repeated tags earn nothing: otherwise a model could hedge with one of each).
 
-    >>> extract_answer("<think>2+2</think> <answer>\\n4\\n</answer>"), extract_answer("<answer>3</answer><answer>4</answer>")
-    ('4', None)
+    >>> extract_answer("<think>2+2</think> <answer>\\n4\\n</answer>")
+    '4'
+    >>> extract_answer("<answer>3</answer><answer>4</answer>") is None
+    True
     """
     if completion.count("<answer>") != 1 or completion.count("</answer>") != 1:
         return None

@@ -31,9 +31,15 @@ INSTRUCTION = "Give the final answer alone inside <answer> </answer>: a number, 
 SPAN_RE = re.compile(r"@@(.*?)@@")
 NUMBER_RE = re.compile(r"[+-]?\d+(\.\d+)?")
 # "3 is the only possible value", "100 (i.e., all values)", "The limit exists and is equal to @@2/3@@"
-LEADING_FORMS = [re.compile(p) for p in (r"^(.+?) is the only possible value$", r"^(.+?) \((?:i\.e\.,|no |none )[^)]*\)$",
-                                         r"^The limit exists and is equal to (.+)$",
-                                         r"^The only possible value for the limit is (.+)$")]
+LEADING_FORMS = [
+    re.compile(p)
+    for p in (
+        r"^(.+?) is the only possible value$",
+        r"^(.+?) \((?:i\.e\.,|no |none )[^)]*\)$",
+        r"^The limit exists and is equal to (.+)$",
+        r"^The only possible value for the limit is (.+)$",
+    )
+]
 NOT_ONE_VALUE = ("=", "<", ">", "≥", "≤", "±", "...", "sum_")
 
 
@@ -74,8 +80,13 @@ def to_latex(plain: str) -> str | None:
     ('2^{n - 2} n \\\\left(n + 1\\\\right)', '252', '\\\\left[-1, 1\\\\right]')
     """
     import sympy
-    from sympy.parsing.sympy_parser import (convert_xor, factorial_notation, implicit_multiplication_application,
-                                            parse_expr, standard_transformations)
+    from sympy.parsing.sympy_parser import (
+        convert_xor,
+        factorial_notation,
+        implicit_multiplication_application,
+        parse_expr,
+        standard_transformations,
+    )
     transformations = standard_transformations + (implicit_multiplication_application, convert_xor, factorial_notation)
     try:
         if plain.startswith("[") and plain.endswith("]"):     # a closed interval

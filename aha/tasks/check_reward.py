@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 from aha.infra.config import Config, apply_overrides, parse_reward_weights
 from aha.infra.errors import AhaError
-from aha.tasks.rewards import SHAPING, Sample
 from aha.tasks.base import Problem
+from aha.tasks.rewards import SHAPING, Sample
 
 CHECKED_SHAPING = ("format_strict", "format_soft", "tag_count")
 TOLERANCE = 1e-9
@@ -99,7 +99,11 @@ def probes(gold: str, wrong: str, prompt: str) -> list[Probe]:
         Probe("10k characters: filler, then the gold", f"<answer>{'x' * 10_000} {G}</answer>", "wrong"),
         Probe("the gold wrapped in other text", f"<answer>x{G}x</answer>", "wrong"),
         Probe("control: the gold answer", f"<answer>{G}</answer>", "control"),
-        Probe("control: thinking, then the gold on its own line", f"<think>I add.</think>\n<answer>\n{G}\n</answer>", "control"),
+        Probe(
+            "control: thinking, then the gold on its own line",
+            f"<think>I add.</think>\n<answer>\n{G}\n</answer>",
+            "control",
+        ),
     ]
     if len(G) > 1 and re.fullmatch(r"[A-Za-z0-9.]+", G):     # an atom: whitespace inside splits it
         out += [Probe("a space between the gold's characters", f"<answer>{' '.join(G)}</answer>", "wrong"),
@@ -148,18 +152,32 @@ def wrong_answer(task, gold: str, problem: Problem) -> str:
             right = False
         if candidate != gold.strip() and not right:
             return candidate
-    raise AhaError(f"check-reward: every answer tried ('0', '1', 'none', '-1') earns accuracy on {problem.question[:60]!r}")
+    raise AhaError(
+        f"check-reward: every answer tried ('0', '1', 'none', '-1') earns accuracy on {problem.question[:60]!r}"
+    )
 
 
-def check_problem(task, weights: dict[str, float], problem: Problem, index: int) -> tuple[list[Finding], list[str], int]:
+def check_problem(
+    task, weights: dict[str, float], problem: Problem, index: int
+) -> tuple[list[Finding], list[str], int]:
     """(findings, notes, probes tried) for one problem."""
     gold = problem.answer
     wrong = wrong_answer(task, gold, problem)
-    references = {"nothing": "", "wrong": f"<answer>{wrong}</answer>", "right_badly": f"Sure. <answer>{gold}</answer> Done."}
+    references = {
+        "nothing": "",
+        "wrong": f"<answer>{wrong}</answer>",
+        "right_badly": f"Sure. <answer>{gold}</answer> Done.",
+    }
     findings, notes, deserved = [], [], {}
-    for (kind, text), got in zip(references.items(), scored_or_raised(task, weights, list(references.values()), problem)):
-        if isinstance(got, Exception):                 # even an honest completion crashes the reward
-            findings.append(Finding(index, Probe(f"reference ({kind})", text, kind), f"raises {type(got).__name__}: {str(got)[:80]}"))
+    for (kind, text), got in zip(
+        references.items(), scored_or_raised(task, weights, list(references.values()), problem)
+    ):
+        if isinstance(got, Exception):  # even an honest completion crashes the reward
+            findings.append(
+                Finding(
+                    index, Probe(f"reference ({kind})", text, kind), f"raises {type(got).__name__}: {str(got)[:80]}"
+                )
+            )
             got = {}
         deserved[kind] = got
     all_probes = probes(gold, wrong, task.prompt(problem))
@@ -169,7 +187,9 @@ def check_problem(task, weights: dict[str, float], problem: Problem, index: int)
             continue
         if probe.deserves == "control":
             if got.get("accuracy", 0.0) < 1.0:
-                notes.append(f"problem {index}: {probe.name} ({probe.text[:50]!r}) earns accuracy {got.get('accuracy', 0.0):g}")
+                notes.append(
+                    f"problem {index}: {probe.name} ({probe.text[:50]!r}) earns accuracy {got.get('accuracy', 0.0):g}"
+                )
             continue
         if got.get("skip"):                            # a py: reward that skips the sample gives it no reward
             continue
@@ -195,11 +215,14 @@ def check_reward(task, weights: dict[str, float], problems: int = 3) -> tuple[li
 
 
 def add_check_reward_parser(sub) -> None:
-    p = sub.add_parser("check-reward", help="try adversarial completions against a task's reward; exit 1 if one earns credit",
-                       description="Repeated and nested tags, several answers, empty answers, answers outside the tags, "
-                                   "the prompt echoed back, huge numbers, Unicode digits, whitespace tricks, 10k-character "
-                                   "answers: every completion that earns more than an honest one of its kind is printed. "
-                                   "Exit 0: none does; 1: some do.")
+    p = sub.add_parser(
+        "check-reward",
+        help="try adversarial completions against a task's reward; exit 1 if one earns credit",
+        description="Repeated and nested tags, several answers, empty answers, answers outside the tags, "
+        "the prompt echoed back, huge numbers, Unicode digits, whitespace tricks, 10k-character "
+        "answers: every completion that earns more than an honest one of its kind is printed. "
+        "Exit 0: none does; 1: some do.",
+    )
     p.add_argument("tasks", nargs="+", metavar="TASK",
                    help="task name(s): addition, countdown, gsm8k, math, code, rg:NAME, jsonl:PATH, py:module:function")
     p.add_argument("--data", help="data file for file-backed tasks (gsm8k, math, py:…)")
@@ -215,8 +238,12 @@ def add_check_reward_parser(sub) -> None:
 def check_task(name: str, args) -> int:
     """Probe one task and print what earns undeserved credit; the number of such completions."""
     from aha.tasks import get_task
-    cfg = apply_overrides(Config(task=name, digits=args.digits, data=args.data or "", reward_weights=args.reward_weights),
-                          {"task_config": args.task_config}, "--task-config")
+
+    cfg = apply_overrides(
+        Config(task=name, digits=args.digits, data=args.data or "", reward_weights=args.reward_weights),
+        {"task_config": args.task_config},
+        "--task-config",
+    )
     weights = cfg.component_weights()
     task = get_task(cfg.task, **cfg.task_options())
     first = (task.eval_problems(1) or [next(task.train_problems(0))])[0]
@@ -227,9 +254,13 @@ def check_task(name: str, args) -> int:
                        f"{', '.join(k for k in given if k != 'skip')} and aha/tasks/rewards.py {', '.join(SHAPING)}")
     findings, notes, tried = check_reward(task, weights, args.problems)
     if notes:
-        print(f"{name}: note: {len(notes)} control(s) with the gold answer earn less than full accuracy, e.g. {notes[0]}: "
-              f"the gold is not itself an answer (code: its hidden tests), so the probes built from it test the "
-              f"answer extraction only", file=sys.stderr)
+        print(
+            f"{name}: note: {len(notes)} control(s) with the gold answer earn less than full accuracy, e.g. "
+            f"{notes[0]}: "
+            f"the gold is not itself an answer (code: its hidden tests), so the probes built from it test the "
+            f"answer extraction only",
+            file=sys.stderr,
+        )
     for finding in findings:
         shown = finding.probe.text if len(finding.probe.text) <= 70 else finding.probe.text[:67] + "..."
         print(f"{name}: undeserved: problem {finding.problem}, {finding.probe.name}: {finding.what}   {shown!r}")

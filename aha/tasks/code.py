@@ -24,9 +24,9 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 from aha.infra.errors import AhaError
-from aha.tasks.sandbox import run_tests
 from aha.tasks.base import ANSWER_RE, Problem, extract_answer, is_well_formed
 from aha.tasks.data import BadRow, RowTask, require, split_heldout
+from aha.tasks.sandbox import run_tests
 
 FENCE_RE = re.compile(r"```[^\n`]*\n(.*?)```", re.DOTALL)
 MAX_CODE_CHARS = 20_000
@@ -117,7 +117,9 @@ def builtin_problems() -> list[Problem]:
     problems = []
     for statement, name, reference, inputs in _templates(random.Random(BUILTIN_SEED)):
         tests = [f"assert {name}({value!r}) == {reference(value)!r}" for value in inputs]
-        problems.append(Problem(question=statement, answer="\n".join(tests), meta={"tests": tests, "entry_point": name}))
+        problems.append(
+            Problem(question=statement, answer="\n".join(tests), meta={"tests": tests, "entry_point": name})
+        )
     return problems
 
 
@@ -148,7 +150,9 @@ class CodeTask(RowTask):
         entry_point = row.get("entry_point") or None
         if entry_point is not None and not (isinstance(entry_point, str) and entry_point.isidentifier()):
             raise BadRow(f"'entry_point' must be a function name, got {entry_point!r:.40}")
-        return Problem(question=question, answer="\n".join(tests), meta={"tests": list(tests), "entry_point": entry_point})
+        return Problem(
+            question=question, answer="\n".join(tests), meta={"tests": list(tests), "entry_point": entry_point}
+        )
 
     def program(self, code: str, problem: Problem) -> str:
         """The program the tests run after: the answer's code itself (humaneval puts the problem's prompt first)."""

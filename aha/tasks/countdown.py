@@ -19,8 +19,8 @@ Held-out split: a problem is held out when a fixed hash of its sorted numbers an
 
 import ast
 import random
+from collections.abc import Iterator
 from fractions import Fraction
-from typing import Iterator
 
 from aha.infra.errors import AhaError
 from aha.tasks.base import Problem, extract_answer, is_well_formed
@@ -81,7 +81,8 @@ def tinyzero_reward(answer: str | None, numbers: list[int], target: int) -> floa
 
     >>> tinyzero_reward("(44 - 19) * 2 + 1", [1, 2, 19, 44], 51)
     1.0
-    >>> tinyzero_reward("44 + 7", [1, 2, 19, 44], 51), tinyzero_reward(None, [1, 2, 19, 44], 51), tinyzero_reward("", [1], 1)
+    >>> numbers = [1, 2, 19, 44]
+    >>> tinyzero_reward("44 + 7", numbers, 51), tinyzero_reward(None, numbers, 51), tinyzero_reward("", [1], 1)
     (0.1, 0.0, 0.0)
     """
     if not answer:                   # no answer, or an empty one: TinyZero's 0.1 would pay for `<answer></answer>`

@@ -60,9 +60,13 @@ class CustomRewardTask(RowTask):
         try:
             values = list(values)
         except TypeError:
-            raise AhaError(f"reward function {self.spec} returned {type(values).__name__}, not a list of floats") from None
+            raise AhaError(
+                f"reward function {self.spec} returned {type(values).__name__}, not a list of floats"
+            ) from None
         if len(values) != 1:
-            raise AhaError(f"reward function {self.spec} returned {len(values)} values for 1 completion; return one per completion")
+            raise AhaError(
+                f"reward function {self.spec} returned {len(values)} values for 1 completion; return one per completion"
+            )
         value = values[0]
         if value is None:
             return None
@@ -73,7 +77,9 @@ class CustomRewardTask(RowTask):
         except (TypeError, ValueError):
             raise AhaError(f"reward function {self.spec} returned {value!r:.40}; return a float or None") from None
         if not math.isfinite(value):
-            raise AhaError(f"reward function {self.spec} returned {value} for a completion; return a finite float or None")
+            raise AhaError(
+                f"reward function {self.spec} returned {value} for a completion; return a finite float or None"
+            )
         return value
 
     def score(self, completion: str, problem: Problem) -> dict[str, float]:

@@ -14,8 +14,8 @@ Subclasses turn a row into a `Problem` in `parse_row`, raising `BadRow` when a f
 
 import hashlib
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from aha.infra.errors import AhaError
 from aha.tasks.base import Problem

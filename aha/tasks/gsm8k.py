@@ -17,8 +17,10 @@ from aha.tasks.data import BadRow, RowTask, require
 # ASCII digits only (`\d` would take '١٢٣', which Fraction reads as 123); thousands separated by
 # commas or spaces only in groups of three after a non-zero digit, so that a list such as "1,2,3",
 # "1 2 3" or "0 123" is not a number
-NUMBER_RE = re.compile(r"[+-]?([1-9]\d{0,2}(,\d{3})+|[1-9]\d{0,2}( \d{3})+|\d+)(\.\d*)?([eE][+-]?\d{1,3})?|[+-]?\.\d+([eE][+-]?\d{1,3})?",
-                       re.ASCII)
+NUMBER_RE = re.compile(
+    r"[+-]?([1-9]\d{0,2}(,\d{3})+|[1-9]\d{0,2}( \d{3})+|\d+)(\.\d*)?([eE][+-]?\d{1,3})?|[+-]?\.\d+([eE][+-]?\d{1,3})?",
+    re.ASCII,
+)
 BOXED_RE = re.compile(r"^\\boxed\{(.*)\}$", re.DOTALL)
 
 

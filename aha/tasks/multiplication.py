@@ -17,7 +17,7 @@ it is 0 mod 10; the training stream and the corpus never contain one.
 """
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 from aha.infra.errors import AhaError
 from aha.tasks.addition import ASCII_NUMBER_RE
@@ -102,5 +102,7 @@ class MultiplicationTask:
 
     def score(self, completion: str, problem: Problem) -> dict[str, float]:
         answer = extract_answer(completion)
-        correct = answer is not None and ASCII_NUMBER_RE.fullmatch(answer) is not None and int(answer) == int(problem.answer)
+        correct = (
+            answer is not None and ASCII_NUMBER_RE.fullmatch(answer) is not None and int(answer) == int(problem.answer)
+        )
         return {"accuracy": float(correct), "format": float(is_well_formed(completion))}

@@ -35,7 +35,8 @@ def format_strict(completion: str) -> float:
 
     >>> format_strict(" <think>2+2=4</think> <answer>4</answer>"), format_strict("<answer>4</answer>")
     (1.0, 0.0)
-    >>> format_strict("<think>a</think><answer>4</answer> and more"), format_strict("<think><think>a</think></think><answer>4</answer>")
+    >>> nested = "<think><think>a</think></think><answer>4</answer>"
+    >>> format_strict("<think>a</think><answer>4</answer> and more"), format_strict(nested)
     (0.0, 0.0)
     """
     text = completion.strip()

@@ -19,7 +19,7 @@ item i+1 of seed s−1, so different seeds alone would not keep them apart).
 """
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 from aha.infra.errors import AhaError
 from aha.tasks.base import Problem, extract_answer, is_well_formed
@@ -65,7 +65,9 @@ class ReasoningGymTask:
 
     def eval_problems(self, n: int) -> list[Problem]:
         if n > self.eval_size:
-            raise AhaError(f"{self.name}: asked for {n} evaluation problems but eval_size={self.eval_size}; raise eval_size")
+            raise AhaError(
+                f"{self.name}: asked for {n} evaluation problems but eval_size={self.eval_size}; raise eval_size"
+            )
         return self.heldout[:n]
 
     def prompt(self, problem: Problem) -> str:

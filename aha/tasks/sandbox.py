@@ -44,12 +44,20 @@ _ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 _WORKDIR_IN_NAMESPACE = "/tmp/work"
 _SHARED_WRITABLE = ("/var/tmp", "/dev/shm", "/run/lock")  # world-writable dirs: the private /tmp covers them
 _SETUP_FAILED = 125
-CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x20000, 0x8000000, 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (
+    0x20000,
+    0x8000000,
+    0x10000000,
+    0x20000000,
+    0x40000000,
+)
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_SECCOMP, SECCOMP_MODE_FILTER = 1, 4, 38, 22, 2
 CLONE_NEWTIME, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x80, 0x2000000, 0x4000000
 # clone()'s low byte is the exit signal, so CLONE_NEWTIME (0x80) only means a namespace for unshare()
-_CLONE_NAMESPACES = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
+_CLONE_NAMESPACES = (
+    CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
+)
 # per architecture: (AUDIT_ARCH_*, syscall numbers of unshare, clone, clone3, setns)
 _SECCOMP_ARCH = {"x86_64": (0xC000003E, 272, 56, 435, 308), "aarch64": (0xC00000B7, 97, 220, 435, 268)}
 
@@ -71,7 +79,9 @@ def run_python(code: str, *, timeout_s: float = 5.0, cpu_s: int = 5, memory_mb: 
     return _run({"mode": "python", "code": code}, **limits)[0]
 
 
-_DEFAULT_LIMITS = {name: param.default for name, param in inspect.signature(run_python).parameters.items() if name != "code"}
+_DEFAULT_LIMITS = {
+    name: param.default for name, param in inspect.signature(run_python).parameters.items() if name != "code"
+}
 
 
 def run_tests(solution_code: str, tests: list[str], **limits) -> float:
@@ -101,9 +111,15 @@ def _run(request, timeout_s, cpu_s, memory_mb, max_output_bytes, max_file_bytes,
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="aha_sandbox_", ignore_cleanup_errors=True) as workdir:
         report_read, report_write = os.pipe()  # workdir: used only when no mount namespace is granted
-        request = request | {"workdir": workdir, "report_fd": report_write, "cpu_s": cpu_s, "memory_bytes": memory_mb << 20,
-                             "max_file_bytes": max_file_bytes, "max_procs": max_procs,  # and what to keep visible:
-                             "pythons": list({sys.base_prefix, sys.prefix, os.path.dirname(sys.executable)})}
+        request = request | {
+            "workdir": workdir,
+            "report_fd": report_write,
+            "cpu_s": cpu_s,
+            "memory_bytes": memory_mb << 20,
+            "max_file_bytes": max_file_bytes,
+            "max_procs": max_procs,  # and what to keep visible:
+            "pythons": list({sys.base_prefix, sys.prefix, os.path.dirname(sys.executable)}),
+        }
         try:
             proc = subprocess.Popen([sys.executable, "-I", "-S", os.path.abspath(__file__)], stdin=subprocess.PIPE,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir, env=_ENV,

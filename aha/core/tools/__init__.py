@@ -2,7 +2,8 @@
 
     aha train --model DIR tools=python max_turns=4             # the R1 format: <tool>CODE</tool>
     aha train --model DIR template=chat tools=python tool_format=chat   # an instruct model's <tool_call>
-    aha eval RUN_DIR                                            # a run with tools: held-out pass@1 through the same loop
+    aha eval RUN_DIR                                            # a run with tools: held-out pass@1 through the same
+    loop
     aha chat RUN_DIR / aha serve RUN_DIR --tools python         # its calls run live (aha/serve/live_tools.py)
 
 - aha/core/tools/tools.py — the tools: the sandboxed `python` tool, `py:module:function`, `env:module:Class`;

@@ -20,8 +20,8 @@ import json
 import re
 from dataclasses import dataclass
 
-from aha.infra.errors import AhaError
 from aha.core.tools.tools import Observation
+from aha.infra.errors import AhaError
 
 R1_TAGS = ("think", "answer", "tool", "output")
 TOOL_CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
@@ -49,7 +49,9 @@ def spellable(tokenizer, text: str, specials: bool = False) -> list[int]:
     are spelled as plain text, never as the special token (`specials=True`: a template's own text,
     whose special tokens are meant); a tokenizer that cannot spell a character (one without an
     unknown token, like aha's character tokenizer) gets `?` for every character outside printable ASCII."""
-    encode = lambda t: tokenizer(t, add_special_tokens=False, split_special_tokens=not specials, verbose=False)["input_ids"]
+    encode = lambda t: tokenizer(t, add_special_tokens=False, split_special_tokens=not specials, verbose=False)[
+        "input_ids"
+    ]
     try:
         return encode(text)
     except Exception:
@@ -115,7 +117,7 @@ class ChatFormat:
                 raise ValueError("a tool call needs a name and an arguments object with one argument")
             values = list(arguments.values())
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            text = f"error: the tool call is not {{\"name\": …, \"arguments\": {{…}}}} JSON ({type(exc).__name__}: {exc})"
+            text = f'error: the tool call is not {{"name": …, "arguments": {{…}}}} JSON ({type(exc).__name__}: {exc})'
             return Call(self.tools[0], "", Observation(text[:300], True))
         value = values[0]
         return Call(name, value if isinstance(value, str) else json.dumps(value))

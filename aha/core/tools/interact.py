@@ -34,11 +34,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from aha.infra.model import check_context, model_context
-from aha.core.rollout import (PreallocatedCache, Rollout, SamplingParams, ToolRecord, cache_kwarg, concat_rollouts, left_pad,
-                         row_uniforms, sample_next, stopped_by_string)
+from aha.core.rollout import (
+    PreallocatedCache,
+    Rollout,
+    SamplingParams,
+    ToolRecord,
+    cache_kwarg,
+    concat_rollouts,
+    left_pad,
+    row_uniforms,
+    sample_next,
+)
 from aha.core.tools.formats import FORMATS, cut_tokens
 from aha.core.tools.tools import Observation, Toolbox
+from aha.infra.model import check_context, model_context
 
 TURN_SEED_STEP = 0x9E3779B97F4A7C15       # Fibonacci hashing: turns' seeds far apart
 
@@ -89,7 +98,12 @@ class ToolEngine:
             raise ValueError("the tool loop reads the model's calls: ToolEngine(...)(..., tokenizer=tokenizer)")
         per_chunk = max(1, (max_rows or n) // group_size)
         width = max(len(p) for p in prompts)
-        check_context(width, params.max_new_tokens, model_context(model), "use a shorter prompt or template, or lower max_new_tokens")
+        check_context(
+            width,
+            params.max_new_tokens,
+            model_context(model),
+            "use a shorter prompt or template, or lower max_new_tokens",
+        )
         with ThreadPoolExecutor(self.workers, thread_name_prefix="aha-tool") as pool:
             parts = [self._rows(model, prompts[start:start + per_chunk], group_size, params, pad_id, seed,
                                 row_offset + start * group_size, width, tokenizer, pool)
@@ -106,10 +120,22 @@ class ToolEngine:
         live, turn = rows, 0
         while live:
             contexts = prompts if turn == 0 else [row.prompt + row.tokens for row in live]
-            on_end = lambda row, turn_ids, stopped: self._submit(row, tokenizer.decode(turn_ids, skip_special_tokens=True),
-                                                                 stopped, pool, running)
-            decode_turn(model, contexts, group_size if turn == 0 else 1, width if turn == 0 else width + params.max_new_tokens,
-                        live, params, pad_id, turn_seed(seed, turn), tokenizer, self._call_end(live), on_end)
+            on_end = lambda row, turn_ids, stopped: self._submit(
+                row, tokenizer.decode(turn_ids, skip_special_tokens=True), stopped, pool, running
+            )
+            decode_turn(
+                model,
+                contexts,
+                group_size if turn == 0 else 1,
+                width if turn == 0 else width + params.max_new_tokens,
+                live,
+                params,
+                pad_id,
+                turn_seed(seed, turn),
+                tokenizer,
+                self._call_end(live),
+                on_end,
+            )
             live = [row for row in live if self._resume(row, tokenizer)]
             turn += 1
         return to_rollout(rows, prompts, group_size, pad_id, width, self.toolbox.stateless,
@@ -128,7 +154,9 @@ class ToolEngine:
                 future.set_result(call.error)
             elif self.toolbox.stateless:
                 key = (call.name, call.text)
-                future = running.get(key) or running.setdefault(key, pool.submit(row.episode.call, call.name, call.text))
+                future = running.get(key) or running.setdefault(
+                    key, pool.submit(row.episode.call, call.name, call.text)
+                )
             else:
                 future = pool.submit(row.episode.call, call.name, call.text)
             row.pending.append((call, future))
@@ -250,7 +278,9 @@ def to_rollout(rows: list[Row], prompts: list[list[int]], group_size: int, pad_i
     prompt_ids, prompt_mask = left_pad(prompts, pad_id, width)
     longest = max(1, max(len(row.tokens) for row in rows))
     completion = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask, actions, logprobs = (torch.zeros((len(rows), longest), dtype=dtype) for dtype in (torch.long, torch.long, torch.float))
+    mask, actions, logprobs = (
+        torch.zeros((len(rows), longest), dtype=dtype) for dtype in (torch.long, torch.long, torch.float)
+    )
     for i, row in enumerate(rows):
         length = len(row.tokens)
         completion[i, :length] = torch.tensor(row.tokens, dtype=torch.long)
@@ -258,13 +288,23 @@ def to_rollout(rows: list[Row], prompts: list[list[int]], group_size: int, pad_i
         actions[i, :length] = torch.tensor(row.actions, dtype=torch.long)
         logprobs[i, :length] = torch.tensor(row.logprobs)
     rewards = None if stateless else torch.tensor([float(row.episode.reward() or 0.0) for row in rows])
-    tools = ToolRecord(calls=torch.tensor([row.calls for row in rows]), errors=torch.tensor([row.errors for row in rows]),
-                       rewards=rewards)
+    tools = ToolRecord(
+        calls=torch.tensor([row.calls for row in rows]),
+        errors=torch.tensor([row.errors for row in rows]),
+        rewards=rewards,
+    )
     on = lambda t: t.to(device)
-    return Rollout(prompt_ids=on(prompt_ids.repeat_interleave(group_size, dim=0)),
-                   prompt_mask=on(prompt_mask.repeat_interleave(group_size, dim=0)), completion_ids=on(completion),
-                   completion_mask=on(mask), logprobs=on(logprobs), truncated=on(torch.tensor([not row.stopped for row in rows])),
-                   group_size=group_size, action_mask=on(actions), tools=tools)
+    return Rollout(
+        prompt_ids=on(prompt_ids.repeat_interleave(group_size, dim=0)),
+        prompt_mask=on(prompt_mask.repeat_interleave(group_size, dim=0)),
+        completion_ids=on(completion),
+        completion_mask=on(mask),
+        logprobs=on(logprobs),
+        truncated=on(torch.tensor([not row.stopped for row in rows])),
+        group_size=group_size,
+        action_mask=on(actions),
+        tools=tools,
+    )
 
 
 def tool_metrics(rollout: Rollout) -> dict:
@@ -275,9 +315,13 @@ def tool_metrics(rollout: Rollout) -> dict:
     calls, errors = rollout.tools.calls.float(), rollout.tools.errors.float()
     policy = rollout.loss_mask.cpu()
     turns = policy[:, :1].sum(dim=1) + ((policy[:, 1:] == 1) & (policy[:, :-1] == 0)).sum(dim=1)
-    metrics = {"tool_calls_per_sample": calls.mean().item(), "tool_error_rate": (errors.sum() / calls.sum().clamp(min=1)).item(),
-               "tool_use_rate": (calls > 0).float().mean().item(), "turns_per_sample": turns.float().mean().item(),
-               "policy_tokens": policy.sum(dim=1).float().mean().item()}
+    metrics = {
+        "tool_calls_per_sample": calls.mean().item(),
+        "tool_error_rate": (errors.sum() / calls.sum().clamp(min=1)).item(),
+        "tool_use_rate": (calls > 0).float().mean().item(),
+        "turns_per_sample": turns.float().mean().item(),
+        "policy_tokens": policy.sum(dim=1).float().mean().item(),
+    }
     if rollout.tools.rewards is not None:
         metrics["reward_env_mean"] = rollout.tools.rewards.mean().item()
     return metrics

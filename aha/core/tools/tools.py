@@ -62,7 +62,11 @@ def sandbox_observation(result, timeout_s: float, max_bytes: int) -> Observation
     if result.killed_reason == "output_limit":
         return Observation(f"{output[:max_bytes]}\nerror: output cut at {max_bytes} bytes", True)
     if result.killed_reason and result.killed_reason.startswith("signal"):
-        what = "the CPU limit" if "SIGXCPU" in result.killed_reason or "SIGKILL" in result.killed_reason else result.killed_reason
+        what = (
+            "the CPU limit"
+            if "SIGXCPU" in result.killed_reason or "SIGKILL" in result.killed_reason
+            else result.killed_reason
+        )
         return Observation(f"{output}\nerror: killed by {what}".lstrip("\n"), True)
     if result.returncode != 0:
         message = first_line(result.stderr) or f"exit status {result.returncode}"
@@ -79,14 +83,21 @@ class PythonTool:
     max_output_bytes: int = 4096
     memory_mb: int = 512
     name: str = "python"
-    description: str = "Run Python code in a sandbox and see what it prints (the value of a last expression is printed)."
+    description: str = (
+        "Run Python code in a sandbox and see what it prints (the value of a last expression is printed)."
+    )
     stateless: bool = True
 
     def run(self, code: str) -> Observation:
         from aha.tasks.sandbox import run_python
         try:
-            result = run_python(REPL.format(code=code), timeout_s=self.timeout_s, cpu_s=max(1, math.ceil(self.timeout_s)),
-                                memory_mb=self.memory_mb, max_output_bytes=self.max_output_bytes)
+            result = run_python(
+                REPL.format(code=code),
+                timeout_s=self.timeout_s,
+                cpu_s=max(1, math.ceil(self.timeout_s)),
+                memory_mb=self.memory_mb,
+                max_output_bytes=self.max_output_bytes,
+            )
         except Exception as exc:         # the sandbox itself failed (setup, resources): tell the model, keep going
             return Observation(f"error: the sandbox failed: {type(exc).__name__}: {first_line(str(exc))}", True)
         return sandbox_observation(result, self.timeout_s, self.max_output_bytes)
@@ -174,7 +185,9 @@ class Toolbox:
         return self.factory is None
 
     def episode(self, prompt: str) -> Episode:
-        return Stateless(self.tools) if self.factory is None else EnvironmentEpisode(self.factory, self.spec[4:], prompt)
+        return (
+            Stateless(self.tools) if self.factory is None else EnvironmentEpisode(self.factory, self.spec[4:], prompt)
+        )
 
     def schemas(self) -> list[dict]:
         """OpenAI-style function schemas (one string argument each), for chat templates that list tools."""
