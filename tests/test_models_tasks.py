@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Co
 from aha.cli import main
 from aha.infra.model import tiny_config
 from aha.infra.tokenizer import build_char_tokenizer
+from aha.tasks.rewards import Reward
 
 SMALL = ["prompts_per_step=2", "group_size=2", "max_new_tokens=16", "eval_every=0", "dump_rollouts_every=1"]
 
@@ -87,6 +88,7 @@ def test_train_each_architecture_on_each_task(model_dirs, data_files, tmp_path, 
 def test_reward_weights_parse_validate_and_extend():
     import doctest
 
+    import aha.core.step
     import aha.core.train
     import aha.infra.config
     from aha.infra.config import load_config
@@ -101,14 +103,13 @@ def test_reward_weights_parse_validate_and_extend():
 
 
 def test_reward_weights_reach_the_reward():
-    from aha.core.train import score
     from aha.infra.config import Config
     from aha.tasks import get_task
     task = get_task("countdown")
     problem = next(task.train_problems(0))
     texts = ["<answer>1+2</answer>", "no answer"]
     cfg = Config(group_size=2, reward_weights="accuracy=2,format=0,tinyzero=10").validate()
-    scores, rewards = score(task, cfg, texts, [problem], rollout=None)
+    scores, rewards = Reward.build(cfg, task).score(texts, [problem] * len(texts))
     expected = [2 * s["accuracy"] + 10 * s["tinyzero"] for s in scores]
     assert rewards.tolist() == pytest.approx(expected)
     assert scores[0]["tinyzero"] > 0 and rewards[0] != scores[0]["accuracy"] + 0.1 * scores[0]["format"]
@@ -127,7 +128,6 @@ def test_unknown_component_name_stops_the_run(model_dirs, tmp_path, capsys):
 def test_shaping_components_by_name_are_computed_weighted_and_logged():
     from types import SimpleNamespace
 
-    from aha.core.train import score
     from aha.infra.config import Config
     from aha.tasks import get_task
     from aha.tasks.rewards import cosine_length, repetition_penalty
@@ -138,7 +138,7 @@ def test_shaping_components_by_name_are_computed_weighted_and_logged():
     rollout = SimpleNamespace(lengths=torch.tensor([30, 64]))
     cfg = Config(group_size=2, max_new_tokens=64,
                  reward_weights="accuracy=1,format=0,tag_count=0.5,repetition=2,cosine=1,format_strict=3").validate()
-    scores, rewards = score(task, cfg, [right, wrong], [problem], rollout)
+    scores, rewards = Reward.build(cfg, task).score([right, wrong], [problem] * 2, rollout.lengths.tolist())
     assert [s["tag_count"] for s in scores] == [1.0, 0.0]                  # second: <answer> twice, no think
     assert [s["format_strict"] for s in scores] == [1.0, 0.0]
     assert scores[0]["repetition"] == pytest.approx(repetition_penalty(right)) and scores[0]["repetition"] < 0
@@ -152,7 +152,6 @@ def test_shaping_components_by_name_are_computed_weighted_and_logged():
 def test_language_component_follows_lang():
     from types import SimpleNamespace
 
-    from aha.core.train import score
     from aha.infra.config import Config
     from aha.tasks import get_task
     task = get_task("addition")
@@ -163,7 +162,7 @@ def test_language_component_follows_lang():
     rollout = SimpleNamespace(lengths=torch.tensor([40, 40]))
     for lang, expected in [("en", [1.0, 0.0]), ("id", [0.0, 1.0])]:
         cfg = Config(group_size=2, lang=lang, reward_weights="language=1").validate()
-        scores, _ = score(task, cfg, [english, indonesian], [problem], rollout)
+        scores, _ = Reward.build(cfg, task).score([english, indonesian], [problem] * 2, rollout.lengths.tolist())
         assert [s["language"] for s in scores] == expected, lang
 
 
@@ -179,9 +178,9 @@ def test_skipped_samples_leave_the_loss(model_dirs, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) + "\n" for i in range(10)))
-    import aha.core.train
+    import aha.core.step
     skipped_per_step, trained_per_step = [], []
-    real_score, real_logprobs = aha.core.train.score, aha.core.train.completion_logprobs
+    real_score, real_logprobs = Reward.score, aha.core.step.completion_logprobs
 
     def recording_score(*args, **kwargs):
         scores, rewards = real_score(*args, **kwargs)
@@ -192,8 +191,8 @@ def test_skipped_samples_leave_the_loss(model_dirs, tmp_path, monkeypatch):
         trained_per_step.append((len(skipped_per_step) - 1, set(rows.tolist())))
         return real_logprobs(model, rollout, rows, temperature)
 
-    monkeypatch.setattr(aha.core.train, "score", recording_score)
-    monkeypatch.setattr(aha.core.train, "completion_logprobs", recording_logprobs)
+    monkeypatch.setattr(Reward, "score", recording_score)
+    monkeypatch.setattr(aha.core.step, "completion_logprobs", recording_logprobs)
     out = tmp_path / "run"
     code = main(["train", "--model", str(model_dirs["qwen2"]), "--task", "py:skipping_rewards:half", "--steps", "3",
                  "--out", str(out), f"data={data}", "prompts_per_step=2", "group_size=4", "max_new_tokens=16",
@@ -258,7 +257,7 @@ def test_train_with_r1_zero_template_and_think_prefill(model_dirs, tmp_path):
 
 
 def test_stop_tokens_include_the_models_end_of_turn(model_dirs):
-    from aha.core.train import stop_token_ids
+    from aha.core.rollout import stop_token_ids
     from aha.infra.model import load_model
     model, tokenizer = load_model(model_dirs["qwen2"])
     answer_close = tokenizer.convert_tokens_to_ids("</answer>")

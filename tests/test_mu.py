@@ -6,8 +6,8 @@ import json
 import torch
 
 from aha.cli import main
+from aha.core.logprobs import completion_logprobs
 from aha.core.rollout import SamplingParams, generate
-from aha.core.train import completion_logprobs
 from aha.infra.model import build_model
 from aha.infra.tokenizer import build_char_tokenizer
 

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from aha.infra.base import SHIPPED
 from aha.infra.errors import AhaError
-from aha.stages.experiment import TokenCounter, aggregate, matched_sft_rows, mean_std, sft_budget_tokens, student_flops
+from aha.infra.model import model_flops
+from aha.stages.experiment import TokenCounter, aggregate, matched_sft_rows, mean_std, sft_budget_tokens
 from aha.stages.pipeline import QUICK, PipelineConfig, load_pipeline_config, pipeline
 from aha.tasks import get_task
 
@@ -118,9 +119,9 @@ def test_pipeline_runs_the_four_stages(tmp_path):
 # --- distill vs RL: compute matching and aggregation, by hand ---
 
 def test_flops_and_the_matched_sft_budget():
-    assert student_flops(1000, forward_tokens=300, train_tokens=100) == 2 * 1000 * 300 + 6 * 1000 * 100 == 1_200_000
+    assert model_flops(1000, forward_tokens=300, trained_tokens=100) == 2 * 1000 * 300 + 6 * 1000 * 100 == 1_200_000
     budget = sft_budget_tokens(forward_tokens=300, train_tokens=100)        # 300/3 + 100
-    assert budget == 200 and student_flops(1000, 0, budget) == 1_200_000
+    assert budget == 200 and model_flops(1000, 0, budget) == 1_200_000
     # rows of 50 and 70 tokens, cycled: 50, 120, 170 — adding 70 more (240) would land farther from 200
     assert matched_sft_rows([50, 70], 200) == [0, 1, 0]
     assert matched_sft_rows([10, 20, 30], 75) == [0, 1, 2, 0]           # 70: a second epoch, begun
@@ -207,15 +208,15 @@ def test_doctests():
 
 
 def test_experiment_keys_are_typed_and_checked():
+    from aha.infra.config import apply_values
     from aha.stages.experiment import ExperimentConfig
-    from aha.stages.pipeline import apply_typed
-    cfg = apply_typed(ExperimentConfig(), {"student_rl_steps": "20,60", "sft_lr": "5e-4"}, "command line")
+    cfg = apply_values(ExperimentConfig(), {"student_rl_steps": "20,60", "sft_lr": "5e-4"}, "command line")
     assert cfg.student_rl_steps == (20, 60) and cfg.sft_lr == 5e-4
-    assert apply_typed(ExperimentConfig(), {"student_rl_steps": [7]}, "f.yaml").student_rl_steps == (7,)
+    assert apply_values(ExperimentConfig(), {"student_rl_steps": [7]}, "f.yaml").student_rl_steps == (7,)
     with pytest.raises(AhaError, match="student_rl_steps expects int, got 'x'"):
-        apply_typed(ExperimentConfig(), {"student_rl_steps": "20,x"}, "command line")
+        apply_values(ExperimentConfig(), {"student_rl_steps": "20,x"}, "command line")
     with pytest.raises(AhaError, match=r"unknown config key 'teacher_step'; did you mean 'teacher_steps'\?"):
-        apply_typed(ExperimentConfig(), {"teacher_step": 3}, "command line")
+        apply_values(ExperimentConfig(), {"teacher_step": 3}, "command line")
 
 
 def test_cold_start_data_from_a_file_or_the_task(tmp_path):

@@ -154,10 +154,11 @@ def nan_loss(logp, old_logp, advantages, mask, spec, ref_logp=None, norm=None, *
 
 
 def test_the_nan_stop_leaves_the_last_good_checkpoint_loadable(tmp_path, monkeypatch):
+    import aha.core.step
     import aha.core.train
-    real_loss = aha.core.train.policy_loss
+    real_loss = aha.core.step.policy_loss
     monkeypatch.setattr(
-        aha.core.train, "policy_loss", lambda *a, **k: nan_loss(*a, **k) if step_now[0] >= 2 else real_loss(*a, **k)
+        aha.core.step, "policy_loss", lambda *a, **k: nan_loss(*a, **k) if step_now[0] >= 2 else real_loss(*a, **k)
     )
     step_now = [0]
     real_record = aha.core.train.step_record

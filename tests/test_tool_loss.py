@@ -14,7 +14,7 @@ import torch
 from aha.core.algos import LossSpec, kl_k3
 from aha.core.logprobs import completion_logprobs, one_pass_logits
 from aha.core.rollout import SamplingParams, generate
-from aha.core.train import loss_rows, policy_update
+from aha.core.step import loss_rows, policy_update
 from aha.infra.config import Config
 from aha.infra.model import build_model
 from aha.infra.tokenizer import build_char_tokenizer
@@ -52,9 +52,9 @@ def update_gradient(model, ref, rollout, aggregation):
     advantages = torch.tensor([1.0, -0.5, -0.5, 0.7, 0.0, -0.7])
     rows, norm = loss_rows(cfg, torch.ones(6, dtype=torch.bool), advantages, rollout)
     spec = LossSpec(aggregation=aggregation, kl="k3", beta=BETA)
-    loss, _, metrics, entropy, _ = policy_update(
-        policy, ref, torch.optim.SGD(policy.parameters(), lr=0.0), rollout, rows, advantages, spec, norm, cfg
-    )
+    update = policy_update(policy, ref, torch.optim.SGD(policy.parameters(), lr=0.0), rollout, rows, advantages, spec,
+                           norm, cfg)
+    metrics, entropy = update.metrics, update.entropy
     return [p.grad.clone() for p in policy.parameters()], metrics, entropy, norm
 
 

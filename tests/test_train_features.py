@@ -2,23 +2,26 @@
 the forward/backward pass, DAPO dynamic sampling and overlong handling, the reference refresh, the
 NaN guard, and every preset running end to end through the CLI."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 import yaml
 
+import aha.core.step
 import aha.core.train
 from aha.cli import main
 from aha.core.dynamic import concat_rollouts, group_spread, kept_groups
+from aha.core.logprobs import completion_logprobs
 from aha.core.presets import PRESETS
 from aha.core.rollout import Rollout, SamplingParams, generate
-from aha.core.train import completion_logprobs, score, train
+from aha.core.train import train
 from aha.infra.config import Config
 from aha.infra.errors import AhaError
 from aha.infra.model import cpu_has_fast_bf16, load_model
 from aha.tasks import get_task
-from aha.tasks.rewards import overlong_penalty
+from aha.tasks.rewards import Reward, overlong_penalty
 
 # per-completion accuracies, cycled: groups of 4 → all 1 (tie), spread, all 0 (tie), spread
 SCRIPT = [1, 1, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0, 1, 0, 0]
@@ -35,6 +38,9 @@ class ScriptedTask:
         self.calls += 1
         return {"accuracy": float(value), "format": 0.0}
 
+    def score_batch(self, texts, problems):
+        return [self.score(t, p) for t, p in zip(texts, problems)]
+
     def __getattr__(self, name):
         return getattr(self.task, name)
 
@@ -48,13 +54,13 @@ def scripted(monkeypatch):
 
 def grad_forward_rows(monkeypatch) -> list[int]:
     """Rows of every update forward that builds a graph (the ones a backward pass will go through)."""
-    seen, real = [], aha.core.train.completion_logprobs
+    seen, real = [], aha.core.step.completion_logprobs
 
     def record(model, rollout, rows, *args, **kwargs):
         if torch.is_grad_enabled():
             seen.append(int(rows.numel()))
         return real(model, rollout, rows, *args, **kwargs)
-    monkeypatch.setattr(aha.core.train, "completion_logprobs", record)
+    monkeypatch.setattr(aha.core.step, "completion_logprobs", record)
     return seen
 
 
@@ -125,16 +131,20 @@ def fake_rollout(lengths: list[int], max_new_tokens: int) -> Rollout:
     return Rollout(zeros, zeros, zeros, mask, zeros.float(), torch.tensor(lengths) == max_new_tokens, group_size=4)
 
 
+def score(task, cfg, texts, rollout):
+    """The run's reward of `texts` (one group, no problem needed), its names checked on the plain task."""
+    reward = dataclasses.replace(Reward.build(cfg, get_task("addition")), task=task)
+    return reward.score(texts, [None] * len(texts), rollout.lengths.tolist())
+
+
 def test_soft_overlong_penalty_is_its_own_reward_component():
     cfg = Config(overlong="soft", max_new_tokens=8, overlong_cache=4, group_size=4, format_weight=0.0).validate()
     task = ScriptedTask(get_task("addition"), [1, 0, 1, 0])
-    scores, rewards = score(task, cfg, ["x"] * 4, [None], fake_rollout([8, 6, 3, 4], 8))
+    scores, rewards = score(task, cfg, ["x"] * 4, fake_rollout([8, 6, 3, 4], 8))
     assert [s["overlong"] for s in scores] == [-1.0, -0.5, 0.0, 0.0]
     assert rewards.tolist() == [0.0, -0.5, 1.0, 0.0]
     assert overlong_penalty(7, 8, 4) == -0.75
-    plain, _ = score(
-        ScriptedTask(get_task("addition"), [1]), Config(group_size=4), ["x"] * 4, [None], fake_rollout([8] * 4, 8)
-    )
+    plain, _ = score(ScriptedTask(get_task("addition"), [1]), Config(group_size=4), ["x"] * 4, fake_rollout([8] * 4, 8))
     assert "overlong" not in plain[0]
 
 
@@ -165,7 +175,7 @@ def nan_loss(logp, old_logp, advantages, mask, spec, ref_logp=None, norm=None, *
 
 def test_nan_loss_skips_the_update_and_stops_after_k_in_a_row(tiny_model_dir, tmp_path, scripted, monkeypatch):
     scripted(SCRIPT)
-    monkeypatch.setattr(aha.core.train, "policy_loss", nan_loss)
+    monkeypatch.setattr(aha.core.step, "policy_loss", nan_loss)
     model, tokenizer = load_model(tiny_model_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = Config(steps=5, prompts_per_step=4, group_size=4, max_new_tokens=8, eval_every=0, max_bad_steps=3).validate()
@@ -178,7 +188,7 @@ def test_nan_loss_skips_the_update_and_stops_after_k_in_a_row(tiny_model_dir, tm
 
 def test_nan_stop_is_exit_2_through_the_cli(tiny_model_dir, tmp_path, scripted, monkeypatch, capsys):
     scripted(SCRIPT)
-    monkeypatch.setattr(aha.core.train, "policy_loss", nan_loss)
+    monkeypatch.setattr(aha.core.step, "policy_loss", nan_loss)
     code = main(["train", "--model", str(tiny_model_dir), "--steps", "4", "--out", str(tmp_path / "o"),
                  "max_bad_steps=2", "prompts_per_step=4", "group_size=4", "max_new_tokens=8", "eval_every=0"])
     assert code == 2

@@ -22,6 +22,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+import aha.core.step
 import aha.core.train
 from aha.cli import main
 from aha.core.rollout import Rollout, left_pad
@@ -47,6 +48,9 @@ class Scripted:
         value = self.script[self.calls % len(self.script)]
         self.calls += 1
         return dict(value)
+
+    def score_batch(self, texts, problems):
+        return [self.score(t, p) for t, p in zip(texts, problems)]
 
     def __getattr__(self, name):
         return getattr(self.task, name)
@@ -249,12 +253,12 @@ def test_the_loop_passes_the_whole_batchs_normaliser(tiny_model_dir, tmp_path, m
         monkeypatch,
         [{"accuracy": 1.0, "format": 0.0}] * 4 + [{"accuracy": float(a), "format": 0.0} for a in (1, 0, 1, 0)],
     )
-    calls, real = [], aha.core.train.policy_loss
+    calls, real = [], aha.core.step.policy_loss
 
     def recording(logp, old_logp, advantages, mask, spec, ref_logp=None, norm=None, **kwargs):
         calls.append((logp.shape[0], norm))
         return real(logp, old_logp, advantages, mask, spec, ref_logp, norm, **kwargs)
-    monkeypatch.setattr(aha.core.train, "policy_loss", recording)
+    monkeypatch.setattr(aha.core.step, "policy_loss", recording)
     model, tokenizer = load_model(tiny_model_dir)
     history = train(small(tmp_path / "n", steps=1, format_weight=0.0), out=tmp_path, model=model, tokenizer=tokenizer)[
         "history"

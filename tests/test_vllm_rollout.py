@@ -13,7 +13,7 @@ import torch
 
 from aha.cli import main
 from aha.core.rollout import SamplingParams
-from aha.core.train import step_seed
+from aha.core.step import step_seed
 from aha.infra.config import Config
 from aha.infra.errors import AhaError
 from aha.infra.vllm_rollout import require_vllm, rollout_engine, sampling_kwargs, to_rollout
@@ -63,7 +63,7 @@ def test_without_gpu_or_vllm_the_backend_is_one_clear_error(tmp_path, capsys):
 def test_vllm_samples_the_trainers_current_weights(tiny_model_dir):
     """vLLM's log-probs of its own samples equal the trainer's forward pass on them (bf16 rounding),
     also after the trainer's weights moved in place: the weight sync works."""
-    from aha.core.train import completion_logprobs
+    from aha.core.logprobs import completion_logprobs
     from aha.infra.model import load_model
     model, tok = load_model(tiny_model_dir, "cuda", torch.bfloat16)
     engine = rollout_engine(Config(rollout="vllm", vllm_gpu_memory=0.2), model)

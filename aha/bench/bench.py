@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from aha.core.algos import LossSpec
-from aha.core.dynamic import group_spread
-from aha.core.rollout import SamplingParams, generate, stop_token_ids
+from aha.core.step import Learner, train_step
 from aha.infra.config import Config
+from aha.infra.model import model_flops
+from aha.tasks.base import Problem, Task
+from aha.tasks.rewards import Reward
 
 
 def spread_rewards(texts: list[str], group_size: int) -> list[float]:
@@ -34,9 +35,27 @@ def spread_rewards(texts: list[str], group_size: int) -> list[float]:
     return [float(zlib.crc32(t.encode()) % 2) + 0.01 * (i % group_size) for i, t in enumerate(texts)]
 
 
-def useful_flops(params: int, trained_tokens: int, generated_tokens: int) -> float:
-    """≈ 6·N per trained token (forward + backward) + 2·N per generated token (forward only)."""
-    return 6.0 * params * trained_tokens + 2.0 * params * generated_tokens
+class SpreadTask(Task):
+    """The built-in addition problems, rewarded by `spread_rewards` (identical work on both sides)."""
+    name = "spread"
+
+    def __init__(self, task: Task, group_size: int):
+        self.task, self.group_size = task, group_size
+
+    def train_problems(self, seed: int):
+        return self.task.train_problems(seed)
+
+    def eval_problems(self, n: int) -> list[Problem]:
+        return self.task.eval_problems(n)
+
+    def prompt(self, problem: Problem) -> str:
+        return self.task.prompt(problem)
+
+    def score(self, completion: str, problem: Problem) -> dict[str, float]:
+        return {"accuracy": spread_rewards([completion], 1)[0]}
+
+    def score_batch(self, completions: list[str], problems: list[Problem]) -> list[dict[str, float]]:
+        return [{"accuracy": r} for r in spread_rewards(completions, self.group_size)]
 
 
 def matmul_peak(size: int = 1024, seconds: float = 0.5) -> dict:
@@ -97,58 +116,45 @@ class Side:
         n = len(self.steps)
         generated = sum(s["generated_tokens"] for s in self.steps)
         trained = sum(s["trained_tokens"] for s in self.steps)
-        flops = sum(useful_flops(params, s["trained_tokens"], s["generated_tokens"]) for s in self.steps)
+        flops = sum(model_flops(params, s["generated_tokens"], s["trained_tokens"]) for s in self.steps)
         generate_s, update_s = sum(s["generate_s"] for s in self.steps), sum(s["update_s"] for s in self.steps)
         return {"steps": n, "s_per_step": total / n, "tokens_per_s": generated / total,
                 "generate_s": generate_s / n, "update_s": update_s / n,
                 "peak_rss_mb": rss / 2 ** 20, "useful_flops_per_s": flops / total,
                 "mfu": flops / total / peak_flops, "flops_per_step": flops / n,
                 # each part's useful FLOP/s as a share of the peak measured in this run
-                "generate_share": useful_flops(params, 0, generated) / max(generate_s, 1e-9) / peak_flops,
-                "update_share": useful_flops(params, trained, 0) / max(update_s, 1e-9) / peak_flops}
+                "generate_share": model_flops(params, generated, 0) / max(generate_s, 1e-9) / peak_flops,
+                "update_share": model_flops(params, 0, trained) / max(update_s, 1e-9) / peak_flops}
 
 
 @dataclass
 class AhaStepper:
-    """aha's GRPO step through the functions `aha train` runs (aha/core/train.py): rollout → reward →
-    `group_advantages` → `loss_rows` → `policy_update`; only the prompts and the reward are the bench's."""
-    model: object
-    tokenizer: object
-    cfg: Config
-    reward: object                       # (texts, step) -> list[float]
-    stop_ids: tuple = ()
+    """aha's side: `train_step` of aha/core/step.py, the very step `aha train` runs (rollout → reward →
+    advantage → loss rows → update); only the task (its prompts and reward) and the stops are the bench's."""
+    learner: Learner
+    problems: object                     # the task's problems, in the order both sides take them
     step: int = 0
 
-    def __post_init__(self):
-        cfg = self.cfg
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.spec = cfg_loss_spec(cfg)
-        self.sampling = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, self.stop_ids)
-
-    def __call__(self, prompts: list[list[int]]) -> dict:
-        from aha.core.train import group_advantages, loss_rows, policy_update
-        cfg, model, group = self.cfg, self.model, self.cfg.group_size
+    def __call__(self) -> dict:
         t0 = time.perf_counter()
-        model.eval()
-        rollout = generate(model, prompts, group, self.sampling, self.tokenizer.pad_token_id, cfg.seed + self.step)
-        texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        rewards = torch.tensor(self.reward(texts, self.step), dtype=torch.float32)           # (N,)
-        t_generate = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        model.train()
-        scores = [{"accuracy": float(r)} for r in rewards]
-        advantages, batch_rows, _ = group_advantages(cfg, rewards, scores, torch.ones(len(prompts), dtype=torch.bool))
-        rows, norm = loss_rows(cfg, batch_rows, advantages, rollout)   # β = 0: zero-advantage rows are left out
-        policy_update(model, None, self.optimizer, rollout, rows, advantages, self.spec, norm, cfg)
-        trained = int(rollout.completion_mask[rows].sum()) if rows.numel() else 0
+        outcome = train_step(self.learner, self.problems, self.step)
+        seconds = time.perf_counter() - t0
         self.step += 1
-        return {"seconds": time.perf_counter() - t0, "generate_s": t_generate, "update_s": time.perf_counter() - t1,
-                "generated_tokens": int(rollout.lengths.sum()), "trained_tokens": trained,
-                "zero_spread_groups": int((~group_spread(rewards, group)).sum())}
+        rollout, rows = outcome.batch.rollout, outcome.rows
+        return {"seconds": seconds, "generate_s": outcome.time_generate, "update_s": outcome.time_update,
+                "generated_tokens": int(rollout.lengths.sum()),
+                "trained_tokens": int(rollout.completion_mask[rows].sum()) if rows.numel() else 0,
+                "zero_spread_groups": int((~outcome.spread).sum())}
 
 
-def cfg_loss_spec(cfg: Config) -> LossSpec:
-    return LossSpec(cfg.ratio_level, cfg.clip_low, cfg.clip_high, cfg.aggregation, cfg.kl, cfg.beta)
+def aha_learner(model, tokenizer, cfg: Config, task: Task, reward: Reward, workload: str) -> Learner:
+    """aha train's learner (aha/core/train.py `make_learner`) on one process, every row in one pass. The
+    spread workload stops on EOS alone, as TRL does, so both sides generate the same lengths."""
+    from aha.core.train import make_learner
+    learner = make_learner(cfg, task, reward, model, tokenizer)
+    if workload == "spread":
+        learner.sampling = cfg.sampling_params((tokenizer.eos_token_id,))
+    return learner
 
 
 def addition_setup(tokenizer, prompts_needed: int, seed: int):
@@ -178,26 +184,19 @@ def run_pair(workload: str, max_new_tokens: int, warmup: int, steps: int, peak_f
     total = warmup + steps
     task, problems = addition_setup(tokenizer, prompts_per_step * total, seed)
     texts = [task.prompt(p) for p in problems]
-    weights = cfg.component_weights()
-
-    def task_rewards(completions, indices):
-        return [sum(weights.get(k, 0.0) * v for k, v in task.score(t, problems[i]).items())
-                for t, i in zip(completions, indices)]
-
     if workload == "spread":
-        score = lambda completions, indices: spread_rewards(completions, group_size)   # noqa: E731
-        stop_ids = (tokenizer.eos_token_id,)          # TRL stops on EOS only: the same lengths
-    else:
-        score, stop_ids = task_rewards, stop_token_ids(base, tokenizer)   # aha's real path
-    aha = AhaStepper(copy.deepcopy(base), tokenizer, cfg, stop_ids=stop_ids,
-                     reward=lambda out, step: score(out, [step * prompts_per_step + i // group_size
-                                                          for i in range(len(out))]))
+        task = SpreadTask(task, group_size)
+    reward = Reward.build(cfg, task)               # both sides' reward: the weighted sum aha train computes
+
+    def score(completions, indices):
+        return reward.score(completions, [problems[i] for i in indices])[1].tolist()
+
+    aha = AhaStepper(aha_learner(copy.deepcopy(base), tokenizer, cfg, task, reward, workload), iter(problems))
     aha_side, watch, record = Side(), RssWatch(), []
 
     def between(step: int):
-        chosen = texts[step * prompts_per_step:(step + 1) * prompts_per_step]
         watch.label = "aha"
-        result = aha([tokenizer(t)["input_ids"] for t in chosen])
+        result = aha()
         watch.label = None
         if step >= warmup:
             aha_side.steps.append(result)

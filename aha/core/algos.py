@@ -38,7 +38,7 @@ Shapes: B completions (prompts × group_size, grouped contiguously), T completio
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -230,11 +230,6 @@ class LossSpec:
     clip_cov_high: float = 5.0
     kl_cov_coef: float = 1.0          # KL-Cov: weight of |log ρ| on the selected tokens (verl: 1)
     top_entropy_quantile: float = 1.0  # train on the top-q share of tokens by entropy (TRL; 0.2 in the paper); 1 = all
-
-
-def loss_spec(cfg) -> LossSpec:
-    """The LossSpec of a config (aha/infra/config.py names its loss keys as LossSpec's fields)."""
-    return LossSpec(**{f.name: getattr(cfg, f.name) for f in fields(LossSpec)})
 
 
 @dataclass

@@ -165,9 +165,7 @@ def encode_prompt(tokenizer, text: str, add_special_tokens: bool, limit: int | N
     vocabulary without an unknown token) or it is longer than `limit` (`prompt_limit`: the model's
     context less the `max_new_tokens` of its answer)."""
     try:
-        ids = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)[
-            "input_ids"
-        ]  # the length is checked below
+        ids = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]  # length: below
     except Exception as exc:  # tokenizers raises a bare Exception on characters it has no token for
         raise AhaError(
             f"the tokenizer cannot encode the prompt {text[:50]!r}… ({str(exc).splitlines()[0][:80]}): "

@@ -20,7 +20,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aha.infra.config import Config, load_config
+from aha.infra.config import Config, apply_values, load_config
 from aha.infra.errors import AhaError
 
 
@@ -38,7 +38,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--model", action="append", default=[], metavar="DIR",
                    help="model dir or run folder (its model/); repeat to compare (default: the built-in base model)")
     p.add_argument("--task", help="task name (default: the run's, else addition)")
-    p.add_argument("--digits", type=int, help="addition: digits per operand (default: the run's, else 3)")
+    p.add_argument("--task-config", metavar="YAML",
+                   help="the task's own options, e.g. '{digits: 4}' (default: the run's)")
     p.add_argument("--data", help="data file for file-backed tasks (gsm8k, math, py:…; default: the run's)")
     p.add_argument("--eval-data", help="a separate held-out file (default: the run's eval_data)")
     p.add_argument(
@@ -80,8 +81,9 @@ def parse_pass_k(text: str) -> tuple[int, ...]:
 
 
 # flag → config key it overrides
-FLAG_KEYS = {"task": "task", "digits": "digits", "data": "data", "eval_data": "eval_data", "template": "template",
-             "think_prefill": "think_prefill", "max_new_tokens": "max_new_tokens", "problems": "eval_problems",
+FLAG_KEYS = {"task": "task", "task_config": "task_config", "data": "data", "eval_data": "eval_data",
+             "template": "template", "think_prefill": "think_prefill", "max_new_tokens": "max_new_tokens",
+             "problems": "eval_problems",
              "k": "eval_k", "temperature": "eval_temperature", "top_p": "eval_top_p", "seed": "seed"}
 
 
@@ -102,10 +104,10 @@ def eval_plan(path: str | None, args) -> EvalPlan:
     cfg = replace(run or Config())
     given = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     if "task" in given and given["task"] != cfg.task:
-        cfg = replace(cfg, data="", eval_data="", skip_bad_rows=False, digits=Config.digits)   # another task's files
+        cfg = replace(cfg, data="", eval_data="", skip_bad_rows=False, task_config={})   # another task's options
     if "data" in given and not same_file(given["data"], cfg.data):
         cfg = replace(cfg, eval_data="")            # another file: its own held-out split, unless --eval-data
-    cfg = replace(cfg, **given)
+    cfg = apply_values(cfg, given, "command line")
     note = ""
     if run is not None and run.data and cfg.task == run.task:
         if same_file(cfg.eval_data, run.data):
@@ -122,9 +124,9 @@ def eval_plan(path: str | None, args) -> EvalPlan:
 
 def cmd_eval(args, console):
     from aha.core.tools import eval_engine, tool_schemas
-    from aha.eval.evaluate import EvalSpec, evaluate, markdown_table, resolve_model_dir, rich_table
+    from aha.eval.evaluate import EvalSpec, evaluate, markdown_table, rich_table
     from aha.infra.base import ensure_base_model
-    from aha.infra.model import detect_device, load_model
+    from aha.infra.model import detect_device, load_model, resolve_model_dir
     from aha.infra.plan import rollout_rows_for
     from aha.tasks import get_task
     from aha.tasks.templates import apply_template

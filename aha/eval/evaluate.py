@@ -65,15 +65,14 @@ def sample_metrics(
 def score_all(task, texts: list[str], problems: list) -> list[dict]:
     """The task's scores of texts[i] on problems[i]; in one batch where the task grades batches
     (the sandbox tasks run them in parallel)."""
-    batch = getattr(task, "score_batch", None)
-    return batch(texts, problems) if batch else [task.score(t, p) for t, p in zip(texts, problems)]
+    return task.score_batch(texts, problems)
 
 
 def readable_prompts(tokenizer, task, problems: list, prefill: str, limit: int | None,
                      skip: bool = False, max_new_tokens: int = 0) -> list[list[int] | None]:
     """Each problem's prompt ids; where the model cannot read one (aha/core/rollout.py encode_prompt), an
     AhaError, or None when `skip`."""
-    special = getattr(task, "adds_special_tokens", True)   # a chat template writes its own BOS
+    special = task.adds_special_tokens                  # a chat template writes its own BOS
     encoded = []
     for problem in problems:
         try:
@@ -173,15 +172,6 @@ def eval_tool_metrics(rollouts: list) -> dict:
         key: metrics[key]
         for key in ("tool_use_rate", "tool_calls_per_sample", "tool_error_rate", "turns_per_sample", "policy_tokens")
     }
-
-
-def resolve_model_dir(path: str) -> str:
-    """A run folder (from `aha run`/`aha train`) stands for the model it saved in `model/`."""
-    from pathlib import Path
-    run_model = Path(path) / "model"
-    return (
-        str(run_model) if not (Path(path) / "config.json").is_file() and (run_model / "config.json").is_file() else path
-    )
 
 
 def table_columns(results: list[dict]) -> list[str]:

@@ -25,11 +25,10 @@ class Config:
     # what to train
     model: str = ""                  # a transformers model dir; "" = the built-in base model
     task: str = "addition"
-    digits: int = 3                  # addition: digits per operand; multiplication: of the first factor
     data: str = ""                   # file-backed tasks: JSONL / Parquet / HF dataset dir
     eval_data: str = ""              # optional separate held-out file
     skip_bad_rows: bool = False      # skip and count rows without an answer instead of stopping
-    task_config: dict = field(default_factory=dict)   # the task's own keyword options, e.g. for rg:NAME
+    task_config: dict = field(default_factory=dict)   # the task's own keyword options: {digits: 4} for addition;
                                      # {eval_size: 100, config: {min_terms: 2}} (reasoning-gym's dataset config)
     template: str = "task"  # prompt: task (its own) | r1_zero | chat | PATH with {question}; aha/tasks/templates.py
     think_prefill: bool = False      # append <think> to every prompt
@@ -134,7 +133,7 @@ class Config:
 
     def task_options(self) -> dict:
         """The options `get_task` takes for this task: only those that apply to it."""
-        options = {"digits": self.digits} if self.task in ("addition", "multiplication") else {}
+        options = {}
         if self.data:
             options["data"] = self.data
         if self.eval_data:
@@ -142,6 +141,24 @@ class Config:
         if self.skip_bad_rows:
             options["skip_bad_rows"] = True
         return options | self.task_config
+
+    def loss_spec(self):
+        """The loss's settings, aha/core/algos.py `LossSpec` (the config names its keys as its fields)."""
+        from aha.core.algos import LossSpec
+        return LossSpec(**{f.name: getattr(self, f.name) for f in fields(LossSpec)})
+
+    def sampling_params(self, stop_token_ids: tuple[int, ...] = (), stop_strings: tuple[str, ...] = ()):
+        """The rollout's sampling settings (aha/core/rollout.py `SamplingParams`), with the model's stops."""
+        from aha.core.rollout import SamplingParams
+        return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, tuple(stop_token_ids),
+                              tuple(stop_strings))
+
+    def eval_spec(self, rows_per_pass: int = 256):
+        """R1's evaluation protocol as this config sets it (aha/eval/evaluate.py `EvalSpec`); `rows_per_pass`:
+        rows generated at once (the memory plan's `eval_rows`)."""
+        from aha.eval.evaluate import EvalSpec
+        return EvalSpec(self.eval_problems, self.eval_k, self.eval_temperature, self.eval_top_p, self.max_new_tokens,
+                        self.seed, rows_per_pass=rows_per_pass)
 
     def component_weights(self) -> dict[str, float]:
         """Weight of each reward component by name: accuracy/format from their own keys, DAPO's
@@ -310,16 +327,46 @@ ALIASES = {"learning_rate": "lr", "num_generations": "group_size", "max_completi
            "max_steps": "steps", "output_dir": "out", "model_name_or_path": "model"}
 
 
-def apply_overrides(cfg: Config, overrides: dict, source: str) -> Config:
-    types = typing.get_type_hints(Config)
-    names = [f.name for f in fields(Config)]
-    for key, raw in overrides.items():
-        if key not in types:
-            near = [ALIASES[key]] if key in ALIASES else difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {near[0]!r}?" if near else "; see `aha train --help`"
+def apply_values(obj, values: dict, source: str):
+    """The one typed config reader: set the dataclass fields of `obj` (Config, and the pipeline,
+    experiment, finding, sample, SFT and pretrain configs) from a mapping of YAML or command-line values,
+    each coerced to its field's type. A tuple field takes "25,100" or a list; a dict field whose
+    metadata says `train_keys` takes aha train keys (each checked and typed as Config's). An unknown
+    key is an AhaError naming the nearest field (and, for Config, the name TRL gives it)."""
+    types = typing.get_type_hints(type(obj))
+    known = {f.name: f for f in fields(obj)}
+    for key, raw in values.items():
+        if key not in known:
+            near = [ALIASES[key]] if isinstance(obj, Config) and key in ALIASES else \
+                difflib.get_close_matches(key, list(known), n=1)
+            help_hint = "; see `aha train --help`" if isinstance(obj, Config) else ""
+            hint = f"; did you mean {near[0]!r}?" if near else help_hint
             raise AhaError(f"{source}: unknown config key {key!r}{hint}")
-        setattr(cfg, key, _coerce(key, raw, types[key]))
-    return cfg
+        kind = types[key]
+        if known[key].metadata.get("train_keys"):
+            if isinstance(raw, str):                          # from the command line: rl="{lr: 1e-5}"
+                try:
+                    raw = yaml.safe_load(raw)
+                except yaml.YAMLError:
+                    pass
+            if not isinstance(raw, dict):
+                raise AhaError(f"{source}: {key} expects a mapping of aha train keys, got {raw!r}")
+            typed = apply_values(Config(), raw, f"{source}: {key}")      # each key known to aha train, well typed
+            setattr(obj, key, {name: getattr(typed, name) for name in raw})
+        elif typing.get_origin(kind) is tuple:
+            items = raw.split(",") if isinstance(raw, str) else raw
+            if not isinstance(items, (list, tuple)) or not items:
+                raise AhaError(f"{source}: {key} expects a list, e.g. 25,100; got {raw!r}")
+            setattr(obj, key, tuple(_coerce(key, item, typing.get_args(kind)[0]) for item in items))
+        else:
+            setattr(obj, key, _coerce(key, raw, kind))
+    return obj
+
+
+def from_args(cls, args, source: str = "command line", **given):
+    """A `cls` config from the argparse flags named as its fields (those given), then `given`."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+    return apply_values(cls(), values | given, source)
 
 
 def parse_kv(pairs: list[str]) -> dict:
@@ -351,16 +398,34 @@ def load_config(path: str | None = None, overrides: dict | None = None, base: di
     from aha.core.presets import PRESETS
     overrides = dict(overrides or {})
     file_values = read_yaml_mapping(path) if path else {}
-    cfg = apply_overrides(Config(), dict(base or {}), "defaults")
+    cfg = apply_values(Config(), dict(base or {}), "defaults")
     algo = overrides.get("algo", file_values.get("algo", cfg.algo))
     if algo not in PRESETS:
         raise AhaError(f"unknown algo {algo!r}: choose one of {', '.join(PRESETS)}")
-    apply_overrides(cfg, PRESETS[algo], f"preset {algo}")
-    apply_overrides(cfg, file_values, str(path))
+    apply_values(cfg, PRESETS[algo], f"preset {algo}")
+    task = overrides.get("task", file_values.get("task", cfg.task))
+    apply_values(cfg, with_task_options(file_values, task), str(path))
     if path and "template" in file_values:
         cfg.template = beside(cfg.template, Path(path).parent)
-    apply_overrides(cfg, overrides, "command line")
+    apply_values(cfg, with_task_options(overrides, task), "command line")
     return cfg.validate()
+
+
+def with_task_options(values: dict, task: str) -> dict:
+    """`values` with the keys that are no Config field but options of `task` moved into its
+    `task_config` (`aha train digits=4` is `task_config={digits: 4}`; config files saved before
+    task_config held them read as they did)."""
+    from aha.tasks import task_option_names
+    names = {f.name for f in fields(Config)}
+    loose = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in values.items()
+             if k not in names and k in task_option_names(task)}
+    if not loose:
+        return values
+    given = values.get("task_config") or {}
+    if isinstance(given, str):
+        given = yaml.safe_load(given) or {}
+    rest = {k: v for k, v in values.items() if k not in loose}
+    return rest | {"task_config": {**given, **loose}}
 
 
 def beside(template: str, folder: Path) -> str:

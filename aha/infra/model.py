@@ -165,6 +165,24 @@ def autocast(mode: str, device: str):
     return torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16, enabled=on)
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """A run folder (`aha run` / `aha train --out DIR`) stands for the model it saved in DIR/model; a
+    directory with its own config.json is a model dir itself."""
+    path = Path(path)
+    run_model = path / "model"
+    return run_model if not (path / "config.json").is_file() and (run_model / "config.json").is_file() else path
+
+
+def model_flops(params: int, forward_tokens: int, trained_tokens: int) -> int:
+    """A model's work in FLOPs: 2·N per token read forward-only (sampling, a reference), 6·N per
+    token trained (forward + backward).
+
+    >>> model_flops(1000, forward_tokens=300, trained_tokens=100)
+    1200000
+    """
+    return 2 * params * forward_tokens + 6 * params * trained_tokens
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 

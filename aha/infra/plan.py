@@ -278,7 +278,7 @@ def longest_prompt(task, tokenizer, cfg: Config, sample: int = 64) -> int:
     problems = list(islice(task.train_problems(cfg.seed), sample))
     if cfg.eval_every:
         problems += list(task.eval_problems(min(sample, cfg.eval_problems)))
-    special, lengths = getattr(task, "adds_special_tokens", True), [0]
+    special, lengths = task.adds_special_tokens, [0]
     for problem in problems:
         try:
             lengths.append(len(encode_prompt(tokenizer, task.prompt(problem), special)))

@@ -167,8 +167,8 @@ def add_chat_parser(subparsers) -> None:
 
 def model_summary(path: str) -> str:
     """": " + the model card's one-line summary (aha/infra/card.py), or "" for a model without one."""
-    from aha.eval.evaluate import resolve_model_dir
     from aha.infra.card import summary
+    from aha.infra.model import resolve_model_dir
     line = summary(resolve_model_dir(path))
     return f": {line}" if line else ""
 

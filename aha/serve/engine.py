@@ -335,12 +335,6 @@ class Engine:
 
 
 
-def resolve_model_dir(path: str | Path) -> Path:
-    """A run folder (`aha run --out DIR`) holds its model in DIR/model; else `path` is the model dir."""
-    path = Path(path)
-    return path / "model" if (path / "model" / "config.json").is_file() else path
-
-
 def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[list[int], bool]:
     """(prompt token ids, whether the prompt already opened a think block) for chat `messages`; `tools`:
     function schemas for a template that lists them (tool_format=chat)."""
@@ -356,7 +350,7 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
 
 def load_engine(path: str | Path, device: str | None = None, max_batch: int = 64) -> Engine:
     """An engine (not started) on the model of a run folder or model dir."""
-    from aha.infra.model import detect_device, load_model
+    from aha.infra.model import detect_device, load_model, resolve_model_dir
     model, tokenizer = load_model(resolve_model_dir(path), device or detect_device())
     if tokenizer.pad_token_id is None:
         raise AhaError(f"tokenizer in {path} has no pad or EOS token")

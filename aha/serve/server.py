@@ -34,7 +34,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
-from aha.serve.engine import Engine, GenerationParams, encode_chat, load_engine, resolve_model_dir
+from aha.infra.model import resolve_model_dir
+from aha.serve.engine import Engine, GenerationParams, encode_chat, load_engine
 from aha.serve.live_tools import ToolSession
 from aha.serve.reasoning import ReasoningSplitter
 

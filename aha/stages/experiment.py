@@ -66,15 +66,6 @@ QUICK = {"teacher_steps": 3, "student_pretrain_steps": 30, "student_rl_steps": (
          "distill_k": 2, "eval_problems": 8, "eval_k": 2}
 
 
-def student_flops(params: int, forward_tokens: int, train_tokens: int) -> int:
-    """2·N FLOPs per token read forward-only, 6·N per token trained (forward + backward).
-
-    >>> student_flops(1000, forward_tokens=300, train_tokens=100)
-    1200000
-    """
-    return 2 * params * forward_tokens + 6 * params * train_tokens
-
-
 def sft_budget_tokens(forward_tokens: int, train_tokens: int) -> float:
     """SFT tokens (6·N FLOPs each) that cost what 2·N·forward + 6·N·train FLOPs cost.
 
@@ -189,7 +180,7 @@ def cached_models(cfg: ExperimentConfig, cache: Path, console=None) -> tuple[Pat
 def rl_arm(student: Path, cfg: ExperimentConfig, steps: int, seed: int, folder: Path, console=None) -> dict:
     """The student trained by GRPO alone; its compute counted by a forward hook."""
     from aha.core.train import train
-    from aha.infra.model import count_parameters, detect_device, detect_dtype, load_model
+    from aha.infra.model import count_parameters, detect_device, detect_dtype, load_model, model_flops
     device = detect_device()
     model, tokenizer = load_model(student, device, detect_dtype(device))
     counter = TokenCounter(model)
@@ -198,14 +189,14 @@ def rl_arm(student: Path, cfg: ExperimentConfig, steps: int, seed: int, folder: 
     finally:
         counter.close()
     return {"rl_steps": steps, "forward_tokens": counter.forward_tokens, "train_tokens": counter.train_tokens,
-            "student_flops": student_flops(count_parameters(model), counter.forward_tokens, counter.train_tokens)}
+            "student_flops": model_flops(count_parameters(model), counter.forward_tokens, counter.train_tokens)}
 
 
 def teacher_samples(
     teacher: Path, cfg: ExperimentConfig, seed: int, folder: Path, console=None
 ) -> tuple[list[dict], dict]:
     """Rejection sampling from the teacher (aha.stages.rejection) → folder/samples.jsonl; its compute counted apart."""
-    from aha.infra.model import count_parameters, detect_device, load_model
+    from aha.infra.model import count_parameters, detect_device, load_model, model_flops
     from aha.stages.rejection import SampleConfig, model_completer, sample_rows, write_rows
     from aha.tasks import get_task
     model, tokenizer = load_model(teacher, detect_device())
@@ -218,13 +209,13 @@ def teacher_samples(
     counter.close()
     write_rows(rows, folder / "samples.jsonl")
     return rows, {"teacher_samples_kept": stats["kept"], "teacher_samples": stats["samples"],
-                  "teacher_sampling_flops": student_flops(count_parameters(model), counter.forward_tokens, 0)}
+                  "teacher_sampling_flops": model_flops(count_parameters(model), counter.forward_tokens, 0)}
 
 
 def distill_arm(rows: list[dict], student: Path, budget_tokens: float, cfg: ExperimentConfig, seed: int,
                 folder: Path, console=None) -> dict:
     """SFT of the student on teacher samples, `budget_tokens` SFT tokens of them (aha.stages.sft)."""
-    from aha.infra.model import count_parameters, load_model, load_tokenizer
+    from aha.infra.model import count_parameters, load_model, load_tokenizer, model_flops
     from aha.stages.rejection import write_rows
     from aha.stages.sft import SFTConfig, sft, tokenize_example
     tokenizer = load_tokenizer(student)
@@ -236,7 +227,7 @@ def distill_arm(rows: list[dict], student: Path, budget_tokens: float, cfg: Expe
                             seed=seed), console=console)
     train_tokens = sum(row_tokens[i] for i in chosen)
     params = count_parameters(load_model(folder / "model")[0])
-    return {"forward_tokens": 0, "train_tokens": train_tokens, "student_flops": student_flops(params, 0, train_tokens),
+    return {"forward_tokens": 0, "train_tokens": train_tokens, "student_flops": model_flops(params, 0, train_tokens),
             "sft_examples": len(chosen), "distinct_examples": len(set(chosen)),
             "epochs": round(len(chosen) / len(rows), 2), "sft_steps": trained["steps"]}
 
@@ -366,12 +357,11 @@ def add_experiment_parser(sub) -> None:
 
 
 def cmd_distill_vs_rl(args, console) -> None:
-    from aha.infra.config import parse_kv
-    from aha.stages.pipeline import apply_typed
+    from aha.infra.config import apply_values, parse_kv
     cfg = ExperimentConfig(out=args.out or ExperimentConfig.out, seeds=args.seeds)
     if args.quick:
-        apply_typed(cfg, QUICK, "--quick")
-    apply_typed(cfg, parse_kv(args.overrides), "command line")
+        apply_values(cfg, QUICK, "--quick")
+    apply_values(cfg, parse_kv(args.overrides), "command line")
     report = distill_vs_rl(cfg, force=args.force, console=console)
     print(markdown(report), end="")
     console.print(

@@ -66,7 +66,8 @@ class FindingConfig:
     seeds: int = 3
     steps: int = 100
     window: int = 10                 # steps averaged for the "first" and "last" summary values
-    rl: dict = field(default_factory=dict)   # aha train keys for every arm, e.g. {lr: 2e-4}
+    # aha train keys for every arm, e.g. {lr: 2e-4}
+    rl: dict = field(default_factory=dict, metadata={"train_keys": True})
     # length-bias
     base: str = "padded"             # padded: the free-length model below | builtin: the built-in model as it is
     pad_examples: int = 2048         # SFT documents of the padded model
@@ -443,12 +444,11 @@ def run_finding(name: str, cfg: FindingConfig, force: bool = False, console=None
 
 
 def cmd_finding(args, console) -> None:
-    from aha.infra.config import parse_kv
-    from aha.stages.pipeline import apply_typed
+    from aha.infra.config import apply_values, parse_kv
     cfg = FindingConfig(out=args.out or f"runs/{args.name.replace('-', '_')}", seeds=args.seeds)
     if args.quick:
-        apply_typed(cfg, QUICK, "--quick")
-    apply_typed(cfg, parse_kv(args.overrides), "command line")
+        apply_values(cfg, QUICK, "--quick")
+    apply_values(cfg, parse_kv(args.overrides), "command line")
     report = run_finding(args.name, cfg, force=args.force, console=console)
     print(markdown(report, FINDINGS[args.name]), end="")
     console.print(

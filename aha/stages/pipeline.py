@@ -22,33 +22,21 @@ is R1's readability filter on the stage-3 samples. R1's language-consistency *re
 """
 
 import dataclasses
-import difflib
 import json
 import time
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from aha.infra.config import Config, _coerce, apply_overrides, load_config, read_yaml_mapping
+from aha.infra.config import Config, apply_values, load_config, read_yaml_mapping
 from aha.infra.errors import AhaError
 
 STAGES = [("base", "base"), ("cold_start", "cold start (≈ R1-Dev1)"), ("reasoning_rl", "reasoning RL (≈ R1-Dev2)"),
           ("rejection_sft", "rejection-SFT (≈ R1-Dev3)"), ("final_rl", "final RL (≈ R1)")]
 COLD_START_STREAM = 7_777        # cold-start problems come from another training stream than RL's
-OWNED_BY_PIPELINE = {
-    "task",
-    "digits",
-    "data",
-    "seed",
-    "max_new_tokens",
-    "eval_problems",
-    "eval_k",
-    "steps",
-    "model",
-    "out",
-}
+OWNED_BY_PIPELINE = {"task", "task_config", "data", "seed", "max_new_tokens", "eval_problems", "eval_k", "steps",
+                     "model", "out"}
 
 
 @dataclass
@@ -56,7 +44,7 @@ class PipelineConfig:
     out: str = "runs/pipeline"
     model: str = ""                  # base model dir; "" = the built-in base model
     task: str = "addition"
-    digits: int = 3                  # addition: digits per operand
+    task_config: dict = field(default_factory=dict)   # the task's own options, e.g. {digits: 4} for addition
     data: str = ""                   # file-backed tasks
     seed: int = 0
     max_new_tokens: int = 64         # every generation: RL, sampling, eval
@@ -72,7 +60,7 @@ class PipelineConfig:
     # (2) and (4) RL; `rl` holds any other aha train key (aha/infra/config.py) for both, e.g. {algo: dapo, lr: 5e-5}
     rl_steps: int = 150
     final_rl_steps: int = 100
-    rl: dict = field(default_factory=dict)
+    rl: dict = field(default_factory=dict, metadata={"train_keys": True})
     # (3) rejection sampling
     sample_prompts: int = 256
     sample_k: int = 4
@@ -113,7 +101,7 @@ class PipelineConfig:
     def rl_config(self, steps: int, out: str, model: str = "") -> Config:
         """The aha train config of an RL stage: no evals inside the stage (the pipeline evaluates
         after it), the pipeline's task/seed/sizes, then the `rl` keys."""
-        owned = {"task": self.task, "digits": self.digits, "data": self.data, "seed": self.seed,
+        owned = {"task": self.task, "task_config": self.task_config, "data": self.data, "seed": self.seed,
                  "max_new_tokens": self.max_new_tokens, "eval_problems": self.eval_problems, "eval_k": self.eval_k}
         return load_config(None, {**self.rl, **owned, "steps": steps, "out": out, "model": model},
                            base={"eval_every": 0})
@@ -124,43 +112,14 @@ QUICK = {"cold_start_examples": 64, "cold_start_epochs": 8, "sft_epochs": 2, "rl
          "sample_prompts": 128, "sample_k": 2, "eval_problems": 100, "eval_k": 2}
 
 
-def apply_typed(obj, values: dict, source: str):
-    """Set dataclass fields of `obj` from a mapping, each coerced to its type (aha/infra/config.py's
-    rules); an unknown key is an AhaError with the nearest name."""
-    types = typing.get_type_hints(type(obj))
-    names = [f.name for f in fields(obj)]
-    for key, raw in values.items():
-        if key not in types:
-            near = difflib.get_close_matches(key, names, n=1)
-            raise AhaError(f"{source}: unknown config key {key!r}" + (f"; did you mean {near[0]!r}?" if near else ""))
-        if types[key] is dict:
-            if isinstance(raw, str):                              # from the command line: rl="{lr: 1e-5}"
-                try:
-                    raw = yaml.safe_load(raw)
-                except yaml.YAMLError:
-                    pass
-            if not isinstance(raw, dict):
-                raise AhaError(f"{source}: {key} expects a mapping of aha train keys, got {raw!r}")
-            typed = apply_overrides(Config(), raw, f"{source}: {key}")      # each key known to aha train, well typed
-            setattr(obj, key, {name: getattr(typed, name) for name in raw})
-        elif typing.get_origin(types[key]) is tuple:                # "25,100" or a YAML list
-            items = raw.split(",") if isinstance(raw, str) else raw
-            if not isinstance(items, (list, tuple)) or not items:
-                raise AhaError(f"{source}: {key} expects a list, e.g. 25,100; got {raw!r}")
-            setattr(obj, key, tuple(_coerce(key, item, typing.get_args(types[key])[0]) for item in items))
-        else:
-            setattr(obj, key, _coerce(key, raw, types[key]))
-    return obj
-
-
 def load_pipeline_config(path: str | None = None, overrides: dict | None = None, quick: bool = False) -> PipelineConfig:
     """Defaults → QUICK (with `quick`) → YAML file → overrides; then validated."""
     values = read_yaml_mapping(path) if path else {}
     cfg = PipelineConfig()
     if quick:
-        apply_typed(cfg, QUICK, "--quick")
-    apply_typed(cfg, values, str(path))
-    apply_typed(cfg, overrides or {}, "command line")
+        apply_values(cfg, QUICK, "--quick")
+    apply_values(cfg, values, str(path))
+    apply_values(cfg, overrides or {}, "command line")
     return cfg.validate()
 
 
@@ -169,7 +128,7 @@ def cold_start_rows(task, templated, cfg: PipelineConfig) -> list[dict]:
     from aha.stages.sft import read_examples
     if cfg.cold_start_data:
         return read_examples(cfg.cold_start_data)[:cfg.cold_start_examples]
-    if not hasattr(task, "corpus_document"):
+    if not task.writes_corpus:
         raise AhaError(f"pipeline: task {cfg.task!r} cannot write worked solutions; give cold_start_data: a JSONL "
                        "file of {\"prompt\", \"response\"} rows with long chains of thought")
     problems, rows = task.train_problems(cfg.seed + COLD_START_STREAM), []
@@ -236,7 +195,8 @@ def rejection_sample(
     task = apply_template(get_task(cfg.task, **rl_cfg.task_options()), tokenizer, rl_cfg.template, rl_cfg.think_prefill)
     scfg = SampleConfig(model=str(model_dir), task=cfg.task, prompts=cfg.sample_prompts, k=cfg.sample_k,
                         max_new_tokens=cfg.max_new_tokens, language=cfg.language, seed=cfg.seed)
-    rows, stats = sample_rows(task, model_completer(model.eval(), tokenizer, scfg), scfg, str(model_dir), console)
+    complete = model_completer(model.eval(), tokenizer, scfg, task.adds_special_tokens)
+    rows, stats = sample_rows(task, complete, scfg, str(model_dir), console)
     if not rows:
         raise AhaError(f"pipeline: the stage-2 model got no sample right out of {stats['samples']}; nothing to "
                        "fine-tune on (raise sample_prompts / sample_k or rl_steps)")
@@ -314,7 +274,7 @@ def markdown(records: list[dict], cfg: PipelineConfig) -> str:
 
 
 def pipeline(cfg: PipelineConfig, force: bool = False, console=None) -> dict:
-    from aha.core.train import prepare_out_dir
+    from aha.infra.checkpoint import prepare_out_dir
     start = time.time()
     out = prepare_out_dir(cfg.out, force)
     (out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aha.core.rollout import SamplingParams, generate, stop_strings, stop_token_ids
+from aha.core.rollout import SamplingParams, encode_prompt, generate, stop_strings, stop_token_ids
 from aha.infra.errors import AhaError
 from aha.infra.progress import progress_bar
 from aha.tasks.base import is_well_formed
@@ -65,13 +65,14 @@ def rejection(text: str, length: int, truncated: bool, scores: dict, cfg: Sample
     return None
 
 
-def model_completer(model, tokenizer, cfg: SampleConfig) -> Completer:
-    """Sampling with aha's rollout engine, stopping at EOS or `</answer>`."""
+def model_completer(model, tokenizer, cfg: SampleConfig, adds_special_tokens: bool = True) -> Completer:
+    """Sampling with aha's rollout engine, stopping at EOS or `</answer>`; prompts encoded as training
+    encodes them (`adds_special_tokens`: the task's, False under a chat template)."""
     params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, 0, stop_token_ids(model, tokenizer),
                             stop_strings(tokenizer))
 
     def complete(prompts: list[str], k: int, seed: int) -> list[tuple[str, int, bool]]:
-        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        ids = [encode_prompt(tokenizer, p, adds_special_tokens) for p in prompts]
         rollout = generate(model, ids, k, params, tokenizer.pad_token_id, seed=seed, tokenizer=tokenizer)
         texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
         return list(zip(texts, rollout.lengths.tolist(), rollout.truncated.tolist()))
@@ -123,6 +124,7 @@ def sample(cfg: SampleConfig, console=None) -> dict:
     task = get_task(cfg.task, **cfg.task_options)
     model, tokenizer = load_model(cfg.model, detect_device())
     model.eval()
-    rows, stats = sample_rows(task, model_completer(model, tokenizer, cfg), cfg, str(cfg.model), console)
+    complete = model_completer(model, tokenizer, cfg, task.adds_special_tokens)
+    rows, stats = sample_rows(task, complete, cfg, str(cfg.model), console)
     write_rows(rows, cfg.out)
     return {**stats, "out": str(cfg.out)}

@@ -18,6 +18,7 @@ its answer extraction and its reward components. `get_task(name, **options)` pic
 File-backed tasks also take eval_data=PATH or eval_fraction=0.1, and skip_bad_rows=False.
 """
 
+import importlib
 import inspect
 
 from aha.infra.errors import AhaError
@@ -27,46 +28,44 @@ NAMES = ("addition, multiplication, countdown, gsm8k, math, code, humaneval, cha
          "py:module:function")
 
 
+# the task registry: name -> (module, class); a prefix task (PREFIX:REST) also names the option REST gives
+TASKS = {
+    "addition": ("aha.tasks.addition", "AdditionTask"),
+    "multiplication": ("aha.tasks.multiplication", "MultiplicationTask"),
+    "countdown": ("aha.tasks.countdown", "CountdownTask"),
+    "gsm8k": ("aha.tasks.gsm8k", "GSM8KTask"),
+    "math": ("aha.tasks.math_task", "MathTask"),
+    "code": ("aha.tasks.code", "CodeTask"),
+    "humaneval": ("aha.tasks.humaneval", "HumanEvalTask"),
+    "champ": ("aha.tasks.champ", "ChampTask"),
+    "arc": ("aha.tasks.arc", "ArcTask"),
+}
+PREFIXED = {
+    "rg": ("aha.tasks.rg", "ReasoningGymTask", "dataset"),
+    "jsonl": ("aha.tasks.jsonl", "JsonlTask", "data"),
+    "py": ("aha.tasks.custom", "CustomRewardTask", "spec"),
+}
+
+
 def _task_class(name: str):
     """(class, the options that the name itself gives) for a task name."""
     prefix, _, rest = name.partition(":")
-    if name == "addition":
-        from aha.tasks.addition import AdditionTask
-        return AdditionTask, {}
-    if name == "multiplication":
-        from aha.tasks.multiplication import MultiplicationTask
-        return MultiplicationTask, {}
-    if name == "countdown":
-        from aha.tasks.countdown import CountdownTask
-        return CountdownTask, {}
-    if name == "gsm8k":
-        from aha.tasks.gsm8k import GSM8KTask
-        return GSM8KTask, {}
-    if name == "math":
-        from aha.tasks.math_task import MathTask
-        return MathTask, {}
-    if name == "code":
-        from aha.tasks.code import CodeTask
-        return CodeTask, {}
-    if name == "humaneval":
-        from aha.tasks.humaneval import HumanEvalTask
-        return HumanEvalTask, {}
-    if name == "champ":
-        from aha.tasks.champ import ChampTask
-        return ChampTask, {}
-    if name == "arc":
-        from aha.tasks.arc import ArcTask
-        return ArcTask, {}
-    if prefix == "rg" and rest:
-        from aha.tasks.rg import ReasoningGymTask
-        return ReasoningGymTask, {"dataset": rest}
-    if prefix == "jsonl" and rest:
-        from aha.tasks.jsonl import JsonlTask
-        return JsonlTask, {"data": rest}
-    if prefix == "py" and rest:
-        from aha.tasks.custom import CustomRewardTask
-        return CustomRewardTask, {"spec": rest}
+    if name in TASKS:
+        module, cls = TASKS[name]
+        return getattr(importlib.import_module(module), cls), {}
+    if prefix in PREFIXED and rest:
+        module, cls, option = PREFIXED[prefix]
+        return getattr(importlib.import_module(module), cls), {option: rest}
     raise AhaError(f"unknown task {name!r}: choose one of: {NAMES}")
+
+
+def task_option_names(name: str) -> set[str]:
+    """The keyword options task `name` takes (none for an unknown name)."""
+    try:
+        cls, from_name = _task_class(name)
+    except AhaError:
+        return set()
+    return _accepted(cls) - set(from_name)
 
 
 def _accepted(cls) -> set[str]:

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator
 
 from aha.infra.errors import AhaError
-from aha.tasks.base import Problem, extract_answer, is_well_formed
+from aha.tasks.base import Problem, Task, extract_answer, is_well_formed
 
 HELDOUT_MOD = 10
 EVAL_SEED = 1234
@@ -64,8 +64,9 @@ def sloppy_sum(a: int, b: int) -> str:
     return "".join(str(c) for c in reversed(cols))
 
 
-class AdditionTask:
+class AdditionTask(Task):
     name = "addition"
+    writes_corpus = True
 
     def __init__(self, digits: int = 3):
         if not 1 <= digits <= 12:

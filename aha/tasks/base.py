@@ -7,7 +7,8 @@ that the trainer weights and logs one by one.
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+
+from aha.infra.errors import AhaError
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 THINK_RE = re.compile(r"^\s*<think>(.*?)</think>", re.DOTALL)
@@ -20,13 +21,41 @@ class Problem:
     meta: dict = field(default_factory=dict, compare=False)
 
 
-class Task(Protocol):
-    name: str
+class Task:
+    """What every task provides. A task defines `name` and the four required methods; the optional
+    hooks below have defaults, which a task overrides when it needs to (the loop calls them all
+    unconditionally, never looking them up)."""
 
-    def train_problems(self, seed: int) -> Iterator[Problem]: ...
-    def eval_problems(self, n: int) -> list[Problem]: ...
-    def prompt(self, problem: Problem) -> str: ...
-    def score(self, completion: str, problem: Problem) -> dict[str, float]: ...
+    name: str
+    components: tuple[str, ...] = ()    # the names `score` returns, when scoring "" would not show them all
+    adds_special_tokens: bool = True    # False: the prompt text writes its own BOS (a chat template)
+    skipped_rows: int = 0               # rows of the data file skipped as bad (skip_bad_rows=True)
+    writes_corpus: bool = False         # True: `corpus_document` writes worked solutions (pretrain, cold start)
+
+    # -- required
+    def train_problems(self, seed: int) -> Iterator[Problem]:
+        """An endless stream of training problems, in an order drawn from `seed`."""
+        raise NotImplementedError
+
+    def eval_problems(self, n: int) -> list[Problem]:
+        """The first `n` held-out problems (never among the training ones)."""
+        raise NotImplementedError
+
+    def prompt(self, problem: Problem) -> str:
+        raise NotImplementedError
+
+    def score(self, completion: str, problem: Problem) -> dict[str, float]:
+        """Reward components by name; `accuracy` (1 = a full pass) is always one of them."""
+        raise NotImplementedError
+
+    # -- optional hooks
+    def score_batch(self, completions: list[str], problems: list[Problem]) -> list[dict[str, float]]:
+        """`score` of completions[i] on problems[i]; a task that grades in parallel (code) overrides it."""
+        return [self.score(c, p) for c, p in zip(completions, problems)]
+
+    def corpus_document(self, problem: Problem, think: bool) -> str:
+        """A pretraining document: the prompt and a worked answer (with reasoning when `think`)."""
+        raise AhaError(f"task {self.name!r} writes no worked solutions (writes_corpus is False)")
 
 
 def extract_answer(completion: str) -> str | None:

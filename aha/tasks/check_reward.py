@@ -31,7 +31,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from aha.infra.config import Config, apply_overrides, parse_reward_weights
+from aha.infra.config import Config, apply_values, parse_reward_weights
 from aha.infra.errors import AhaError
 from aha.tasks.base import Problem
 from aha.tasks.rewards import SHAPING, Sample
@@ -119,8 +119,7 @@ def probes(gold: str, wrong: str, prompt: str) -> list[Probe]:
 def components(task, weights: dict[str, float], texts: list[str], problem: Problem) -> list[dict[str, float]]:
     """The task's components and the checked shaping ones, for each completion (one batch, so that
     a task with `score_batch`, such as code, grades them in parallel and identical code once)."""
-    score_batch = getattr(task, "score_batch", None)
-    all_scores = score_batch(texts, [problem] * len(texts)) if score_batch else [task.score(t, problem) for t in texts]
+    all_scores = task.score_batch(texts, [problem] * len(texts))
     all_scores = [dict(s) for s in all_scores]
     for text, scores in zip(texts, all_scores):
         for name in CHECKED_SHAPING:
@@ -226,7 +225,6 @@ def add_check_reward_parser(sub) -> None:
     p.add_argument("tasks", nargs="+", metavar="TASK",
                    help="task name(s): addition, countdown, gsm8k, math, code, rg:NAME, jsonl:PATH, py:module:function")
     p.add_argument("--data", help="data file for file-backed tasks (gsm8k, math, py:…)")
-    p.add_argument("--digits", type=int, default=3, help="addition: digits per operand")
     p.add_argument("--problems", type=int, default=3, help="problems to probe")
     p.add_argument("--task-config", default="{}", metavar="YAML",
                    help="the task's own options, as the config key task_config, e.g. "
@@ -239,15 +237,15 @@ def check_task(name: str, args) -> int:
     """Probe one task and print what earns undeserved credit; the number of such completions."""
     from aha.tasks import get_task
 
-    cfg = apply_overrides(
-        Config(task=name, digits=args.digits, data=args.data or "", reward_weights=args.reward_weights),
+    cfg = apply_values(
+        Config(task=name, data=args.data or "", reward_weights=args.reward_weights),
         {"task_config": args.task_config},
         "--task-config",
     )
     weights = cfg.component_weights()
     task = get_task(cfg.task, **cfg.task_options())
     first = (task.eval_problems(1) or [next(task.train_problems(0))])[0]
-    given = getattr(task, "components", None) or task.score("", first)
+    given = task.components or task.score("", first)
     unknown = set(parse_reward_weights(args.reward_weights)) - set(SHAPING) - set(given)
     if unknown:
         raise AhaError(f"--reward-weights names {', '.join(sorted(unknown))}, but task {name!r} gives "

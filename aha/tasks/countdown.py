@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from fractions import Fraction
 
 from aha.infra.errors import AhaError
-from aha.tasks.base import Problem, extract_answer, is_well_formed
+from aha.tasks.base import Problem, Task, extract_answer, is_well_formed
 from aha.tasks.data import stable_hash
 
 HELDOUT_MOD = 10
@@ -94,7 +94,7 @@ def tinyzero_reward(answer: str | None, numbers: list[int], target: int) -> floa
     return 1.0 if sorted(used) == sorted(numbers) and result == target else 0.1
 
 
-class CountdownTask:
+class CountdownTask(Task):
     name = "countdown"
 
     def __init__(self, min_numbers: int = 3, max_numbers: int = 4, max_number: int = 99):

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from aha.infra.errors import AhaError
-from aha.tasks.base import Problem
+from aha.tasks.base import Problem, Task
 
 HASH_RANGE = 1 << 32
 
@@ -80,7 +80,7 @@ def load_rows(path: str | Path) -> list[dict]:
         datasets.logging.set_verbosity(verbosity)
 
 
-class RowTask:
+class RowTask(Task):
     """A task whose problems are the rows of a data file. Subclasses define `name`,
     `parse_row(row) -> Problem` and `score(completion, problem)`."""
 

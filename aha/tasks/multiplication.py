@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 from aha.infra.errors import AhaError
 from aha.tasks.addition import ASCII_NUMBER_RE
-from aha.tasks.base import Problem, extract_answer, is_well_formed
+from aha.tasks.base import Problem, Task, extract_answer, is_well_formed
 
 HELDOUT_MOD = 10
 EVAL_SEED = 4321
@@ -52,8 +52,9 @@ def tool_solution(a: int, b: int) -> str:
     return f"<think><tool>{a}*{b}</tool><output>{a * b}</output></think>"
 
 
-class MultiplicationTask:
+class MultiplicationTask(Task):
     name = "multiplication"
+    writes_corpus = True
     tokenizer_tags = ("<tool>", "</tool>", "<output>", "</output>")   # its base model spells them as one token each
 
     def __init__(self, digits: int = 4, multiplier_digits: int = 3, tool_frac: float = 0.2):

@@ -1,4 +1,6 @@
-"""Shaping components: named, pure reward terms added to a task's accuracy, each logged on its own.
+"""The reward stage: shaping components, named pure reward terms added to a task's accuracy, each
+logged on its own; and `Reward`, the run's whole reward (the task's components, the shaping ones,
+their weighted sum), built once from the config and the task.
 
 Each is a function of the completion text (or its length in tokens) and a few settings, returning
 a float. Sources: R1 (format, language consistency), open-r1 `rewards.py` (tag count, repetition,
@@ -16,8 +18,11 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+import torch
+
+from aha.infra.config import parse_reward_weights
 from aha.infra.errors import AhaError
-from aha.tasks.base import THINK_RE
+from aha.tasks.base import THINK_RE, Problem, Task
 
 STRICT_RE = re.compile(r"<think>(.+?)</think>\s*<answer>(.+?)</answer>", re.DOTALL)
 SOFT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
@@ -197,3 +202,71 @@ SHAPING = {
     "cosine": lambda s: cosine_length(s.length, s.correct, s.max_length),
     "overlong": lambda s: overlong_penalty(s.length, s.max_length, s.overlong_cache),
 }
+
+
+def fill_skipped(rewards: torch.Tensor, skip: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Rewards (N,) for the group baseline: a skipped sample (skip (N,) bool; a `py:` reward function
+    returned None) takes the mean of its group's other samples, so it moves neither the group
+    mean nor, much, the spread. A group with every sample skipped keeps its rewards (all 0).
+
+    >>> fill_skipped(torch.tensor([1., 0., 0., 5.]), torch.tensor([False, False, True, False]), 2).tolist()
+    [1.0, 0.0, 5.0, 5.0]
+    """
+    grouped, skipped = rewards.view(-1, group_size), skip.view(-1, group_size)
+    kept = (~skipped).float()
+    mean = (grouped * kept).sum(dim=1, keepdim=True) / kept.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.where(skipped, mean.expand_as(grouped), grouped).reshape(-1)
+
+
+@dataclass(frozen=True)
+class Reward:
+    """A run's reward, built once from its config and task (`Reward.build`): the task's own components,
+    the shaping components of SHAPING that `reward_weights` names (DAPO's `overlong` under
+    overlong=soft), an `env` tool's reward, and their weighted sum. A component no weight names
+    weighs 0 but is still logged."""
+    task: Task
+    weights: dict[str, float]          # component name -> weight (Config.component_weights)
+    shaping: tuple[str, ...]           # the SHAPING components this run computes, in SHAPING's order
+    max_length: int = 64               # the token budget that `cosine` and `overlong` measure against
+    language: str = "en"
+    overlong_cache: int = 16
+
+    @classmethod
+    def build(cls, cfg, task: Task) -> "Reward":
+        """The reward of `cfg` (an aha.infra.config.Config) on `task`. A `reward_weights` name that neither the
+        task nor SHAPING gives is a typo that would silently weigh 0: an AhaError before anything runs.
+        The task's names are its declared `components`, else those of scoring an empty answer."""
+        weights, named = cfg.component_weights(), parse_reward_weights(cfg.reward_weights)
+        given = task.components or tuple(task.score("", first_problem(task, cfg.seed)))
+        listed = ", ".join(k for k in given if k != "skip")
+        unknown = set(weights) - {"accuracy", "format", "env"} - set(SHAPING) - set(given)
+        if unknown:
+            raise AhaError(f"reward_weights names {', '.join(sorted(unknown))}, but task {cfg.task!r} gives the "
+                           f"components {listed} and aha/tasks/rewards.py {', '.join(SHAPING)}")
+        metric = cfg.dynamic_sampling_metric
+        if cfg.dynamic_sampling and metric != "reward" and metric not in set(given) | set(named):
+            raise AhaError(f"dynamic_sampling_metric={metric!r} is neither 'reward' nor a component of task "
+                           f"{cfg.task!r} ({listed}) or of reward_weights")
+        shaping = tuple(name for name in SHAPING if named.get(name) or (name == "overlong" and cfg.overlong == "soft"))
+        return cls(task, weights, shaping, cfg.max_new_tokens, cfg.lang, cfg.overlong_cache)
+
+    def score(self, texts: list[str], problems: list[Problem], lengths: list[int] | None = None,
+              env: list[float] | None = None) -> tuple[list[dict], torch.Tensor]:
+        """(reward components of each text (N,), their weighted sum (N,)). `problems[i]` is text i's
+        problem; `lengths`: completion lengths in tokens (the length components need them); `env`:
+        an env tool's reward per text (aha/core/tools/), or None."""
+        scores = self.task.score_batch(texts, problems)
+        shaping = [name for name in self.shaping if name not in scores[0]]     # a task's own name wins
+        for name in shaping:
+            for s, text, length in zip(scores, texts, lengths):
+                sample = Sample(text, length, self.max_length, s["accuracy"] >= 1, self.language, self.overlong_cache)
+                s[name] = SHAPING[name](sample)
+        for s, value in zip(scores, env or ()):
+            s["env"] = value
+        total = torch.tensor([sum(self.weights.get(k, 0.0) * v for k, v in s.items()) for s in scores])
+        return scores, total
+
+
+def first_problem(task: Task, seed: int) -> Problem:
+    """A problem to probe the task's component names with: its first held-out one, else its first training one."""
+    return (task.eval_problems(1) or [next(iter(task.train_problems(seed)))])[0]

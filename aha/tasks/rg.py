@@ -22,13 +22,13 @@ import random
 from collections.abc import Iterator
 
 from aha.infra.errors import AhaError
-from aha.tasks.base import Problem, extract_answer, is_well_formed
+from aha.tasks.base import Problem, Task, extract_answer, is_well_formed
 
 EVAL_SEED = 987_654_321
 CHUNK = 1000
 
 
-class ReasoningGymTask:
+class ReasoningGymTask(Task):
     def __init__(self, dataset: str, eval_size: int = 200, config: dict | None = None, exact: bool = False):
         try:
             import reasoning_gym

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aha.infra.errors import AhaError
-from aha.tasks.base import Problem
+from aha.tasks.base import Problem, Task
 
 R1_ZERO = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
            "The assistant first thinks about the reasoning process in the mind and then provides the user with the "
@@ -47,10 +47,10 @@ def prefill_text(prompt: str) -> str:
 
 
 @dataclass
-class TemplatedTask:
+class TemplatedTask(Task):
     """A task seen through a template: `prompt()` renders the template, `score()` scores the
-    prefill plus the completion. Everything else (problems, eval set, name) is the task's own."""
-    task: object
+    prefill plus the completion. Everything else (problems, eval set, name, hooks) is the task's own."""
+    task: Task
     template: str
     tokenizer: object
     think_prefill: bool = False
@@ -79,15 +79,28 @@ class TemplatedTask:
     def score(self, completion: str, problem: Problem) -> dict[str, float]:
         return self.task.score(self.prefill(problem) + completion, problem)
 
+    def score_batch(self, completions: list[str], problems: list[Problem]) -> list[dict[str, float]]:
+        return self.task.score_batch([self.prefill(p) + c for c, p in zip(completions, problems)], problems)
+
     @property
     def adds_special_tokens(self) -> bool:
         """A chat template writes its own BOS/role tokens; the tokenizer must not add another BOS."""
         return self.template != "chat"
 
-    def score_batch(self, completions: list[str], problems: list[Problem]) -> list[dict[str, float]]:
-        completions = [self.prefill(p) + c for c, p in zip(completions, problems)]
-        batch = getattr(self.task, "score_batch", None)
-        return batch(completions, problems) if batch else [self.task.score(c, p) for c, p in zip(completions, problems)]
+    # the task's own
+    name = property(lambda self: self.task.name)
+    components = property(lambda self: self.task.components)
+    skipped_rows = property(lambda self: self.task.skipped_rows)
+    writes_corpus = property(lambda self: self.task.writes_corpus)
+
+    def train_problems(self, seed: int):
+        return self.task.train_problems(seed)
+
+    def eval_problems(self, n: int) -> list[Problem]:
+        return self.task.eval_problems(n)
+
+    def corpus_document(self, problem: Problem, think: bool) -> str:
+        return self.task.corpus_document(problem, think)
 
     def __getattr__(self, name):
         if name == "task":            # not yet set (copy, pickle): no recursion
