@@ -25,7 +25,7 @@ def phase_vllm(ctx: Ctx) -> None:
     if importlib.util.find_spec("vllm") is None:
         raise Skip("vLLM is not installed (pip install 'aha[gpu]' on a machine with a network)")
     from aha.infra.config import Config
-    from aha.infra.vllm_rollout import rollout_engine
+    from aha.infra.vllm_rollout import rollout_sampler
     model = build(ctx, "0.5b")
     folder = ctx.scratch / "vllm_model"
     model.config.save_pretrained(folder)  # load_format="dummy": the config alone, weights come from model
@@ -34,7 +34,7 @@ def phase_vllm(ctx: Ctx) -> None:
     import vllm
     ctx.part.put("versions", {"vllm": getattr(vllm, "__version__", version_of("vllm")),
                               "attention_backend": os.environ.get("VLLM_ATTENTION_BACKEND", "vLLM's default")})
-    engine = rollout_engine(Config(rollout="vllm", vllm_gpu_memory=ctx.sizes.vllm_memory), model)
+    engine = rollout_sampler(Config(rollout="vllm", vllm_gpu_memory=ctx.sizes.vllm_memory), model)
     ctx.part.put("device_used_bytes_after_init", device_used_bytes(ctx))
     measure_sampler(ctx, model, engine, "vllm")
     rl_steps(ctx, model, engine, "rl_vllm")

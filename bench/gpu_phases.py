@@ -252,9 +252,9 @@ def gap_at(ctx: Ctx, model, sampler, prompts, group: int, params) -> dict:
     """Mean and max |log p_sampler − log p_trainer| over the sampled tokens, the trainer's from its
     own forward (aha/core/logprobs.py) at the sampling temperature, in the model's own precision (no
     autocast: bf16 weights on a GPU; on a CPU with fast bf16, `auto` would measure bf16's rounding)."""
-    from aha.infra.vllm_rollout import engine_metrics, trainer_gap
+    from aha.infra.vllm_rollout import sampler_metrics, trainer_gap
     rollout = sampler(model, prompts, group, params, model.config.pad_token_id, seed=3)
-    engine_metrics(sampler)                              # a vLLM engine measured it too: drop its copy
+    sampler_metrics(sampler)                              # a vLLM engine measured it too: drop its copy
     tokens, total, largest = trainer_gap(model, rollout, params.temperature, "off")
     return {"tokens": tokens, "mean": total / max(tokens, 1), "max": largest}
 
@@ -262,12 +262,12 @@ def gap_at(ctx: Ctx, model, sampler, prompts, group: int, params) -> dict:
 def measure_sampler(ctx: Ctx, model, sampler, label: str) -> None:
     """tokens/s at each row count of ctx.sizes, and the log-prob gap at T 1 and at T 0.7 / top-p 0.9."""
     from aha.core.rollout import SamplingParams
-    from aha.infra.vllm_rollout import engine_metrics
+    from aha.infra.vllm_rollout import sampler_metrics
     sizes, vocab, pad = ctx.sizes, model.config.vocab_size, model.config.pad_token_id
     group = 8 if not ctx.tiny else 4
     warm = SamplingParams(max_new_tokens=4, stop_token_ids=())
     sampler(model, random_prompts(2, sizes.prompt_len, vocab, seed=9), group, warm, pad, seed=0)
-    engine_metrics(sampler)
+    sampler_metrics(sampler)
     for rows in sizes.engine_rows:
         prompts = random_prompts(rows // group, sizes.prompt_len, vocab, seed=rows)
         params = SamplingParams(max_new_tokens=sizes.engine_tokens, temperature=1.0, stop_token_ids=())
@@ -286,7 +286,7 @@ def measure_sampler(ctx: Ctx, model, sampler, label: str) -> None:
             "seconds": round(seconds, 3),
             "tokens_per_s": round(tokens / seconds, 1),
             "peak_bytes": ctx.peak_bytes(),
-            **engine_metrics(sampler),
+            **sampler_metrics(sampler),
         }
         if "vllm_generate_s" in result:      # vLLM: its generate call alone, weight sync and sleep timed apart
             result["generate_tokens_per_s"] = round(tokens / result["vllm_generate_s"], 1)
@@ -324,7 +324,7 @@ def rl_steps(ctx: Ctx, model, engine, label: str) -> None:
     from aha.core.rollout import SamplingParams
     from aha.core.step import group_advantages, loss_rows, policy_update
     from aha.infra.config import Config
-    from aha.infra.vllm_rollout import engine_metrics
+    from aha.infra.vllm_rollout import sampler_metrics
     sizes, vocab = ctx.sizes, model.config.vocab_size
     cfg = Config(prompts_per_step=sizes.rl_prompts, group_size=sizes.rl_group, max_new_tokens=sizes.rl_tokens,
                  lr=1e-6, seed=0)
@@ -374,7 +374,7 @@ def rl_steps(ctx: Ctx, model, engine, label: str) -> None:
             "peak_bytes": ctx.peak_bytes(),
             "loss": update.loss,
             "grad_norm": update.grad_norm,
-            **engine_metrics(engine),
+            **sampler_metrics(engine),
         }
         if ctx.peak_flops:
             record["update_mfu"] = flops / (t2 - t1) / ctx.peak_flops

@@ -4,7 +4,6 @@ answers scored 0 with nothing harmed, bad rows, the built-in set's split, and a 
 Run: python -m pytest tests/test_code_task.py -q        (about 20 s on 2 cores)
 """
 
-import doctest
 import itertools
 import json
 
@@ -28,10 +27,6 @@ HALF = "def f(x):\n    return x * 7 + 3 if x % 2 == 0 else 0"   # right for 0 an
 @pytest.fixture(scope="module")
 def task():
     return get_task("code")
-
-
-def test_doctests():
-    assert doctest.testmod(code_module).failed == 0
 
 
 @pytest.mark.parametrize("completion, code", [

@@ -34,7 +34,7 @@ def test_rollout_correction_reads_the_samplers_logprobs(tiny_model_dir, tmp_path
             rollout.logprobs = rollout.logprobs + 0.5 * rollout.completion_mask
             return rollout
         return engine
-    monkeypatch.setattr(aha.core.train, "rollout_engine", skewed_engine)
+    monkeypatch.setattr(aha.core.train, "rollout_sampler", skewed_engine)
     for low, kept in [(0.5, 1.0), (0.7, 0.0)]:
         out = tmp_path / f"low{low}"
         assert (

@@ -200,13 +200,6 @@ def test_experiment_quick_end_to_end(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-def test_doctests():
-    import doctest
-
-    import aha.stages.experiment
-    assert doctest.testmod(aha.stages.experiment).failed == 0
-
-
 def test_experiment_keys_are_typed_and_checked():
     from aha.infra.config import apply_values
     from aha.stages.experiment import ExperimentConfig

@@ -1,9 +1,7 @@
-import doctest
 
 import pytest
 
 from aha.infra.errors import AhaError
-from aha.tasks import rewards
 from aha.tasks.rewards import (
     cosine_length,
     format_soft,
@@ -16,10 +14,6 @@ from aha.tasks.rewards import (
 
 HOSTILE = ["", "no tags", "<think>", "</answer><answer>", "<answer>" * 1000, "\x00\uffff☃ 𝟙 ünï",
            "<think><think>x</think></think><answer>1</answer>", "9" * 100_000]
-
-
-def test_doctests():
-    assert doctest.testmod(rewards).failed == 0
 
 
 @pytest.mark.parametrize("text, strict, soft, tags", [

@@ -1,11 +1,10 @@
-import doctest
 import itertools
 import json
 
 import pytest
 
 from aha.infra.errors import AhaError
-from aha.tasks import countdown, get_task, gsm8k, jsonl, math_task
+from aha.tasks import get_task
 from aha.tasks.countdown import parse_expression, tinyzero_reward
 from aha.tasks.math_task import MathGrader, last_boxed
 
@@ -18,11 +17,6 @@ def write_jsonl(path, rows):
 def gsm_rows(n):
     return [{"question": f"Tom has {i} apples and buys 1,000 more. How many?", "answer": f"{i}+1000\n#### {i + 1000:,}"}
             for i in range(n)]
-
-
-@pytest.mark.parametrize("module", [countdown, gsm8k, jsonl, math_task])
-def test_doctests(module):
-    assert doctest.testmod(module).failed == 0
 
 
 # --- countdown -------------------------------------------------------------------------------

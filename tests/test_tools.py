@@ -16,7 +16,7 @@ import trl
 
 from aha.core.rollout import SamplingParams, generate, row_uniforms, sample_next, stop_strings, stop_token_ids
 from aha.core.tools.formats import FORMATS, Call, cut_tokens
-from aha.core.tools.interact import ToolEngine, tool_metrics, turn_seed
+from aha.core.tools.interact import ToolLoop, tool_metrics, turn_seed
 from aha.core.tools.tools import FunctionTool, Observation, Toolbox
 from aha.infra.tokenizer import TAGS, TOOL_TAGS, build_char_tokenizer
 
@@ -166,7 +166,7 @@ def test_multi_turn_rollout_equals_the_naive_loop(max_turns, output_tokens, max_
     max_turns (the third call is not run), a tool output cut to `output_tokens`, a budget that ends
     mid-interaction; masks 0 exactly on tool output."""
     prompts, model, params, toolbox = setup(max_new_tokens)
-    engine = ToolEngine(toolbox, "r1", max_turns=max_turns, output_tokens=output_tokens)
+    engine = ToolLoop(toolbox, "r1", max_turns=max_turns, output_tokens=output_tokens)
     rollout = engine(model, prompts, 3, params, TOKENIZER.pad_token_id, seed=5, tokenizer=TOKENIZER)
     reference = naive_interaction(model, prompts, 3, params, 5, TOKENIZER, toolbox, "r1", max_turns, output_tokens)
     assert_same(as_rows(rollout), reference)
@@ -181,7 +181,7 @@ def test_multi_turn_rollout_equals_the_naive_loop(max_turns, output_tokens, max_
 def test_chunks_and_slices_give_the_same_tokens():
     """max_rows (one group per pass) and a slice of the rows at their global offset sample as the whole batch."""
     prompts, model, params, toolbox = setup()
-    engine = ToolEngine(toolbox, "r1")
+    engine = ToolLoop(toolbox, "r1")
     whole = as_rows(engine(model, prompts, 2, params, TOKENIZER.pad_token_id, seed=3, tokenizer=TOKENIZER))
     chunked = as_rows(
         engine(model, prompts, 2, params, TOKENIZER.pad_token_id, seed=3, max_rows=2, tokenizer=TOKENIZER)
@@ -196,7 +196,7 @@ def test_no_tool_call_is_generate_token_for_token():
     """Turn 0 draws generate's uniforms: a rollout in which no row calls equals generate's."""
     prompts, model, params, toolbox = setup()
     prompts = prompts[2:]                                       # the script that answers at once
-    rollout = ToolEngine(toolbox, "r1")(model, prompts, 4, params, TOKENIZER.pad_token_id, seed=9, tokenizer=TOKENIZER)
+    rollout = ToolLoop(toolbox, "r1")(model, prompts, 4, params, TOKENIZER.pad_token_id, seed=9, tokenizer=TOKENIZER)
     plain = generate(model, prompts, 4, params, TOKENIZER.pad_token_id, seed=9, tokenizer=TOKENIZER)
     assert int(rollout.tools.calls.sum()) == 0
     assert torch.equal(rollout.completion_ids, plain.completion_ids)
@@ -207,7 +207,7 @@ def test_no_tool_call_is_generate_token_for_token():
 
 def test_tool_metrics_by_hand():
     prompts, model, params, toolbox = setup()
-    rollout = ToolEngine(toolbox, "r1", max_turns=2)(model, prompts, 1, params, TOKENIZER.pad_token_id, seed=1,
+    rollout = ToolLoop(toolbox, "r1", max_turns=2)(model, prompts, 1, params, TOKENIZER.pad_token_id, seed=1,
                                                     tokenizer=TOKENIZER)
     rows = as_rows(rollout)
     metrics = tool_metrics(rollout)
@@ -244,7 +244,7 @@ def test_chat_format_equals_the_naive_loop_and_trl_renders_the_same_tool_turn():
     bad = '<tool_call>\n{"name": "calc", "arguments": 7}\n</tool_call><|im_end|>'
     model = ScriptedLM(tokenizer, prompts, [call + bad + "It is 42."], strength=12.0, tool_output=QWEN_TOOL_OUTPUT)
     params = SamplingParams(260, 1.0, 1.0, 0, stop_token_ids(model, tokenizer), ())
-    rollout = ToolEngine(box, "chat")(model, prompts, 3, params, tokenizer.pad_token_id, seed=4, tokenizer=tokenizer)
+    rollout = ToolLoop(box, "chat")(model, prompts, 3, params, tokenizer.pad_token_id, seed=4, tokenizer=tokenizer)
     assert_same(as_rows(rollout), naive_interaction(model, prompts, 3, params, 4, tokenizer, box, "chat", 4, 64))
     shown = call + "\n<|im_start|>user\n<tool_response>\n42\n</tool_response><|im_end|>\n<|im_start|>assistant\n" + bad
     scripted = [

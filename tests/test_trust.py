@@ -101,7 +101,7 @@ REASONED = "1+1=2</think> <answer>2</answer>"          # the prompt opened the <
 
 def test_think_rate_counts_the_prefilled_think_in_training(tiny_model_dir, tmp_path, monkeypatch):
     model, tokenizer = load_model(tiny_model_dir)
-    monkeypatch.setattr(aha.core.train, "rollout_engine", lambda cfg, model: fixed_engine(tokenizer, REASONED))
+    monkeypatch.setattr(aha.core.train, "rollout_sampler", lambda cfg, model: fixed_engine(tokenizer, REASONED))
     result = train(small(tmp_path / "t", think_prefill=True), out=tmp_path, model=model, tokenizer=tokenizer)
     assert [r["think_rate"] for r in result["history"]] == [1.0, 1.0]
     assert [r["reward_format"] for r in result["history"]] == [1.0, 1.0]       # the reward saw the tag already

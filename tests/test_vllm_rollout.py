@@ -16,7 +16,7 @@ from aha.core.rollout import SamplingParams
 from aha.core.step import step_seed
 from aha.infra.config import Config
 from aha.infra.errors import AhaError
-from aha.infra.vllm_rollout import require_vllm, rollout_engine, sampling_kwargs, to_rollout
+from aha.infra.vllm_rollout import require_vllm, rollout_sampler, sampling_kwargs, to_rollout
 
 HAS_GPU_VLLM = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
@@ -45,7 +45,7 @@ def test_outputs_become_the_torch_engines_rollout():
 
 def test_the_torch_engine_is_the_default():
     from aha.core.rollout import generate
-    assert rollout_engine(Config(), model=None) is generate
+    assert rollout_sampler(Config(), model=None) is generate
 
 
 @pytest.mark.skipif(HAS_GPU_VLLM, reason="this machine can run vLLM")
@@ -66,7 +66,7 @@ def test_vllm_samples_the_trainers_current_weights(tiny_model_dir):
     from aha.core.logprobs import completion_logprobs
     from aha.infra.model import load_model
     model, tok = load_model(tiny_model_dir, "cuda", torch.bfloat16)
-    engine = rollout_engine(Config(rollout="vllm", vllm_gpu_memory=0.2), model)
+    engine = rollout_sampler(Config(rollout="vllm", vllm_gpu_memory=0.2), model)
     prompts = [tok("12+345=")["input_ids"], tok("7+8=")["input_ids"]]
     params = SamplingParams(max_new_tokens=16, temperature=1.0, stop_token_ids=(tok.eos_token_id,))
     for _ in range(2):
@@ -98,7 +98,7 @@ def tiny(tiny_model_dir):
 
 
 def engine_for(model, **overrides):
-    return rollout_engine(Config(rollout="vllm", **overrides), model)
+    return rollout_sampler(Config(rollout="vllm", **overrides), model)
 
 
 def test_llm_gets_rendezvous_variables_and_the_environment_is_put_back(fake, tiny):
@@ -123,9 +123,9 @@ sys.path.insert(0, {tests!r})
 import fake_vllm
 from aha.infra.config import Config
 from aha.infra.model import load_model
-from aha.infra.vllm_rollout import rollout_engine
+from aha.infra.vllm_rollout import rollout_sampler
 fake_vllm.install(fake_vllm.Patch(), process_group=True, clear_env=False)
-rollout_engine(Config(rollout="vllm"), load_model({model!r})[0])
+rollout_sampler(Config(rollout="vllm"), load_model({model!r})[0])
 print("child engine up")
 """
 
@@ -255,7 +255,7 @@ def reference_logprobs(model, prompt: list[int], completion: list[int], temperat
 def test_the_sampler_trainer_gap_is_measured_on_every_generation(fake, tiny):
     """Item 6: mean and max |log p_vLLM − log p_trainer| over the sampled tokens, by hand: the
     fake vLLM reports log p = 0, so the gap is −log p of an unpadded reference forward."""
-    from aha.infra.vllm_rollout import engine_metrics
+    from aha.infra.vllm_rollout import sampler_metrics
     model, tok = tiny
     model.eval()
     engine = engine_for(model, autocast="off")       # the reference is fp32 (auto: bf16 on AMX/AVX512-BF16 CPUs)
@@ -265,15 +265,15 @@ def test_the_sampler_trainer_gap_is_measured_on_every_generation(fake, tiny):
     rollout = engine(model, prompts, 3, params, tok.pad_token_id, seed=1)
     gaps = torch.cat([-reference_logprobs(model, prompts[row // 3], ids[:n].tolist(), 0.7)
                       for row, (ids, n) in enumerate(zip(rollout.completion_ids, rollout.lengths))])
-    metrics = engine_metrics(engine)
+    metrics = sampler_metrics(engine)
     assert metrics["sampler_logp_gap_mean"] == pytest.approx(float(gaps.mean()), rel=1e-5)
     assert metrics["sampler_logp_gap_max"] == pytest.approx(float(gaps.max()), rel=1e-5)
     assert metrics["sampler_is_correction"] is False
     assert metrics["sampler_tokens"] == int(rollout.lengths.sum())
     assert {"vllm_sync_s", "vllm_generate_s", "vllm_sleep_s"} <= set(metrics)
-    assert engine_metrics(engine) == {}                  # popped: the next step starts afresh
+    assert sampler_metrics(engine) == {}                  # popped: the next step starts afresh
     from aha.core.rollout import generate
-    assert engine_metrics(generate) == {}                # the torch engine reports nothing extra
+    assert sampler_metrics(generate) == {}                # the torch engine reports nothing extra
 
 
 def test_every_vllm_run_logs_the_gap_in_metrics_jsonl(fake, tiny_model_dir, tmp_path, monkeypatch):

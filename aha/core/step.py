@@ -45,7 +45,7 @@ class Learner:
     spec: LossSpec
     ref_model: object = None           # β > 0: the frozen reference
     world: World = SINGLE
-    engine: object = generate          # the sampler: `generate`, the tool loop or vLLM
+    sampler: object = generate         # `generate`, the tool loop or vLLM
     rollout_rows: int | None = None    # rows generated at once (aha/infra/plan.py); None: all
     micro_batch_tokens: int = 1 << 62  # micro_batch_size=auto: tokens per forward/backward
 
@@ -99,7 +99,7 @@ def collect(learner: Learner, problems, step: int) -> Batch:
         mine, first = world.shard(chosen)                  # this process's prompts (all of them on one)
         prompts = [encode_prompt(tokenizer, task.prompt(p), task.adds_special_tokens, limit, cfg.max_new_tokens)
                    for p in mine]
-        rollout = learner.engine(learner.model, prompts, cfg.group_size, learner.sampling, tokenizer.pad_token_id,
+        rollout = learner.sampler(learner.model, prompts, cfg.group_size, learner.sampling, tokenizer.pad_token_id,
                                  step_seed(cfg.seed, step) + attempt, row_offset=first * cfg.group_size,
                                  total_rows=len(chosen) * cfg.group_size, max_rows=learner.rollout_rows,
                                  tokenizer=tokenizer)

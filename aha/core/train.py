@@ -30,7 +30,7 @@ import torch
 from aha.core.health import HealthMonitor
 from aha.core.rollout import encode_prompt, stop_strings, stop_token_ids
 from aha.core.step import Learner, StepOutcome, train_step
-from aha.core.tools import eval_engine, tool_engine, tool_schemas
+from aha.core.tools import eval_sampler, tool_loop, tool_schemas
 from aha.core.tools.interact import tool_metrics
 from aha.eval.evaluate import evaluate
 from aha.eval.passk import passed
@@ -67,7 +67,7 @@ from aha.infra.plan import MemoryPlan, check_fits, process_rss
 from aha.infra.plan import plan_for as memory_plan_for
 from aha.infra.progress import progress_bar
 from aha.infra.trackers import trackers_for
-from aha.infra.vllm_rollout import engine_metrics, rollout_engine
+from aha.infra.vllm_rollout import rollout_sampler, sampler_metrics
 from aha.tasks import get_task
 from aha.tasks.base import thought
 from aha.tasks.rewards import Reward
@@ -197,14 +197,14 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
         reward = Reward.build(cfg, task)               # checks the component names before anything runs
         check_prompt_lengths(cfg, task, tokenizer, model)
         model, peft_model = prepare_model(cfg, model, saved)
-        engine = tool_engine(cfg) or rollout_engine(cfg, model)   # the sampler: the tool loop, torch, or vLLM
+        sampler = tool_loop(cfg) or rollout_sampler(cfg, model)   # the tool loop, torch, or vLLM
         plan = run_plan(cfg, model, task, tokenizer, world)
         if not resume and world.writes:
             if out is None:
                 out = created = prepare_out_dir(cfg.out, force)   # only once the inputs are known good
             lock = RunLock(out).acquire()
             save_config(cfg, out / "config.yaml")
-        learner = make_learner(cfg, task, reward, model, tokenizer, world, engine, plan)
+        learner = make_learner(cfg, task, reward, model, tokenizer, world, sampler, plan)
         return train_loop(learner, peft_model, out or Path(cfg.out), saved, console, plan, trackers)
     except BaseException:
         metrics = created / "metrics.jsonl" if created else None
@@ -231,7 +231,7 @@ def run_plan(cfg: Config, model, task, tokenizer, world: World = SINGLE) -> Memo
     return plan
 
 
-def make_learner(cfg: Config, task, reward: Reward, model, tokenizer, world: World = SINGLE, engine=None,
+def make_learner(cfg: Config, task, reward: Reward, model, tokenizer, world: World = SINGLE, sampler=None,
                  plan: MemoryPlan | None = None) -> Learner:
     """The step's parts for `model`: the module that trains (the model itself, DDP around it, or an
     FSDP2-sharded copy, then `model`, kept whole and refreshed after each update, generates,
@@ -243,7 +243,7 @@ def make_learner(cfg: Config, task, reward: Reward, model, tokenizer, world: Wor
                                   weight_decay=cfg.weight_decay)
     sampling = cfg.sampling_params(stop_token_ids(model, tokenizer), stop_strings(tokenizer))
     return Learner(cfg, task, reward, tokenizer, model, trained, optimizer, sampling, cfg.loss_spec(), ref_model,
-                   world, engine or rollout_engine(cfg, model), plan.rollout_rows if plan else None,
+                   world, sampler or rollout_sampler(cfg, model), plan.rollout_rows if plan else None,
                    plan.micro_batch_tokens if plan else 1 << 62)
 
 
@@ -269,7 +269,7 @@ def evaluate_now(learner: Learner, state: TrainState, step: int, eval_rows: int,
     found = {}
     if learner.world.writes:
         result = evaluate(learner.model, learner.tokenizer, learner.task, cfg.eval_spec(eval_rows),
-                          console=console, label=f"eval @ {step + 1}", engine=eval_engine(cfg))
+                          console=console, label=f"eval @ {step + 1}", sampler=eval_sampler(cfg))
         found["eval_pass@1"] = result["pass@1"]
         state.evals.append({"step": step + 1, **{k: v for k, v in result.items() if k != "samples"}})
     learner.world.barrier()
@@ -309,7 +309,7 @@ def train_loop(learner: Learner, peft_model, out: Path, saved: dict, console, pl
             state.bad_steps = state.bad_steps + 1 if outcome.update.skipped else 0
             # log: one JSON line per step, a console line, health warnings
             record = step_record(step, learner.task, outcome)
-            record.update(engine_metrics(learner.engine))   # rollout=vllm: the sampler/trainer gap, timings
+            record.update(sampler_metrics(learner.sampler))   # rollout=vllm: the sampler/trainer gap, timings
             record.update(evaluate_now(learner, state, step, plan.eval_rows, console))
             state.history.append(record)
             metrics_file.write(json.dumps(record) + "\n")

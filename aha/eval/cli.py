@@ -68,6 +68,7 @@ def add_eval_parser(sub) -> None:
                         "lacks) as k failures, counted in unreadable_prompts, instead of stopping")
     p.add_argument("--json", help="also write the result to this JSON file (a list when several models)")
     p.add_argument("--markdown", help="also write the comparison table to this markdown file")
+    p.set_defaults(handler=cmd_eval)
 
 
 def parse_pass_k(text: str) -> tuple[int, ...]:
@@ -123,7 +124,7 @@ def eval_plan(path: str | None, args) -> EvalPlan:
 
 
 def cmd_eval(args, console):
-    from aha.core.tools import eval_engine, tool_schemas
+    from aha.core.tools import eval_sampler, tool_schemas
     from aha.eval.evaluate import EvalSpec, evaluate, markdown_table, rich_table
     from aha.infra.base import ensure_base_model
     from aha.infra.model import detect_device, load_model, resolve_model_dir
@@ -154,7 +155,7 @@ def cmd_eval(args, console):
             prefill=args.prefill,
             console=console,
             label=f"eval {path or 'base'}",
-            engine=eval_engine(cfg),
+            sampler=eval_sampler(cfg),
         )
         results.append({"model": path or "base", "task": cfg.task, "template": cfg.template,
                         "think_prefill": cfg.think_prefill, "max_new_tokens": cfg.max_new_tokens, **result})

@@ -85,13 +85,13 @@ def readable_prompts(tokenizer, task, problems: list, prefill: str, limit: int |
 
 
 def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=None, label: str = "eval",
-             engine=None) -> dict:
+             sampler=None) -> dict:
     """R1's protocol on the task's first `spec.problems` held-out problems. A problem whose prompt
     the model cannot read (too long for its context, or characters its tokenizer lacks) counts as
     k wrong answers and is counted in `unreadable_prompts`; the length, think, truncation and
-    reflection figures are over the samples actually generated. `engine`: the sampler, `generate` or
+    reflection figures are over the samples actually generated. `sampler`: `generate` or
     the tool loop (aha/core/tools/); with tools the result also has the tool-use figures."""
-    engine = engine or generate                       # looked up at call time (tests swap it)
+    sampler = sampler or generate                     # looked up at call time (tests swap it)
     problems = task.eval_problems(spec.problems)
     params = SamplingParams(spec.max_new_tokens, spec.temperature, spec.top_p, 0, stop_token_ids(model, tokenizer),
                             stop_strings(tokenizer))
@@ -119,7 +119,7 @@ def evaluate(model, tokenizer, task, spec: EvalSpec, prefill: str = "", console=
                     correct[start + i], answers[start + i] = [0.0] * spec.k, [None] * spec.k
             if readable:
                 # global rows: sample j of problem i draws the same tokens whatever the pass size
-                rollout = engine(model, [ids for ids in chunk_ids if ids is not None], spec.k, params,
+                rollout = sampler(model, [ids for ids in chunk_ids if ids is not None], spec.k, params,
                                  tokenizer.pad_token_id, seed=spec.seed, row_offset=start * spec.k,
                                  total_rows=len(problems) * spec.k, tokenizer=tokenizer)
                 rollouts.append(rollout)

@@ -244,15 +244,16 @@ def open_records(out: Path, history: list[dict]):
     return open(out / "metrics.jsonl", "a"), open(out / "rollouts.jsonl", "a")
 
 
-def trainer_state(cfg, optimizer, cursor: Cursor, bad_steps: int, history, evals, peft_model, ref_model) -> dict:
-    """Everything besides the weights that the next step depends on (aha/infra/checkpoint.py). The learning
-    rate needs no state: it is a function of the step (aha/core/schedule.py)."""
-    state = {"steps_done": len(history), "optimizer": optimizer.state_dict(),
-             "rng": rng_states(),
-             "consumed": cursor.consumed, "bad_steps": bad_steps, "history": history, "evals": evals}
-    if peft_model is not None:
-        from peft import get_peft_model_state_dict
-        state["adapter"] = get_peft_model_state_dict(peft_model)
-    if ref_model is not None:
-        state["ref_model"] = ref_model.state_dict()
-    return state
+def resume_config(run_dir: str, steps=None, changed: list[str] = ()):
+    """The saved config of the run in `run_dir`, which `aha train --resume` continues: only `steps` may
+    change (to extend the run); `changed` names what the command line would change besides it."""
+    from aha.infra.config import load_config
+    if changed:
+        raise AhaError(f"--resume continues the run with its saved config; {', '.join(changed)} cannot change "
+                       f"(only steps=N can, to extend the run): start a new run to change them")
+    saved = Path(run_dir) / "config.yaml"
+    if not saved.is_file():
+        raise AhaError(f"--resume {run_dir}: no config.yaml there; give the --out folder of an aha train run")
+    cfg = load_config(str(saved), {"steps": steps} if steps is not None else {})
+    cfg.out = run_dir
+    return cfg

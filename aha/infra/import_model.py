@@ -157,6 +157,7 @@ def add_import_parser(sub) -> None:
     p.add_argument("source", metavar="NAME_OR_FILE", help=f"{' or '.join(KNOWN)}, or a path to a .gguf file")
     p.add_argument("--out", required=True, help="the model dir to write")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(handler=cmd_import_model)
 
 
 def cmd_import_model(args, console) -> None:

@@ -150,3 +150,15 @@ def write_report(out: str | Path) -> Path:
     temp.write_text("\n".join([title, "", *body]))
     os.replace(temp, out / "report.md")
     return out / "report.md"
+
+
+def cmd_report(args, console) -> None:
+    console.print(f"wrote {write_report(args.run_dir)} and curves.png")
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="redraw curves.png and report.md of a run folder, running or finished",
+                       description="Reads the run folder's metrics.jsonl, config.yaml, rollouts.jsonl and report.json "
+                                   "(aha run) and writes curves.png and report.md there; safe while the run goes on.")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of aha train or aha run")
+    p.set_defaults(handler=cmd_report)

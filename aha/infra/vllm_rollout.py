@@ -164,7 +164,7 @@ def _synchronize() -> None:
         torch.cuda.synchronize()
 
 
-class VllmEngine:
+class VllmSampler:
     """Called like `aha.core.rollout.generate`; samples with a colocated vLLM engine."""
 
     def __init__(self, model_dir: str, dtype: torch.dtype, seed: int, gpu_memory: float, autocast_mode: str = "auto"):
@@ -255,7 +255,7 @@ class VllmEngine:
         }
 
 
-def engine_metrics(engine) -> dict:
+def sampler_metrics(engine) -> dict:
     """The sampler's own numbers for the step's metrics line: the vLLM engine's log-prob gap and
     timings since the last call; nothing for the torch engine."""
     pop = getattr(engine, "pop_metrics", None)
@@ -273,7 +273,7 @@ def cut_at_stop_string(completion: tuple[list[int], list[float], bool], tokenize
     return ids, logprobs, truncated
 
 
-def rollout_engine(cfg, model):
+def rollout_sampler(cfg, model):
     """The sampler the training loop calls, with `generate`'s signature: the torch engine, or a vLLM
     engine built from `model`'s config (its weights come from `model` at every generation)."""
     if cfg.rollout == "torch":
@@ -281,4 +281,4 @@ def rollout_engine(cfg, model):
     require_vllm()
     if cfg.lora_rank:
         raise AhaError("rollout=vllm does not support lora_rank > 0 yet: use rollout=torch, or train every weight")
-    return VllmEngine(model.name_or_path, next(model.parameters()).dtype, cfg.seed, cfg.vllm_gpu_memory, cfg.autocast)
+    return VllmSampler(model.name_or_path, next(model.parameters()).dtype, cfg.seed, cfg.vllm_gpu_memory, cfg.autocast)

@@ -163,6 +163,7 @@ def add_chat_parser(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda or mps (default: detected)")
     p.add_argument("--tools", help="run the model's tool calls: python, py:module:function, env:module:Class, or none "
                                    "(default: the tools the run trained with)")
+    p.set_defaults(handler=cmd_chat)
 
 
 def model_summary(path: str) -> str:

@@ -16,6 +16,7 @@ def add_serve_parser(subparsers) -> None:
     p.add_argument("--device", help="cpu, cuda or mps (default: detected)")
     p.add_argument("--tools", help="run the model's tool calls server-side: python (sandboxed), py:module:function or "
                                    "env:module:Class (default: none)")
+    p.set_defaults(handler=cmd_serve)
 
 
 def cmd_serve(args, console) -> None:

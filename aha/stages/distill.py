@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aha.infra.card import CardInfo, write_card
 from aha.infra.errors import AhaError
-from aha.stages.rejection import SampleConfig, sample
+from aha.stages.rejection import SampleConfig, rejection_sample
 from aha.stages.sft import SFTConfig, sft
 
 
@@ -24,7 +24,7 @@ def distill(sample_cfg: SampleConfig, sft_cfg: SFTConfig, console=None) -> dict:
     out = Path(sft_cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     samples = out / "samples.jsonl"
-    sampled = sample(replace(sample_cfg, out=str(samples)), console=console)
+    sampled = rejection_sample(replace(sample_cfg, out=str(samples)), console=console)
     if sampled["kept"] == 0:
         raise AhaError(f"distill: the teacher {sample_cfg.model} got no sample right out of {sampled['samples']}; "
                        "nothing to learn from (try more --prompts, a larger --k or a stronger teacher)")

@@ -354,6 +354,7 @@ def add_experiment_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty --out (its cache/ of models is kept)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="any key of the experiment's config (ExperimentConfig, findings.FindingConfig), e.g. steps=150")
+    p.set_defaults(handler=cmd_experiment)
 
 
 def cmd_distill_vs_rl(args, console) -> None:

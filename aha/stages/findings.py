@@ -208,12 +208,12 @@ def entropy_settings(cfg: FindingConfig, cache: Path, console=None) -> dict:
 
 def held_out(run_cfg, model, tokenizer, seed: int, step: int, label: str, console=None) -> dict:
     """Held-out pass@1 (and tool-use rate, with tools) through the run's own sampler, as `aha eval`."""
-    from aha.core.tools import eval_engine
+    from aha.core.tools import eval_sampler
     from aha.eval.evaluate import EvalSpec, evaluate
     from aha.tasks import get_task
     spec = EvalSpec(run_cfg.eval_problems, run_cfg.eval_k, max_new_tokens=run_cfg.max_new_tokens, seed=seed)
     result = evaluate(model, tokenizer, get_task(run_cfg.task, **run_cfg.task_options()), spec, console=console,
-                      label=label, engine=eval_engine(run_cfg))
+                      label=label, sampler=eval_sampler(run_cfg))
     return {"step": step, **{key: result[key] for key in EVAL_KEYS if key in result}}
 
 

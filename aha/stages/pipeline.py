@@ -182,7 +182,7 @@ def rl_stage(start_dir: Path, steps: int, folder: Path, cfg: PipelineConfig, con
             "pass_rate_last": sum(r["pass_rate"] for r in last) / len(last)}
 
 
-def rejection_sample(
+def rejection_stage(
     model_dir: Path, folder: Path, cfg: PipelineConfig, rl_cfg: Config, console=None
 ) -> tuple[list[dict], dict]:
     """R1's rejection sampling from the stage-2 model: only verified, clean samples (aha.stages.rejection) → "
@@ -247,7 +247,7 @@ def run_stages(cfg: PipelineConfig, out: Path, console=None) -> list[dict]:
 
     folder, t0 = out / "3_rejection_sft", time.time()
     folder.mkdir()
-    kept, sampled = rejection_sample(rl_dir, folder, cfg, rl_cfg, console)
+    kept, sampled = rejection_stage(rl_dir, folder, cfg, rl_cfg, console)
     stats = sft_stage(base, kept + (cold if cfg.with_cold_start else []), cfg.sft_epochs, folder, cfg, console)
     sft_dir = record("rejection_sft", folder, folder / "model", time.time() - t0, {"sample": sampled, "sft": stats})
 
@@ -299,6 +299,7 @@ def add_pipeline_parser(sub) -> None:
     p.add_argument("--out", help="folder for the stages and the table")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any pipeline key, e.g. rl_steps=100")
+    p.set_defaults(handler=cmd_pipeline)
 
 
 def cmd_pipeline(args, console) -> None:

@@ -116,7 +116,7 @@ def write_rows(rows: list[dict], path: str | Path) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def sample(cfg: SampleConfig, console=None) -> dict:
+def rejection_sample(cfg: SampleConfig, console=None) -> dict:
     from aha.infra.model import detect_device, load_model
     from aha.tasks import get_task
     if cfg.k < 1 or cfg.prompts < 1:

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import time
 
-from aha.core.tools import eval_engine, tool_schemas
+from aha.core.tools import eval_sampler, tool_schemas
 from aha.core.train import check_prompt_lengths, run_plan, train
 from aha.eval.evaluate import EvalSpec, evaluate
 from aha.infra.base import ensure_base_model
@@ -37,12 +37,12 @@ def run(cfg: Config, force: bool = False, console=None) -> dict:
                     rows_per_pass=plan.eval_rows)
     with open_trackers(cfg.report_to, out, dataclasses.asdict(cfg)) as trackers:
         before = evaluate(
-            model, tokenizer, eval_task, spec, console=console, label="eval before RL", engine=eval_engine(cfg)
+            model, tokenizer, eval_task, spec, console=console, label="eval before RL", sampler=eval_sampler(cfg)
         )
         trackers.log_eval(0, before)
         result = train(cfg, console=console, out=out, model=model, tokenizer=tokenizer, trackers=trackers)
         after = evaluate(
-            model, tokenizer, eval_task, spec, console=console, label="eval after RL", engine=eval_engine(cfg)
+            model, tokenizer, eval_task, spec, console=console, label="eval after RL", sampler=eval_sampler(cfg)
         )
         trackers.log_eval(cfg.steps, after)
     history = result["history"]

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from aha.infra.config import Config, apply_values, parse_reward_weights
 from aha.infra.errors import AhaError
 from aha.tasks.base import Problem
-from aha.tasks.rewards import SHAPING, Sample
+from aha.tasks.rewards import SHAPING, Completion
 
 CHECKED_SHAPING = ("format_strict", "format_soft", "tag_count")
 TOLERANCE = 1e-9
@@ -124,7 +124,7 @@ def components(task, weights: dict[str, float], texts: list[str], problem: Probl
     for text, scores in zip(texts, all_scores):
         for name in CHECKED_SHAPING:
             if weights.get(name) and name not in scores:
-                scores[name] = SHAPING[name](Sample(text, len(text), 10 ** 6, scores.get("accuracy", 0.0) >= 1))
+                scores[name] = SHAPING[name](Completion(text, len(text), 10 ** 6, scores.get("accuracy", 0.0) >= 1))
     return all_scores
 
 
@@ -231,6 +231,7 @@ def add_check_reward_parser(sub) -> None:
                         "'{config: {min_terms: 2, max_terms: 3, min_digits: 1, max_digits: 1}}' for rg:chain_sum")
     p.add_argument("--reward-weights", default="", metavar="NAME=W,…",
                    help="weights on top of accuracy=1, format=0.1, as the config key reward_weights")
+    p.set_defaults(handler=cmd_check_reward)
 
 
 def check_task(name: str, args) -> int:

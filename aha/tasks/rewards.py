@@ -181,7 +181,7 @@ def cosine_length(length: int, correct: bool, max_length: int,
 
 
 @dataclass(frozen=True)
-class Sample:
+class Completion:
     """What a shaping component may look at: the completion, its length in tokens, the budget, the
     task's verdict, and the run's settings for the components that take one."""
     text: str
@@ -259,8 +259,8 @@ class Reward:
         shaping = [name for name in self.shaping if name not in scores[0]]     # a task's own name wins
         for name in shaping:
             for s, text, length in zip(scores, texts, lengths):
-                sample = Sample(text, length, self.max_length, s["accuracy"] >= 1, self.language, self.overlong_cache)
-                s[name] = SHAPING[name](sample)
+                seen = Completion(text, length, self.max_length, s["accuracy"] >= 1, self.language, self.overlong_cache)
+                s[name] = SHAPING[name](seen)
         for s, value in zip(scores, env or ()):
             s["env"] = value
         total = torch.tensor([sum(self.weights.get(k, 0.0) * v for k, v in s.items()) for s in scores])

@@ -27,20 +27,20 @@ from aha.infra.errors import AhaError
 CONFIG_KEYS = ("tools", "tool_format", "max_turns", "tool_timeout", "tool_output_tokens", "tool_workers")
 
 
-def tool_engine(cfg):
+def tool_loop(cfg):
     """The interaction loop for `cfg` (tools, tool_format, max_turns, …), or None without tools."""
     if not cfg.tools:
         return None
-    from aha.core.tools.interact import ToolEngine
+    from aha.core.tools.interact import ToolLoop
     from aha.core.tools.tools import get_toolbox
-    return ToolEngine(get_toolbox(cfg.tools, cfg.tool_timeout), cfg.tool_format, cfg.max_turns, cfg.tool_output_tokens,
+    return ToolLoop(get_toolbox(cfg.tools, cfg.tool_timeout), cfg.tool_format, cfg.max_turns, cfg.tool_output_tokens,
                       cfg.tool_workers)
 
 
-def eval_engine(cfg):
+def eval_sampler(cfg):
     """The sampler of held-out evaluation: the same tool loop as training, or `generate`."""
     from aha.core.rollout import generate
-    return tool_engine(cfg) or generate
+    return tool_loop(cfg) or generate
 
 
 def tool_schemas(cfg) -> list[dict] | None:

@@ -1,9 +1,9 @@
 """The interaction loop: multi-turn rollouts in which the model calls tools mid-thought.
 
-    engine = ToolEngine(get_toolbox("python"), "r1", max_turns=4)
+    engine = ToolLoop(get_toolbox("python"), "r1", max_turns=4)
     rollout = engine(model, prompts, group_size, params, pad_id, seed, tokenizer=tokenizer)
 
-`ToolEngine` has the signature of aha/core/rollout.py `generate`, so the training loop, `aha eval` and
+`ToolLoop` has the signature of aha/core/rollout.py `generate`, so the training loop, `aha eval` and
 dynamic sampling use it unchanged (config `tools=python`, aha/core/tools/__init__.py). A rollout runs in
 turns. In turn 0 every row decodes from its prompt (prefilled once per group); a row whose turn
 ends in a tool call (`</tool>`, aha/core/tools/formats.py) leaves the batch at once, and its call is sent
@@ -79,7 +79,7 @@ class Row:
         self.budget -= len(tokens)
 
 
-class ToolEngine:
+class ToolLoop:
     """`generate` with tools: see the module docstring."""
 
     def __init__(self, toolbox: Toolbox, call_format: str = "r1", max_turns: int = 4, output_tokens: int = 64,
@@ -95,7 +95,7 @@ class ToolEngine:
         if not 0 <= row_offset <= total_rows - n:
             raise ValueError(f"rows {row_offset}…{row_offset + n - 1} are not inside a batch of {total_rows} rows")
         if tokenizer is None:
-            raise ValueError("the tool loop reads the model's calls: ToolEngine(...)(..., tokenizer=tokenizer)")
+            raise ValueError("the tool loop reads the model's calls: ToolLoop(...)(..., tokenizer=tokenizer)")
         per_chunk = max(1, (max_rows or n) // group_size)
         width = max(len(p) for p in prompts)
         check_context(
