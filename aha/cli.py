@@ -30,7 +30,7 @@ COMMANDS = [
     ("aha.serve.chat", "add_chat_parser"),             # chat
     ("aha.serve.cli", "add_serve_parser"),             # serve
     ("aha.stages.pipeline", "add_pipeline_parser"),    # pipeline
-    ("aha.stages.experiment", "add_experiment_parser"),  # experiment
+    ("aha.stages.cli", "add_experiment_parser"),      # experiment
     ("aha.tasks.check_reward", "add_check_reward_parser"),  # check-reward
     ("aha.infra.import_model", "add_import_parser"),   # import-model
     ("aha.bench.cli", "add_bench_parser"),             # bench

@@ -21,7 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from aha.core.rollout import SamplingParams, generate
+from aha.core.rollout import generate
+from aha.core.sampling import SamplingParams
 from aha.infra.base import ensure_base_model
 from aha.infra.model import load_model, return_freed_memory_to_the_os
 

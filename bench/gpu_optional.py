@@ -1,7 +1,7 @@
 """The phases of bench/gpu_check.py that need an optional package, each skipped in one line where
 it is missing:
 
-- `vllm`: the vLLM backend (aha/infra/vllm_rollout.py) on the 0.5B model: tokens/s at 64 and 256 rows
+- `vllm`: the vLLM backend (aha/core/vllm_rollout.py) on the 0.5B model: tokens/s at 64 and 256 rows
   (weight sync, wake/sleep timed apart from generation), the log-prob gap at both settings, and RL
   steps with rollout=vllm;
 - `trl`: TRL 1.16's GRPOTrainer, its transformers generation, on the RL phase's work (the 0.5B
@@ -24,8 +24,8 @@ def phase_vllm(ctx: Ctx) -> None:
     the RL phase's steps with rollout=vllm."""
     if importlib.util.find_spec("vllm") is None:
         raise Skip("vLLM is not installed (pip install 'aha[gpu]' on a machine with a network)")
+    from aha.core.vllm_rollout import rollout_sampler
     from aha.infra.config import Config
-    from aha.infra.vllm_rollout import rollout_sampler
     model = build(ctx, "0.5b")
     folder = ctx.scratch / "vllm_model"
     model.config.save_pretrained(folder)  # load_format="dummy": the config alone, weights come from model

@@ -191,7 +191,7 @@ def phase_device(ctx: Ctx) -> None:
             name: version_of(name)
             for name in ("vllm", "trl", "datasets", "accelerate", "peft", "flash-attn", "psutil", "rich")
         },
-        "aha_plan": importlib.util.find_spec("aha.infra.plan") is not None,
+        "aha_plan": importlib.util.find_spec("aha.core.plan") is not None,
     }
     if ctx.device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -252,7 +252,7 @@ def gap_at(ctx: Ctx, model, sampler, prompts, group: int, params) -> dict:
     """Mean and max |log p_sampler − log p_trainer| over the sampled tokens, the trainer's from its
     own forward (aha/core/logprobs.py) at the sampling temperature, in the model's own precision (no
     autocast: bf16 weights on a GPU; on a CPU with fast bf16, `auto` would measure bf16's rounding)."""
-    from aha.infra.vllm_rollout import sampler_metrics, trainer_gap
+    from aha.core.vllm_rollout import sampler_metrics, trainer_gap
     rollout = sampler(model, prompts, group, params, model.config.pad_token_id, seed=3)
     sampler_metrics(sampler)                              # a vLLM engine measured it too: drop its copy
     tokens, total, largest = trainer_gap(model, rollout, params.temperature, "off")
@@ -261,8 +261,8 @@ def gap_at(ctx: Ctx, model, sampler, prompts, group: int, params) -> dict:
 
 def measure_sampler(ctx: Ctx, model, sampler, label: str) -> None:
     """tokens/s at each row count of ctx.sizes, and the log-prob gap at T 1 and at T 0.7 / top-p 0.9."""
-    from aha.core.rollout import SamplingParams
-    from aha.infra.vllm_rollout import sampler_metrics
+    from aha.core.sampling import SamplingParams
+    from aha.core.vllm_rollout import sampler_metrics
     sizes, vocab, pad = ctx.sizes, model.config.vocab_size, model.config.pad_token_id
     group = 8 if not ctx.tiny else 4
     warm = SamplingParams(max_new_tokens=4, stop_token_ids=())
@@ -318,13 +318,13 @@ def rl_steps(ctx: Ctx, model, engine, label: str) -> None:
     """A few GRPO steps as aha/core/train.py runs them (rollout → reward → advantage → loss rows →
     policy_update), on an identical-work reward (a spread in every group, so every row trains):
     s/step, the generate/update split, the update's MFU and peak memory (with `aha plan`'s
-    prediction where aha/infra/plan.py exists)."""
+    prediction where aha/core/plan.py exists)."""
     from aha.bench.bench import spread_rewards
     from aha.core.algos import LossSpec
-    from aha.core.rollout import SamplingParams
+    from aha.core.sampling import SamplingParams
     from aha.core.step import group_advantages, loss_rows, policy_update
+    from aha.core.vllm_rollout import sampler_metrics
     from aha.infra.config import Config
-    from aha.infra.vllm_rollout import sampler_metrics
     sizes, vocab = ctx.sizes, model.config.vocab_size
     cfg = Config(prompts_per_step=sizes.rl_prompts, group_size=sizes.rl_group, max_new_tokens=sizes.rl_tokens,
                  lr=1e-6, seed=0)
@@ -389,9 +389,9 @@ def rl_steps(ctx: Ctx, model, engine, label: str) -> None:
 
 
 def plan_prediction(cfg, model_config, prompt_tokens: int, device: str) -> tuple[dict, int, int]:
-    """`aha plan`'s predicted peak memory for this work (aha/infra/plan.py), and the micro-batch token budget
+    """`aha plan`'s predicted peak memory for this work (aha/core/plan.py), and the micro-batch token budget
     and rollout rows it chooses, which the steps then use as `aha train` would."""
-    from aha.infra.plan import ModelShape, count_parameters_of, device_memory, memory_plan, process_rss
+    from aha.core.plan import ModelShape, count_parameters_of, device_memory, memory_plan, process_rss
     weight_bytes = 2 if device == "cuda" else 4
     plan = memory_plan(cfg, ModelShape.of(model_config, count_parameters_of(model_config)), prompt_tokens,
                        weight_bytes=weight_bytes, process_bytes=process_rss() if device == "cpu" else 0,

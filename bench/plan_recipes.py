@@ -18,8 +18,8 @@ from transformers import Qwen2Config
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from aha.core.plan_command import plan_command  # noqa: E402
 from aha.infra.config import load_config  # noqa: E402
-from aha.infra.plan import plan_command  # noqa: E402
 
 QWEN = dict(vocab_size=151_936, rope_theta=1_000_000.0, rms_norm_eps=1e-6, hidden_act="silu")
 # (recipe, model config, prompt tokens: template + a long problem, GPUs to check in GiB)

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 from aha.core.presets import PRESETS
-from aha.infra.config import load_config, parse_kv
+from aha.infra.config import load_config
+from aha.infra.reader import parse_kv
 from aha.stages.run import run
 
 

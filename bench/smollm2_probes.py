@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from aha.core.logprobs import completion_logprobs
-from aha.core.rollout import SamplingParams, generate, stop_strings, stop_token_ids
+from aha.core.rollout import generate, stop_strings, stop_token_ids
+from aha.core.sampling import SamplingParams
 from aha.eval.evaluate import EvalSpec, evaluate
 from aha.infra.config import load_config
 from aha.infra.model import load_model

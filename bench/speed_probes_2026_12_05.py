@@ -21,7 +21,8 @@ import torch
 
 import aha.core.cpu_linear as cpu_linear
 import aha.core.logprobs as logprobs
-from aha.core.rollout import Rollout, SamplingParams, generate
+from aha.core.rollout import Rollout, generate
+from aha.core.sampling import SamplingParams
 from aha.infra.model import load_model, return_freed_memory_to_the_os
 from aha.serve.engine import Engine, GenerationParams
 

@@ -1,5 +1,5 @@
 """A stand-in for the `vllm` package that records every call aha makes to it, for CPU tests of
-aha/infra/vllm_rollout.py. It mirrors the surface of vLLM 0.22–0.31 that aha (and TRL 1.16's colocated
+aha/core/vllm_rollout.py. It mirrors the surface of vLLM 0.22–0.31 that aha (and TRL 1.16's colocated
 path) use: `LLM(**kwargs)`, `sleep(level)`, `wake_up(tags)`, `reset_prefix_cache()`, `generate`
 with one `SamplingParams` per prompt, the in-process model at
 `llm.llm_engine.model_executor.driver_worker.model_runner.model` and its `load_weights`, and

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aha.core.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, LossSpec, Normaliser, high_entropy_mask, policy_loss
+from aha.core.advantages import ADVANTAGES
+from aha.core.algos import AGGREGATIONS, KL_ESTIMATORS, LossSpec, Normaliser, high_entropy_mask, policy_loss
 from aha.core.rollout_correction import rollout_mismatch, rollout_weights
 
 NO_CLIP = LossSpec(clip_low=None, clip_high=None)

@@ -106,7 +106,7 @@ def test_hostile_answers_score_zero_and_harm_nothing(task, tmp_path):
     assert canary.read_text() == "alive"
     assert [c for c in psutil.Process().children(recursive=True) if c.pid not in children_before] == []
     assert not [p for p in psutil.process_iter(["uids", "status"]) if p.info["status"] != psutil.STATUS_ZOMBIE
-                and p.info["uids"] and p.info["uids"].real >= sandbox._UID_BASE]
+                and p.info["uids"] and p.info["uids"].real >= sandbox.UID_BASE]
 
 
 # --- data rows -------------------------------------------------------------------------------

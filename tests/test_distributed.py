@@ -28,13 +28,15 @@ from transformers import AutoModelForCausalLM
 
 from aha.cli import main
 from aha.core.algos import LossSpec, Normaliser, policy_loss
-from aha.core.rollout import SamplingParams, generate
+from aha.core.rollout import generate
+from aha.core.sampling import SamplingParams
 from aha.core.train import train
 from aha.infra.base import ensure_base_model
-from aha.infra.config import load_config, parse_kv
+from aha.infra.config import load_config
 from aha.infra.distributed import SINGLE, World, loss_scale, row_owner, shard_bounds, torchrun_command
 from aha.infra.errors import AhaError
 from aha.infra.model import load_model
+from aha.infra.reader import parse_kv
 
 # --- pure pieces ----------------------------------------------------------------------------------
 

@@ -151,8 +151,8 @@ def test_aha_plans_prediction_is_recorded_and_its_budgets_used():
     budget and rollout rows the plan chose (as `aha train` does)."""
     from transformers import Qwen2Config
 
+    from aha.core.plan import ModelShape, count_parameters_of, memory_plan
     from aha.infra.config import Config
-    from aha.infra.plan import ModelShape, count_parameters_of, memory_plan
     config = Qwen2Config(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, intermediate_size=128)
     cfg = Config(group_size=4, prompts_per_step=2, max_new_tokens=16)

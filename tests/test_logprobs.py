@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from aha.core.logprobs import completion_logprobs
-from aha.core.rollout import SamplingParams, generate
+from aha.core.rollout import generate
+from aha.core.sampling import SamplingParams
 from aha.infra.model import tiny_config
 from aha.infra.tokenizer import build_char_tokenizer
 

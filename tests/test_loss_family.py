@@ -1,7 +1,7 @@
 """The 2026 loss family in the real loop: the rollout correction fed from the rollout's own
 log-probs, off-policy (μ = 2, GMPO), and the loss keys' errors. (`aha train --algo
 cispo|sapo|gmpo --steps 3` on the built-in model, with the sampler/trainer mismatch ~0: every
-preset in tests/test_train_features.py::test_every_preset_trains_on_the_built_in_model.)
+preset in tests/test_train.py::test_every_preset_trains_on_the_built_in_model.)
 
 Run: python -m pytest tests/test_loss_family.py -q
 """

@@ -10,7 +10,7 @@ import pytest
 SCRIPT = """
 import sys, torch
 from aha.infra.model import return_freed_memory_to_the_os
-from aha.infra.plan import process_rss
+from aha.core.plan import process_rss
 if sys.argv[1] == "tuned":
     assert return_freed_memory_to_the_os()
 base = process_rss()

@@ -7,7 +7,8 @@ import torch
 
 from aha.cli import main
 from aha.core.logprobs import completion_logprobs
-from aha.core.rollout import SamplingParams, generate
+from aha.core.rollout import generate
+from aha.core.sampling import SamplingParams
 from aha.infra.model import build_model
 from aha.infra.tokenizer import build_char_tokenizer
 

@@ -132,7 +132,8 @@ def test_flops_and_the_matched_sft_budget():
 
 
 def test_token_counter_counts_real_tokens_forward_and_trained(tiny_model_dir):
-    from aha.core.rollout import SamplingParams, generate
+    from aha.core.rollout import generate
+    from aha.core.sampling import SamplingParams
     from aha.infra.model import load_model
     model, tokenizer = load_model(tiny_model_dir)
     counter = TokenCounter(model)
@@ -201,7 +202,7 @@ def test_experiment_quick_end_to_end(tmp_path, capsys):
 
 
 def test_experiment_keys_are_typed_and_checked():
-    from aha.infra.config import apply_values
+    from aha.infra.reader import apply_values
     from aha.stages.experiment import ExperimentConfig
     cfg = apply_values(ExperimentConfig(), {"student_rl_steps": "20,60", "sft_lr": "5e-4"}, "command line")
     assert cfg.student_rl_steps == (20, 60) and cfg.sft_lr == 5e-4

@@ -1,4 +1,4 @@
-"""`aha plan` (aha/infra/plan.py): the breakdown's arithmetic against sizes computed by hand, the auto
+"""`aha plan` (aha/core/plan.py): the breakdown's arithmetic against sizes computed by hand, the auto
 micro-batch, and the one-line refusal of a run that cannot fit."""
 
 import json
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from aha.cli import main
+from aha.core.plan import ModelShape, activation_bytes_per_token, memory_plan
 from aha.infra.config import Config
-from aha.infra.plan import ModelShape, activation_bytes_per_token, memory_plan
 
 # a made-up model: 10M parameters, vocabulary 1,000, hidden 64, 2 layers, 4 heads, KV width 32, MLP 128
 SHAPE = ModelShape(params=10_000_000, vocab=1_000, hidden=64, layers=2, heads=4, kv_width=32, intermediate=128,
@@ -66,8 +66,8 @@ def test_plan_command_prints_the_breakdown_and_train_uses_the_same_estimate(tmp_
 
 
 def test_a_run_that_cannot_fit_is_refused_before_its_run_folder(tmp_path, capsys, monkeypatch):
-    import aha.infra.plan
-    monkeypatch.setattr(aha.infra.plan, "device_memory", lambda device: 64 * 2**20)     # a 64 MiB machine
+    import aha.core.plan
+    monkeypatch.setattr(aha.core.plan, "device_memory", lambda device: 64 * 2**20)     # a 64 MiB machine
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

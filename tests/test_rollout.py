@@ -2,7 +2,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from aha.core.rollout import SamplingParams, filter_logits, generate, left_pad, row_uniforms, sample_next
+from aha.core.rollout import generate, left_pad
+from aha.core.sampling import SamplingParams, filter_logits, row_uniforms, sample_next
 from aha.infra.model import build_model
 from aha.infra.tokenizer import build_char_tokenizer
 

@@ -43,7 +43,7 @@ def sandbox_processes():
     for proc in psutil.process_iter(["uids", "cmdline", "status"]):
         if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.info["uids"] is None:
             continue
-        if proc.info["uids"].real >= sandbox._UID_BASE or sandbox.__file__ in " ".join(proc.info["cmdline"] or []):
+        if proc.info["uids"].real >= sandbox.UID_BASE or sandbox.JAIL in " ".join(proc.info["cmdline"] or []):
             found.append(proc)
     return found + psutil.Process().children(recursive=True)
 

@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from aha.core.rollout import SamplingParams, generate
+from aha.core.rollout import generate
+from aha.core.sampling import SamplingParams
 from aha.serve.engine import Engine, GenerationParams, encode_chat, stop_token_ids
 from aha.serve.reasoning import ReasoningSplitter, split_reasoning
 

@@ -1,7 +1,7 @@
 """Tool output is context, never an action: its log-probs never reach the loss, the KL or the entropy.
 
 A rollout whose completions hold a span of tool output (action_mask 0) goes through the real update
-(aha/core/train.py `loss_rows` + `policy_update`, β > 0). Its gradient must equal a hand-written loss that
+(aha/core/step.py `loss_rows` + `policy_update`, β > 0). Its gradient must equal a hand-written loss that
 sums over the model's own tokens only, with the log-probs of every completion token computed in
 one plain forward pass — and must differ from the gradient with the mask dropped (the check can fail)."""
 
@@ -13,7 +13,8 @@ import torch
 
 from aha.core.algos import LossSpec, kl_k3
 from aha.core.logprobs import completion_logprobs, one_pass_logits
-from aha.core.rollout import SamplingParams, generate
+from aha.core.rollout import generate
+from aha.core.sampling import SamplingParams
 from aha.core.step import loss_rows, policy_update
 from aha.infra.config import Config
 from aha.infra.model import build_model

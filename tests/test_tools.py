@@ -14,7 +14,8 @@ import pytest
 import torch
 import trl
 
-from aha.core.rollout import SamplingParams, generate, row_uniforms, sample_next, stop_strings, stop_token_ids
+from aha.core.rollout import generate, stop_strings, stop_token_ids
+from aha.core.sampling import SamplingParams, row_uniforms, sample_next
 from aha.core.tools.formats import FORMATS, Call, cut_tokens
 from aha.core.tools.interact import ToolLoop, tool_metrics, turn_seed
 from aha.core.tools.tools import FunctionTool, Observation, Toolbox

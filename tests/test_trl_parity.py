@@ -40,7 +40,8 @@ import torch
 pytest.importorskip("trl")
 from trl import GRPOTrainer  # noqa: E402  (after the skip: TRL is optional)
 
-from aha.core.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss  # noqa: E402
+from aha.core.advantages import ADVANTAGES
+from aha.core.algos import LossSpec, Normaliser, policy_loss
 from aha.core.rollout_correction import ROLLOUT_CORRECTIONS, rollout_weights  # noqa: E402
 
 ATOL = 1e-6

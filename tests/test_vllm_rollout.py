@@ -1,4 +1,4 @@
-"""The vLLM rollout backend (aha/infra/vllm_rollout.py): what can be checked without a GPU — the parameter
+"""The vLLM rollout backend (aha/core/vllm_rollout.py): what can be checked without a GPU — the parameter
 mapping, the Rollout assembly, the one-line error — and, where CUDA and vLLM exist, vLLM against the
 torch engine on the same weights (skipped here: this machine has neither)."""
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from aha.cli import main
-from aha.core.rollout import SamplingParams
+from aha.core.sampling import SamplingParams
 from aha.core.step import step_seed
+from aha.core.vllm_rollout import require_vllm, rollout_sampler, sampling_kwargs, to_rollout
 from aha.infra.config import Config
 from aha.infra.errors import AhaError
-from aha.infra.vllm_rollout import require_vllm, rollout_sampler, sampling_kwargs, to_rollout
 
 HAS_GPU_VLLM = torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
 
@@ -123,7 +123,7 @@ sys.path.insert(0, {tests!r})
 import fake_vllm
 from aha.infra.config import Config
 from aha.infra.model import load_model
-from aha.infra.vllm_rollout import rollout_sampler
+from aha.core.vllm_rollout import rollout_sampler
 fake_vllm.install(fake_vllm.Patch(), process_group=True, clear_env=False)
 rollout_sampler(Config(rollout="vllm"), load_model({model!r})[0])
 print("child engine up")
@@ -203,7 +203,7 @@ def test_the_gpu_extra_pins_trls_tested_vllm_range():
 
     from packaging.requirements import Requirement
     import_utils = pytest.importorskip("trl.import_utils")
-    from aha.infra.vllm_rollout import VLLM_VERIFIED
+    from aha.core.vllm_rollout import VLLM_VERIFIED
     root = Path(__file__).resolve().parents[1]
     extra = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
     pin = Requirement(next(r for r in extra if r.startswith("vllm")))
@@ -255,7 +255,7 @@ def reference_logprobs(model, prompt: list[int], completion: list[int], temperat
 def test_the_sampler_trainer_gap_is_measured_on_every_generation(fake, tiny):
     """Item 6: mean and max |log p_vLLM − log p_trainer| over the sampled tokens, by hand: the
     fake vLLM reports log p = 0, so the gap is −log p of an unpadded reference forward."""
-    from aha.infra.vllm_rollout import sampler_metrics
+    from aha.core.vllm_rollout import sampler_metrics
     model, tok = tiny
     model.eval()
     engine = engine_for(model, autocast="off")       # the reference is fp32 (auto: bf16 on AMX/AVX512-BF16 CPUs)

@@ -158,7 +158,7 @@ def aha_learner(model, tokenizer, cfg: Config, task: Task, reward: Reward, workl
 
 
 def addition_setup(tokenizer, prompts_needed: int, seed: int):
-    """Prompts (token ids and text) of the built-in addition task, and its reward on one step's texts."""
+    """(the built-in addition task, its first `prompts_needed` training problems from `seed`'s stream)."""
     from aha.tasks import get_task
     task = get_task("addition")
     problems = task.train_problems(seed)

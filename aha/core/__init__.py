@@ -1,8 +1,12 @@
 """The RL core: one GRPO step and its parts.
 
-train.py is the loop (rollout → reward → advantage → loss → update → log); rollout.py samples the
-completions (KV cache, shared prefill); logprobs.py the policy's log-probabilities of them; algos.py
-the equations (advantages, surrogates, KL, aggregation) chosen by name; dynamic.py DAPO's dynamic
-sampling; rollout_correction.py TIS/MIS; health.py the run's warnings; schedule.py the learning
-rate; presets.py the named recipes; tools/ multi-turn rollouts with tool calls.
+train.py is the loop (config → model → task → for each step: train_step → log → evaluate →
+checkpoint); step.py the step itself (rollout → reward → advantage → loss → update), which
+`aha bench` times too; rollout.py samples the completions (KV cache, shared prefill) and sampling.py
+draws each token; logprobs.py the policy's log-probabilities of them; advantages.py and algos.py the
+equations (advantages, KL, ratios, surrogates, aggregation), chosen by name; dynamic.py DAPO's dynamic
+sampling; rollout_correction.py TIS/MIS; vllm_rollout.py the vLLM sampler; tools/ multi-turn rollouts
+with tool calls; health.py the run's warnings; schedule.py the learning rate; presets.py the named
+recipes; plan.py and plan_command.py the memory plan (`aha plan`); cpu_linear.py oneDNN for decoding;
+cli.py `aha train` and `aha plan`.
 """

@@ -1,4 +1,5 @@
-"""The GRPO family as pure functions: advantages, KL estimators, surrogates, the policy loss.
+"""The GRPO family as pure functions: KL estimators, ratios, surrogates, aggregations, the policy loss
+(the advantages are in aha/core/advantages.py).
 
 Each function is one equation. Variants are points in one grid of knobs — advantage estimator,
 ratio level, surrogate, clip range, loss aggregation, KL estimator and β, entropy masking, rollout
@@ -24,12 +25,12 @@ branches on a variant.
 
 Departures from the papers: a group whose rewards are all equal (max == min) gets advantage
 exactly 0 under every estimator (float32 rounds the mean of `[0.1] * 8`, which leaves a −7e-9 residue
-that the std division would blow up to −7e-5); the std gets + 1e-4 and is the unbiased one; log-ratios are clamped to
-±20 before exp (verl does the same) so the loss stays
-finite; the aggregation divides by a `Normaliser` counted over the whole batch, so rows skipped
-for zero advantage change nothing. Batch statistics — Clip-Cov/KL-Cov's covariance and token
-counts, the entropy quantile — are taken over the rows that enter the loss (aha leaves out rows
-whose advantage is 0; TRL and verl keep them in), per process under torchrun.
+that the std division would blow up to −7e-5); the std gets + 1e-4 and is the unbiased one; log-ratios
+are clamped to ±20 before exp (verl does the same) so the loss stays finite; the aggregation divides
+by a `Normaliser` counted over the whole batch, so rows skipped for zero advantage change nothing.
+Batch statistics — Clip-Cov/KL-Cov's covariance and token counts, the entropy quantile — are taken
+over the rows that enter the loss (aha leaves out rows whose advantage is 0; TRL and verl keep them
+in), per process under torchrun.
 tests/test_trl_parity.py checks the losses against TRL 1.16's own code; tests/test_algos.py the
 verl-only ones against values computed by hand from the papers' formulas.
 
@@ -42,79 +43,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-
-# --- advantages: (rewards (B,), group_size) -> (B,) ------------------------------------------
-
-GRPO_STD_EPS = 1e-4
-
-
-def tied_rows(rewards: Tensor, group_size: int) -> Tensor:
-    """(B,) bool: the rows of groups whose rewards are all equal (max == min, exactly).
-
-    >>> tied_rows(torch.tensor([0.1, 0.1, 1.0, 0.0]), 2).tolist()
-    [True, True, False, False]
-    """
-    groups = rewards.view(-1, group_size)
-    tied = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)      # (P, 1)
-    return tied.expand_as(groups).reshape(-1)
-
-
-def grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
-    """A_i = (r_i − mean(r)) / (std(r) + 1e-4) within each group; exactly 0 in a tied group.
-
-    Std convention: unbiased (Bessel-corrected, as torch.std, TRL and verl); rewards [1,0,1,0]
-    give ±0.866.
-    """
-    groups = rewards.view(-1, group_size)
-    centered = groups - groups.mean(dim=1, keepdim=True)
-    advantages = (centered / (groups.std(dim=1, keepdim=True) + GRPO_STD_EPS)).view(-1)
-    return advantages.masked_fill(tied_rows(rewards, group_size), 0.0)
-
-
-def dr_grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
-    """A_i = r_i − mean(r): Dr. GRPO drops the std division (it over-weights easy/hard groups)."""
-    groups = rewards.view(-1, group_size)
-    advantages = (groups - groups.mean(dim=1, keepdim=True)).view(-1)
-    return advantages.masked_fill(tied_rows(rewards, group_size), 0.0)
-
-
-def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
-    """A_i = r_i − mean_{j≠i} r_j: the leave-one-out baseline (= G/(G−1) × Dr. GRPO's)."""
-    groups = rewards.view(-1, group_size)
-    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
-    return (groups - others).view(-1).masked_fill(tied_rows(rewards, group_size), 0.0)
-
-
-def reinforce_pp_advantages(rewards: Tensor, group_size: int) -> Tensor:
-    """REINFORCE++ (baseline variant): group mean removed, then normalised over the whole batch;
-    a tied group stays at 0 (its rows would otherwise take −mean/std of the batch)."""
-    centered = dr_grpo_advantages(rewards, group_size)
-    advantages = (centered - centered.mean()) / (centered.std() + GRPO_STD_EPS)
-    return advantages.masked_fill(tied_rows(rewards, group_size), 0.0)
-
-
-def passk_advantages(rewards: Tensor, group_size: int) -> Tensor:
-    """pass@k training (arXiv 2503.19595; verl `compute_grpo_passk_outcome_advantage`): only the best
-    sample of each group gets an advantage, (r_max − r_second) / (std(r) + 1e-4); the rest get 0.
-    Ties go to the first best sample (then r_max − r_second = 0 when two share the top).
-
-    >>> [round(a, 3) for a in passk_advantages(torch.tensor([0., 1., 0., 0., 2., 2.]), 3).tolist()]
-    [0.0, 1.732, 0.0, 0.0, 0.0, 0.0]
-    """
-    groups = rewards.view(-1, group_size)
-    top2 = groups.topk(2, dim=1).values                                       # (P, 2)
-    best = groups.argmax(dim=1, keepdim=True)                                 # (P, 1) first maximum
-    gain = (top2[:, :1] - top2[:, 1:]) / (groups.std(dim=1, keepdim=True) + GRPO_STD_EPS)
-    return torch.zeros_like(groups).scatter(1, best, gain).view(-1)
-
-
-ADVANTAGES: dict[str, Callable[[Tensor, int], Tensor]] = {
-    "grpo": grpo_advantages,
-    "dr_grpo": dr_grpo_advantages,
-    "rloo": rloo_advantages,
-    "reinforce_pp": reinforce_pp_advantages,
-    "grpo_passk": passk_advantages,
-}
 
 # Log-ratios are clamped to ±20 before exp (as verl does): e^20 ≈ 5e8 keeps the loss and its
 # gradient finite in float32 even for wildly off-policy tokens, and no sane update reaches it.

@@ -32,7 +32,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def flag_values(args) -> dict:
     """The config keys that the flags and key=value pairs give."""
-    from aha.infra.config import parse_kv
+    from aha.infra.reader import parse_kv
     values = parse_kv(args.overrides)
     for flag, _, _ in TRAIN_FLAGS:
         key = flag[2:].replace("-", "_")
@@ -55,7 +55,7 @@ def train_config(args):
     if not args.resume:
         return config_from_args(args)
     from aha.infra.checkpoint import resume_config
-    from aha.infra.config import parse_kv
+    from aha.infra.reader import parse_kv
     overrides = parse_kv(args.overrides)
     steps = args.steps if args.steps is not None else overrides.get("steps")
     changed = [flag for flag, _, _ in TRAIN_FLAGS
@@ -84,7 +84,7 @@ def cmd_train(args, console):
 
 
 def cmd_plan(args, console):
-    from aha.infra.plan import format_plan, plan_command
+    from aha.core.plan_command import format_plan, plan_command
     result = plan_command(config_from_args(args), calibrate=not args.no_time, device=args.device,
                           device_gib=args.device_memory, prompt_tokens=args.prompt_tokens)
     print(format_plan(result))

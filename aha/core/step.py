@@ -13,11 +13,13 @@ from dataclasses import dataclass
 
 import torch
 
-from aha.core.algos import ADVANTAGES, LossSpec, Normaliser, policy_loss
+from aha.core.advantages import ADVANTAGES
+from aha.core.algos import LossSpec, Normaliser, policy_loss
 from aha.core.dynamic import concat_rollouts, filter_values, group_spread, kept_groups
 from aha.core.logprobs import completion_logprobs
-from aha.core.rollout import Rollout, SamplingParams, encode_prompt, generate, prompt_limit
+from aha.core.rollout import Rollout, encode_prompt, generate, prompt_limit
 from aha.core.rollout_correction import merge_mismatch, rollout_mismatch, rollout_weights
+from aha.core.sampling import SamplingParams
 from aha.core.schedule import lr_factor
 from aha.infra.config import Config
 from aha.infra.distributed import SINGLE, World, loss_scale
@@ -46,7 +48,7 @@ class Learner:
     ref_model: object = None           # β > 0: the frozen reference
     world: World = SINGLE
     sampler: object = generate         # `generate`, the tool loop or vLLM
-    rollout_rows: int | None = None    # rows generated at once (aha/infra/plan.py); None: all
+    rollout_rows: int | None = None    # rows generated at once (aha/core/plan.py); None: all
     micro_batch_tokens: int = 1 << 62  # micro_batch_size=auto: tokens per forward/backward
 
 
@@ -176,7 +178,7 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
                   token_budget: int = 1 << 62) -> Update:
     """μ clipped-surrogate updates on `rows`, each accumulated over micro-batches; a non-finite loss or
     gradient skips the update. Every micro-batch's loss is divided by the normaliser of the WHOLE batch
-    (`norm`), so the accumulated gradient equals the one-shot step's (tests/test_micro_batch.py). Under
+    (`norm`), so the accumulated gradient equals the one-shot step's (tests/test_step.py). Under
     torchrun each process takes its own share of `rows` and DDP/FSDP sums the gradients once, after
     the last micro-batch (the loss scaling is derived in aha/infra/distributed.py). The old log-probs are
     the trainer's own, from the first inner update's forward (detached); the sampler's

@@ -28,10 +28,13 @@ from pathlib import Path
 import torch
 
 from aha.core.health import HealthMonitor
+from aha.core.plan import MemoryPlan, check_fits, process_rss
+from aha.core.plan import plan_for as memory_plan_for
 from aha.core.rollout import encode_prompt, stop_strings, stop_token_ids
 from aha.core.step import Learner, StepOutcome, train_step
 from aha.core.tools import eval_sampler, tool_loop, tool_schemas
 from aha.core.tools.interact import tool_metrics
+from aha.core.vllm_rollout import rollout_sampler, sampler_metrics
 from aha.eval.evaluate import evaluate
 from aha.eval.passk import passed
 from aha.infra.base import ensure_base_model
@@ -63,11 +66,8 @@ from aha.infra.model import (
     load_model,
     model_context,
 )
-from aha.infra.plan import MemoryPlan, check_fits, process_rss
-from aha.infra.plan import plan_for as memory_plan_for
 from aha.infra.progress import progress_bar
 from aha.infra.trackers import trackers_for
-from aha.infra.vllm_rollout import rollout_sampler, sampler_metrics
 from aha.tasks import get_task
 from aha.tasks.base import thought
 from aha.tasks.rewards import Reward
@@ -111,7 +111,8 @@ def check_prompt_lengths(cfg: Config, task, tokenizer, model) -> None:
 
 
 def step_record(step: int, task, outcome: StepOutcome) -> dict:
-    """The step's line of metrics.jsonl: GRPO's health signals (STYLE.md §12). pass_rate counts
+    """The step's line of metrics.jsonl: GRPO's health signals (reward and each component, pass rate,
+    lengths, truncation, zero-spread groups, loss, KL, entropy, grad norm, time split). pass_rate counts
     full passes (aha/eval/passk.py `passed`); reward_accuracy is the mean, partial credit included."""
     batch, update = outcome.batch, outcome.update
     scores, texts, rewards, rollout = batch.scores, batch.texts, batch.rewards, batch.rollout
@@ -219,7 +220,7 @@ def train(cfg: Config, force: bool = False, console=None, out: Path | None = Non
 
 
 def run_plan(cfg: Config, model, task, tokenizer, world: World = SINGLE) -> MemoryPlan:
-    """The memory plan of this run (aha/infra/plan.py), with the model already loaded; refuses, before any
+    """The memory plan of this run (aha/core/plan.py), with the model already loaded; refuses, before any
     run folder exists, a run in which one row per micro-batch does not fit."""
     params = count_parameters(model)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())

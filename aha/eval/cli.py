@@ -20,8 +20,9 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aha.infra.config import Config, apply_values, load_config
+from aha.infra.config import Config, load_config
 from aha.infra.errors import AhaError
+from aha.infra.reader import apply_values
 
 
 def add_eval_parser(sub) -> None:
@@ -124,11 +125,11 @@ def eval_plan(path: str | None, args) -> EvalPlan:
 
 
 def cmd_eval(args, console):
+    from aha.core.plan import rollout_rows_for
     from aha.core.tools import eval_sampler, tool_schemas
     from aha.eval.evaluate import EvalSpec, evaluate, markdown_table, rich_table
     from aha.infra.base import ensure_base_model
     from aha.infra.model import detect_device, load_model, resolve_model_dir
-    from aha.infra.plan import rollout_rows_for
     from aha.tasks import get_task
     from aha.tasks.templates import apply_template
     pass_k = parse_pass_k(args.pass_k)

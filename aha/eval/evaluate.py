@@ -20,7 +20,8 @@ well the model does when it does or does not reason.
 
 from dataclasses import dataclass
 
-from aha.core.rollout import SamplingParams, encode_prompt, generate, prompt_limit, stop_strings, stop_token_ids
+from aha.core.rollout import encode_prompt, generate, prompt_limit, stop_strings, stop_token_ids
+from aha.core.sampling import SamplingParams
 from aha.eval.passk import REFLECTION_WORDS, cons_at_k, mean_pass_at_k, passed, reflection_rate
 from aha.infra.errors import AhaError
 from aha.infra.model import model_context

@@ -6,22 +6,28 @@ the run folder as `config.yaml`.
 """
 
 import dataclasses
-import difflib
 import math
 import os
-import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
 from aha.infra.errors import AhaError
+from aha.infra.reader import apply_values, read_yaml_mapping
 
 OVERLONG = ("none", "mask", "soft")
 
 
 @dataclass
 class Config:
+    # names users bring from TRL and other tools, for a better "did you mean"
+    ALIASES: ClassVar[dict[str, str]] = {
+        "learning_rate": "lr", "num_generations": "group_size", "max_completion_length": "max_new_tokens",
+        "epsilon": "clip_low", "epsilon_high": "clip_high", "num_iterations": "mu", "loss_type": "algo",
+        "max_steps": "steps", "output_dir": "out", "model_name_or_path": "model"}
+    HELP: ClassVar[str] = "; see `aha train --help`"
     # what to train
     model: str = ""                  # a transformers model dir; "" = the built-in base model
     task: str = "addition"
@@ -90,12 +96,12 @@ class Config:
     lora_alpha: int = 0              # LoRA scale alpha / rank; 0 = 2 × lora_rank
     gradient_checkpointing: bool = False
     micro_batch_size: str = "auto"   # completions per forward/backward: auto (from aha plan's estimate) | N
-    micro_batch_tokens: int = 0      # micro_batch_size=auto: tokens per forward/backward; 0 = auto (aha/infra/plan.py)
+    micro_batch_tokens: int = 0      # micro_batch_size=auto: tokens per forward/backward; 0 = auto (aha/core/plan.py)
     rollout_batch_size: int = 0      # rows generated at once (whole groups); 0 = auto: a KV-cache + sampling budget
     # bf16 autocast of the update's forward: auto (CPUs with AMX/AVX512-BF16) | bf16 | off; the default
     # comes from $AHA_AUTOCAST when set (CI forces bf16 on CPUs without fast bf16 to test that path too)
     autocast: str = field(default_factory=lambda: os.environ.get("AHA_AUTOCAST", "auto"))
-    # scale-out (aha/infra/distributed.py, aha/infra/vllm_rollout.py; docs/distributed.md)
+    # scale-out (aha/infra/distributed.py, aha/core/vllm_rollout.py; docs/distributed.md)
     dist_strategy: str = "ddp"
     rollout: str = (
         "torch"  # sampler: torch (aha/core/rollout.py) | vllm (colocated vLLM, needs CUDA + pip install 'aha[gpu]')
@@ -124,12 +130,10 @@ class Config:
     eval_every: int = 50             # held-out eval during training; 0 = only before/after
     # records
     dump_rollouts_every: int = 10
-    checkpoint_every: int = (
-        50  # steps between checkpoints (also on the last step and on SIGTERM/SIGINT); 0 = those only
-    )
+    checkpoint_every: int = 50       # steps between checkpoints (also the last step and on SIGTERM/SIGINT); 0 = those
     keep_checkpoints: int = 2        # the newest this-many are kept
-    health_window: int = 10  # steps a symptom must last before the run warns
-    report_to: str = ""  # live dashboards, comma-separated: tensorboard, wandb (offline); aha/infra/trackers.py
+    health_window: int = 10          # steps a symptom must last before the run warns
+    report_to: str = ""              # live dashboards, comma-separated: tensorboard, wandb (aha/infra/trackers.py)
 
     def task_options(self) -> dict:
         """The options `get_task` takes for this task: only those that apply to it."""
@@ -149,7 +153,7 @@ class Config:
 
     def sampling_params(self, stop_token_ids: tuple[int, ...] = (), stop_strings: tuple[str, ...] = ()):
         """The rollout's sampling settings (aha/core/rollout.py `SamplingParams`), with the model's stops."""
-        from aha.core.rollout import SamplingParams
+        from aha.core.sampling import SamplingParams
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, tuple(stop_token_ids),
                               tuple(stop_strings))
 
@@ -167,7 +171,8 @@ class Config:
                 **parse_reward_weights(self.reward_weights)}
 
     def validate(self) -> "Config":
-        from aha.core.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS, SURROGATES
+        from aha.core.advantages import ADVANTAGES
+        from aha.core.algos import AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS, SURROGATES
         from aha.core.rollout_correction import ROLLOUT_CORRECTIONS
         for name, registry in [("advantage", ADVANTAGES), ("aggregation", AGGREGATIONS), ("kl", KL_ESTIMATORS),
                                ("ratio_level", RATIO_LEVELS), ("surrogate", SURROGATES),
@@ -181,9 +186,8 @@ class Config:
             if getattr(self, name) < 1:
                 raise AhaError(f"config: {name}={getattr(self, name)} must be at least 1")
         if self.group_size < 2:
-            raise AhaError(
-                f"config: group_size={self.group_size} must be at least 2 (advantages compare samples within a group)"
-            )
+            raise AhaError(f"config: group_size={self.group_size} must be at least 2 (advantages compare samples "
+                           "within a group)")
         if self.micro_batch_size != "auto" and not (self.micro_batch_size.isdigit() and int(self.micro_batch_size) > 0):
             raise AhaError(f"config: micro_batch_size={self.micro_batch_size!r} must be auto or a whole number ≥ 1")
         if self.micro_batch_tokens < 0 or self.rollout_batch_size < 0:
@@ -224,45 +228,27 @@ class Config:
         read_template(self.template)
         return self
 
-
     def validate_loss(self) -> None:
         """The ranges of the loss knobs of aha/core/algos.py and aha/core/rollout_correction.py."""
         checks = [
-            (
-                self.dual_clip == 0 or self.dual_clip > 1,
-                f"dual_clip={self.dual_clip} must be 0 (off) or above 1 (verl: 3)",
-            ),
-            (
-                self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0,
-                f"sapo_tau_pos={self.sapo_tau_pos} and sapo_tau_neg={self.sapo_tau_neg} must be above 0",
-            ),
-            (
-                min(self.vespo_lambda_pos, self.vespo_lambda_neg) >= 0,
-                "vespo_lambda_pos and vespo_lambda_neg must be 0 or more",
-            ),
+            (self.dual_clip == 0 or self.dual_clip > 1,
+             f"dual_clip={self.dual_clip} must be 0 (off) or above 1 (verl: 3)"),
+            (self.sapo_tau_pos > 0 and self.sapo_tau_neg > 0,
+             f"sapo_tau_pos={self.sapo_tau_pos} and sapo_tau_neg={self.sapo_tau_neg} must be above 0"),
+            (min(self.vespo_lambda_pos, self.vespo_lambda_neg) >= 0,
+             "vespo_lambda_pos and vespo_lambda_neg must be 0 or more"),
             (0 < self.cov_share <= 1, f"cov_share={self.cov_share} must be a share in (0, 1], e.g. 0.0002"),
-            (
-                self.clip_cov_low < self.clip_cov_high,
-                f"clip_cov_low={self.clip_cov_low} must be below clip_cov_high={self.clip_cov_high}",
-            ),
-            (
-                0 <= self.top_entropy_quantile <= 1,
-                f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1] (1 = every token)",
-            ),
-            (
-                0 <= self.rollout_is_low < self.rollout_is_high,
-                f"need 0 <= rollout_is_low < rollout_is_high, got {self.rollout_is_low} and {self.rollout_is_high}",
-            ),
-            (
-                self.clip_low >= 0 and self.clip_high >= 0,
-                f"clip_low={self.clip_low} and clip_high={self.clip_high} must be 0 or more",
-            ),
-            (
-                not (self.surrogate == "vespo" and self.rollout_correction.startswith("sequence")),
-                f"surrogate=vespo folds token weights into its sequence ratio: use rollout_correction=token_truncate "
-                f"or "
-                f"token_mask, not {self.rollout_correction} (as TRL)",
-            ),
+            (self.clip_cov_low < self.clip_cov_high,
+             f"clip_cov_low={self.clip_cov_low} must be below clip_cov_high={self.clip_cov_high}"),
+            (0 <= self.top_entropy_quantile <= 1,
+             f"top_entropy_quantile={self.top_entropy_quantile} must be in [0, 1] (1 = every token)"),
+            (0 <= self.rollout_is_low < self.rollout_is_high,
+             f"need 0 <= rollout_is_low < rollout_is_high, got {self.rollout_is_low} and {self.rollout_is_high}"),
+            (self.clip_low >= 0 and self.clip_high >= 0,
+             f"clip_low={self.clip_low} and clip_high={self.clip_high} must be 0 or more"),
+            (not (self.surrogate == "vespo" and self.rollout_correction.startswith("sequence")),
+             f"surrogate=vespo folds token weights into its sequence ratio: use rollout_correction=token_truncate or "
+             f"token_mask, not {self.rollout_correction} (as TRL)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -292,105 +278,6 @@ def parse_reward_weights(text: str) -> dict[str, float]:
             raise AhaError(f"config: reward_weights names {name!r} twice")
         weights[name] = number
     return weights
-
-
-def _coerce(key: str, raw, kind):
-    """Parse a YAML/CLI value into the field's type, or a one-line error naming key and type. A string
-    field keeps the text as given: `autocast=off` stays "off" (YAML 1.1 would read it as False)."""
-    if kind is str and isinstance(raw, str):
-        return raw
-    if isinstance(raw, str):
-        try:
-            raw = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            pass
-    if kind is float and isinstance(raw, int) and not isinstance(raw, bool):
-        raw = float(raw)
-    if kind is float and isinstance(raw, str):         # YAML 1.1 reads 3e-3 (no dot) as a string
-        try:
-            raw = float(raw)
-        except ValueError:
-            pass
-    if kind is str and isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        raw = str(raw)
-    if kind is str and isinstance(raw, bool):
-        raise AhaError(f"config: {key} expects str, got {raw!r} (YAML reads off/on/yes/no as booleans: "
-                       f"quote the value, e.g. {key}: \"off\")")
-    if not isinstance(raw, kind) or (kind is int and isinstance(raw, bool)):
-        raise AhaError(f"config: {key} expects {kind.__name__}, got {raw!r}")
-    return raw
-
-
-# Names users bring from TRL and other tools, for a better "did you mean".
-ALIASES = {"learning_rate": "lr", "num_generations": "group_size", "max_completion_length": "max_new_tokens",
-           "epsilon": "clip_low", "epsilon_high": "clip_high", "num_iterations": "mu", "loss_type": "algo",
-           "max_steps": "steps", "output_dir": "out", "model_name_or_path": "model"}
-
-
-def apply_values(obj, values: dict, source: str):
-    """The one typed config reader: set the dataclass fields of `obj` (Config, and the pipeline,
-    experiment, finding, sample, SFT and pretrain configs) from a mapping of YAML or command-line values,
-    each coerced to its field's type. A tuple field takes "25,100" or a list; a dict field whose
-    metadata says `train_keys` takes aha train keys (each checked and typed as Config's). An unknown
-    key is an AhaError naming the nearest field (and, for Config, the name TRL gives it)."""
-    types = typing.get_type_hints(type(obj))
-    known = {f.name: f for f in fields(obj)}
-    for key, raw in values.items():
-        if key not in known:
-            near = [ALIASES[key]] if isinstance(obj, Config) and key in ALIASES else \
-                difflib.get_close_matches(key, list(known), n=1)
-            help_hint = "; see `aha train --help`" if isinstance(obj, Config) else ""
-            hint = f"; did you mean {near[0]!r}?" if near else help_hint
-            raise AhaError(f"{source}: unknown config key {key!r}{hint}")
-        kind = types[key]
-        if known[key].metadata.get("train_keys"):
-            if isinstance(raw, str):                          # from the command line: rl="{lr: 1e-5}"
-                try:
-                    raw = yaml.safe_load(raw)
-                except yaml.YAMLError:
-                    pass
-            if not isinstance(raw, dict):
-                raise AhaError(f"{source}: {key} expects a mapping of aha train keys, got {raw!r}")
-            typed = apply_values(Config(), raw, f"{source}: {key}")      # each key known to aha train, well typed
-            setattr(obj, key, {name: getattr(typed, name) for name in raw})
-        elif typing.get_origin(kind) is tuple:
-            items = raw.split(",") if isinstance(raw, str) else raw
-            if not isinstance(items, (list, tuple)) or not items:
-                raise AhaError(f"{source}: {key} expects a list, e.g. 25,100; got {raw!r}")
-            setattr(obj, key, tuple(_coerce(key, item, typing.get_args(kind)[0]) for item in items))
-        else:
-            setattr(obj, key, _coerce(key, raw, kind))
-    return obj
-
-
-def from_args(cls, args, source: str = "command line", **given):
-    """A `cls` config from the argparse flags named as its fields (those given), then `given`."""
-    values = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-    return apply_values(cls(), values | given, source)
-
-
-def parse_kv(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise AhaError(f"override {pair!r} is not key=value (e.g. lr=1e-5)")
-        key, value = pair.split("=", 1)
-        out[key.strip().replace("-", "_")] = value
-    return out
-
-
-def read_yaml_mapping(path: str) -> dict:
-    """A YAML config file as a dict, or a one-line error saying what is wrong with it."""
-    p = Path(path)
-    if not p.is_file():
-        raise AhaError(f"config file {p} does not exist")
-    try:
-        values = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise AhaError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise AhaError(f"config file {p} must be a mapping of key: value")
-    return values
 
 
 def load_config(path: str | None = None, overrides: dict | None = None, base: dict | None = None) -> Config:

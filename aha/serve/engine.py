@@ -7,7 +7,7 @@ Used by `aha serve` (aha/serve/server.py) and `aha chat` (aha/serve/chat.py). A 
    prefilled together (left-padded, one forward pass), each prompt's cache row is repeated for
    its `n` sequences, and the new rows are merged into the running batch's KV cache;
 2. samples one token for every running sequence, each from its own seeded `torch.Generator`
-   (one uniform per token for `aha.core.rollout.sample_next`'s inverse-CDF draw), and streams the new text to its
+   (one uniform per token for `aha.core.sampling.sample_next`'s inverse-CDF draw), and streams the new text to its
    request;
 3. drops finished or cancelled sequences from the cache, and trims cache columns that are
    padding for every row left;
@@ -44,15 +44,8 @@ import torch
 from transformers import DynamicCache
 
 from aha.core.cpu_linear import fast_layers, onednn_available, onednn_linears
-from aha.core.rollout import (
-    SamplingParams,
-    cache_kwarg,
-    decode_mask,
-    left_pad,
-    sample_next,
-    stop_strings,
-    stop_token_ids,
-)
+from aha.core.rollout import cache_kwarg, decode_mask, left_pad, stop_strings, stop_token_ids
+from aha.core.sampling import SamplingParams, sample_next
 from aha.infra.errors import AhaError
 
 

@@ -61,7 +61,8 @@ def tool_runner(path, tools: str | None = None) -> ToolRunner | None:
     from pathlib import Path
 
     from aha.core.tools import CONFIG_KEYS, validate
-    from aha.infra.config import Config, read_yaml_mapping
+    from aha.infra.config import Config
+    from aha.infra.reader import read_yaml_mapping
     if tools == "none":
         return None
     path = Path(path)

@@ -113,11 +113,8 @@ def create_app(model_dir: str | Path, api_key: str | None = None, device: str | 
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request", "type": ""}
         loc = [str(part) for part in first.get("loc", ())][1:]
         if first.get("type") == "json_invalid":
-            return error_response(
-                400,
-                f"request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                code="invalid_json",
-            )
+            reason = first.get("ctx", {}).get("error", first["msg"])
+            return error_response(400, f"request body is not valid JSON: {reason}", code="invalid_json")
         where = ".".join(loc) or "body"
         return error_response(400, f"{where}: {first['msg']}", param=where or None, code="invalid_value")
 
@@ -147,24 +144,17 @@ def create_app(model_dir: str | Path, api_key: str | None = None, device: str | 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat_completions(body: ChatRequest, request: Request):
         if body.model != model_id:
-            raise ApiError(
-                404, f"model {body.model!r} does not exist: this server serves {model_id!r}", "model", "model_not_found"
-            )
+            raise ApiError(404, f"model {body.model!r} does not exist: this server serves {model_id!r}", "model",
+                           "model_not_found")
         prompt_ids, in_reasoning, params = prepare(engine, body, cap, tools.schemas() if tools else None)
         loop = asyncio.get_running_loop()
-        handle = (
-            ToolSession(engine, tools, prompt_ids, params, loop)
-            if tools
-            else engine.submit(prompt_ids, params, loop=loop)
-        )
+        handle = ToolSession(engine, tools, prompt_ids, params, loop) if tools else engine.submit(prompt_ids, params,
+                                                                                                   loop=loop)
         meta = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model_id}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                stream_events(handle, params.n, in_reasoning, meta, len(prompt_ids), include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
+            events = stream_events(handle, params.n, in_reasoning, meta, len(prompt_ids), include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await complete(handle, params.n, in_reasoning, meta, len(prompt_ids), request)
 
     return app

@@ -4,9 +4,10 @@ command module of aha does; aha/cli.py only lists the modules."""
 
 import argparse
 import json
+from pathlib import Path
 
-from aha.infra.config import from_args
 from aha.infra.errors import AhaError
+from aha.infra.reader import from_args
 
 
 def add_sample_args(p: argparse.ArgumentParser) -> None:
@@ -150,3 +151,49 @@ def add_pretrain_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-seconds", type=float, default=0.0, help="stop early after this many seconds (0: no cap)")
     p.set_defaults(handler=cmd_pretrain)
+
+
+def add_experiment_parser(sub) -> None:
+    from aha.stages.experiment import EXPERIMENTS, ExperimentConfig
+    p = sub.add_parser(
+        "experiment",
+        help="papers' findings as experiments: distill-vs-rl, length-bias, entropy, tools",
+        description="distill-vs-rl: a small pretrained student distilled from an RL teacher vs the same "
+        "student trained by RL alone, at equal student compute. length-bias: GRPO vs Dr. GRPO, "
+        "the length of correct and wrong completions. entropy: GRPO vs clip-higher vs Clip-Cov, "
+        "policy entropy and pass@1. tools: RL with the python tool vs without, on 4 × 3-digit "
+        "multiplication, held-out pass@1 and tool-use rate before and after. Mean ± std over seeds → "
+        "--out/experiment.json, experiment.md "
+        "(aha/stages/experiment.py, aha/stages/findings.py).",
+    )
+    p.add_argument("name", choices=EXPERIMENTS)
+    p.add_argument("--seeds", type=int, default=ExperimentConfig.seeds, help="seeds 0..N-1")
+    p.add_argument(
+        "--out", default=None, help="default runs/<name> (runs/distill_vs_rl, runs/length_bias, runs/entropy)"
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every step, meaningless numbers")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out (its cache/ of models is kept)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="any key of the experiment's config (ExperimentConfig, findings.FindingConfig), e.g. steps=150")
+    p.set_defaults(handler=cmd_experiment)
+
+
+def cmd_distill_vs_rl(args, console) -> None:
+    from aha.infra.reader import apply_values, parse_kv
+    from aha.stages.experiment import QUICK, ExperimentConfig, distill_vs_rl, markdown
+    cfg = ExperimentConfig(out=args.out or ExperimentConfig.out, seeds=args.seeds)
+    if args.quick:
+        apply_values(cfg, QUICK, "--quick")
+    apply_values(cfg, parse_kv(args.overrides), "command line")
+    report = distill_vs_rl(cfg, force=args.force, console=console)
+    print(markdown(report), end="")
+    console.print(
+        f"{report['wall_seconds']:.0f} s; {Path(cfg.out) / 'experiment.json'}, {Path(cfg.out) / 'experiment.md'}"
+    )
+
+
+def cmd_experiment(args, console) -> None:
+    from aha.stages.findings import cmd_finding
+    {"distill-vs-rl": cmd_distill_vs_rl, "length-bias": cmd_finding, "entropy": cmd_finding, "tools": cmd_finding}[
+        args.name
+    ](args, console)

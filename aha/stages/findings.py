@@ -47,17 +47,17 @@ import dataclasses
 import json
 import re
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aha.infra.config import Config
 from aha.infra.errors import AhaError
+from aha.stages.findings_report import EVAL_KEYS, markdown, plot, summarise
 
 LENGTH_CURVES = ("response_tokens_correct", "response_tokens_wrong", "pass_rate", "think_rate")
 ENTROPY_CURVES = ("entropy", "pass_rate", "clip_frac", "response_tokens")
 TOOLS_CURVES = ("pass_rate", "response_tokens", "tool_use_rate")
-EVAL_KEYS = ("pass@1", "tool_use_rate")         # of a held-out eval, kept when present (tool_use_rate: with tools)
 
 
 @dataclass
@@ -67,7 +67,7 @@ class FindingConfig:
     steps: int = 100
     window: int = 10                 # steps averaged for the "first" and "last" summary values
     # aha train keys for every arm, e.g. {lr: 2e-4}
-    rl: dict = field(default_factory=dict, metadata={"train_keys": True})
+    rl: dict = field(default_factory=dict, metadata={"keys_of": Config})
     # length-bias
     base: str = "padded"             # padded: the free-length model below | builtin: the built-in model as it is
     pad_examples: int = 2048         # SFT documents of the padded model
@@ -245,39 +245,6 @@ def run_arm(settings: dict, arm: dict, cfg: FindingConfig, seed: int, folder: Pa
     return record
 
 
-def window_mean(values: list, window: int, last: bool) -> float | None:
-    """Mean of the first (or last) `window` non-missing values.
-
-    >>> values = [None, 1.0, 2.0, 3.0, None, 5.0]
-    >>> window_mean(values, 2, last=False), window_mean(values, 2, last=True)
-    (1.5, 4.0)
-    """
-    present = [v for v in values if v is not None]
-    chosen = present[-window:] if last else present[:window]
-    return sum(chosen) / len(chosen) if chosen else None
-
-
-def summarise(per_seed: list[dict], window: int) -> dict:
-    """{arm: {curve: {first: [mean, std], last: [mean, std]}, final_pass@1: [mean, std]}} over seeds."""
-    from aha.stages.experiment import mean_std
-    summary = {}
-    for arm in per_seed[0]["arms"]:
-        runs = [seed["arms"][arm] for seed in per_seed]
-        summary[arm] = {}
-        for curve in runs[0]["curves"]:
-            summary[arm][curve] = {}
-            for end in ("first", "last"):
-                values = [window_mean(run["curves"][curve], window, end == "last") for run in runs]
-                if all(v is not None for v in values):
-                    summary[arm][curve][end] = list(mean_std(values))
-        for key in EVAL_KEYS:
-            if all(run["evals"] and key in run["evals"][-1] for run in runs):
-                summary[arm][f"final_{key}"] = list(mean_std([run["evals"][-1][key] for run in runs]))
-            if all(run["evals"] and run["evals"][0]["step"] == 0 and key in run["evals"][0] for run in runs):
-                summary[arm][f"before_{key}"] = list(mean_std([run["evals"][0][key] for run in runs]))
-    return summary
-
-
 @dataclass(frozen=True)
 class Finding:
     arms: Callable[[FindingConfig], dict[str, dict]]                  # arm name → aha train keys
@@ -346,62 +313,6 @@ FINDINGS = {
 }
 
 
-def plot(report: dict, finding: Finding, path: Path) -> None:
-    """Each panel: per arm the seed-mean curve (smoothed over 10 steps) and a ± std band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from aha.infra.report import smooth
-    fig, axes = plt.subplots(1, len(finding.panels), figsize=(4.4 * len(finding.panels), 3.6))
-    for ax, (curve, title) in zip(axes, finding.panels):
-        for arm in report["seeds"][0]["arms"]:
-            runs = [smooth([np.nan if v is None else v for v in seed["arms"][arm]["curves"][curve]])
-                    for seed in report["seeds"]]
-            values = np.array(runs, dtype=float)                                # (seeds, steps)
-            with warnings.catch_warnings():                                     # a step no seed has a value for: NaN
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean, std = np.nanmean(values, axis=0), np.nanstd(values, axis=0)
-            steps = np.arange(values.shape[1])
-            ax.plot(steps, mean, label=arm)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("RL step")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"aha experiment {report['experiment']}: mean ± std over {len(report['seeds'])} seeds "
-                 "(10-step moving average)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def markdown(report: dict, finding: Finding) -> str:
-    n, window = len(report["seeds"]), report["config"]["window"]
-    cell = lambda pair, fmt: "–" if pair is None else f"{pair[0]:{fmt}} ± {pair[1]:{fmt}}"
-    head = " | ".join(f"{title} first → last {window} steps" for _, title, _ in finding.rows)
-    evals = [("pass@1", "held-out pass@1")] if finding.final_eval else []
-    evals += [("tool_use_rate", "held-out tool-use rate")] if finding.before_eval else []
-    change = " before → after" if finding.before_eval else ""
-    lines = [
-        f"# aha experiment {report['experiment']} ({n} seed{'s' * (n > 1)}, {report['config']['steps']} steps)",
-        "",
-        f"| arm | {head} |" + "".join(f" {title}{change} |" if change else f" final {title} |" for _, title in evals),
-        "|---|" + "---:|" * (len(finding.rows) + len(evals)),
-    ]
-    for arm, metrics in report["summary"].items():
-        cells = [
-            f"{cell(metrics.get(c, {}).get('first'), fmt)} → {cell(metrics.get(c, {}).get('last'), fmt)}"
-            for c, _, fmt in finding.rows
-        ]
-        for key, _ in evals:
-            final = cell(metrics.get(f"final_{key}"), ".3f")
-            cells.append(f"{cell(metrics.get(f'before_{key}'), '.3f')} → {final}" if change else final)
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
 def run_finding(name: str, cfg: FindingConfig, force: bool = False, console=None) -> dict:
     from aha.stages.experiment import prepare
 
@@ -444,7 +355,7 @@ def run_finding(name: str, cfg: FindingConfig, force: bool = False, console=None
 
 
 def cmd_finding(args, console) -> None:
-    from aha.infra.config import apply_values, parse_kv
+    from aha.infra.reader import apply_values, parse_kv
     cfg = FindingConfig(out=args.out or f"runs/{args.name.replace('-', '_')}", seeds=args.seeds)
     if args.quick:
         apply_values(cfg, QUICK, "--quick")

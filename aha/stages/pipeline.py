@@ -29,8 +29,9 @@ from pathlib import Path
 
 import yaml
 
-from aha.infra.config import Config, apply_values, load_config, read_yaml_mapping
+from aha.infra.config import Config, load_config
 from aha.infra.errors import AhaError
+from aha.infra.reader import apply_values, read_yaml_mapping
 
 STAGES = [("base", "base"), ("cold_start", "cold start (≈ R1-Dev1)"), ("reasoning_rl", "reasoning RL (≈ R1-Dev2)"),
           ("rejection_sft", "rejection-SFT (≈ R1-Dev3)"), ("final_rl", "final RL (≈ R1)")]
@@ -60,7 +61,7 @@ class PipelineConfig:
     # (2) and (4) RL; `rl` holds any other aha train key (aha/infra/config.py) for both, e.g. {algo: dapo, lr: 5e-5}
     rl_steps: int = 150
     final_rl_steps: int = 100
-    rl: dict = field(default_factory=dict, metadata={"train_keys": True})
+    rl: dict = field(default_factory=dict, metadata={"keys_of": Config})
     # (3) rejection sampling
     sample_prompts: int = 256
     sample_k: int = 4
@@ -303,7 +304,7 @@ def add_pipeline_parser(sub) -> None:
 
 
 def cmd_pipeline(args, console) -> None:
-    from aha.infra.config import parse_kv
+    from aha.infra.reader import parse_kv
     overrides = parse_kv(args.overrides)
     if args.out:
         overrides["out"] = args.out

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aha.core.rollout import SamplingParams, encode_prompt, generate, stop_strings, stop_token_ids
+from aha.core.rollout import encode_prompt, generate, stop_strings, stop_token_ids
+from aha.core.sampling import SamplingParams
 from aha.infra.errors import AhaError
 from aha.infra.progress import progress_bar
 from aha.tasks.base import is_well_formed

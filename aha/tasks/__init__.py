@@ -16,6 +16,11 @@ its answer extraction and its reward components. `get_task(name, **options)` pic
     py:module:function       data=PATH, reward by your TRL-style function
 
 File-backed tasks also take eval_data=PATH or eval_fraction=0.1, and skip_bad_rows=False.
+
+Besides the tasks: base.py the `Task` protocol (required methods, optional hooks with defaults);
+templates.py prompt templates; rewards.py the shaping components and `Reward`, a run's whole reward;
+check_reward.py the adversarial probe of a reward (`aha check-reward`); sandbox.py and jail.py the
+sandbox that code rewards run in.
 """
 
 import importlib

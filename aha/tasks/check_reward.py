@@ -31,8 +31,9 @@ import re
 import sys
 from dataclasses import dataclass
 
-from aha.infra.config import Config, apply_values, parse_reward_weights
+from aha.infra.config import Config, parse_reward_weights
 from aha.infra.errors import AhaError
+from aha.infra.reader import apply_values
 from aha.tasks.base import Problem
 from aha.tasks.rewards import SHAPING, Completion
 

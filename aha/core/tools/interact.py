@@ -34,17 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from aha.core.rollout import (
-    PreallocatedCache,
-    Rollout,
-    SamplingParams,
-    ToolRecord,
-    cache_kwarg,
-    concat_rollouts,
-    left_pad,
-    row_uniforms,
-    sample_next,
-)
+from aha.core.rollout import PreallocatedCache, Rollout, ToolRecord, cache_kwarg, concat_rollouts, left_pad
+from aha.core.sampling import SamplingParams, row_uniforms, sample_next
 from aha.core.tools.formats import FORMATS, cut_tokens
 from aha.core.tools.tools import Observation, Toolbox
 from aha.infra.model import check_context, model_context

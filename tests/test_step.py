@@ -1,4 +1,4 @@
-"""Micro-batched update (aha/core/train.py `policy_update`): the gradient accumulated over micro-batches
+"""Micro-batched update (aha/core/step.py `policy_update`): the gradient accumulated over micro-batches
 equals the one-shot step's, because every micro-batch divides by the normaliser of the whole batch.
 
 Checked to 1e-6 relative for each aggregation, with β > 0 (a reference model), with μ > 1 (the
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from aha.core.algos import LossSpec, Normaliser
-from aha.core.rollout import SamplingParams, generate
+from aha.core.rollout import generate
+from aha.core.sampling import SamplingParams
 from aha.core.step import micro_batch_size, micro_batches, policy_update
 from aha.infra.config import Config
 from aha.infra.model import build_model

@@ -15,7 +15,8 @@ from aha.cli import main
 from aha.core.dynamic import concat_rollouts, group_spread, kept_groups
 from aha.core.logprobs import completion_logprobs
 from aha.core.presets import PRESETS
-from aha.core.rollout import Rollout, SamplingParams, generate
+from aha.core.rollout import Rollout, generate
+from aha.core.sampling import SamplingParams
 from aha.core.train import train
 from aha.infra.config import Config
 from aha.infra.errors import AhaError

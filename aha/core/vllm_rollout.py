@@ -49,7 +49,8 @@ import time
 import torch
 
 from aha.core.logprobs import completion_logprobs
-from aha.core.rollout import Rollout, SamplingParams, generate, left_pad
+from aha.core.rollout import Rollout, generate, left_pad
+from aha.core.sampling import SamplingParams
 from aha.infra.errors import AhaError
 from aha.infra.model import autocast
 
