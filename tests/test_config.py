@@ -1,12 +1,14 @@
 """Every recipe in recipes/ resolves to a valid Config (no download: model paths are only strings
 here), says the hardware it expects, and tells the user the model must be a local dir."""
 
+import argparse
 from pathlib import Path
 
 import pytest
 import yaml
 
 from aha.infra.config import Config, load_config
+from aha.infra.errors import AhaError
 from aha.tasks.templates import NAMED
 
 # pipeline_*.yaml are `aha pipeline` configs, loaded in tests/test_pipeline.py
@@ -97,3 +99,35 @@ def test_a_relative_template_is_read_beside_its_config(tmp_path, monkeypatch):
     assert load_config("r/c.yaml", {"template": "r1_zero"}).template == "r1_zero"    # the command line wins
     (tmp_path / "p.txt").write_text("{question}")                                    # the working dir's file wins
     assert load_config("r/c.yaml").template == "p.txt"
+
+
+def test_task_options_are_one_mapping_and_loose_ones_move_into_it(tmp_path):
+    """Task options live in task_config; a key that is no Config field but an option of the chosen task
+    (`aha train digits=4`, or a config.yaml written before task_config held it) moves there, typed as
+    YAML; a key that is neither stays an error naming the nearest field."""
+    cfg = load_config(None, {"digits": "4"})
+    assert cfg.task_config == {"digits": 4} and cfg.task_options() == {"digits": 4}
+    old = tmp_path / "config.yaml"
+    old.write_text("task: addition\ndigits: 2\ntask_config: {}\n")
+    assert load_config(str(old)).task_options() == {"digits": 2}
+    assert load_config(None, {"task": "countdown", "task_config": "{min_numbers: 3}"}).task_options() == \
+        {"min_numbers": 3}
+    with pytest.raises(AhaError, match="unknown config key 'digits'"):
+        load_config(None, {"task": "countdown", "digits": "4"})        # not an option of countdown
+    with pytest.raises(AhaError, match="did you mean 'lr'"):
+        load_config(None, {"learning_rate": "1e-5"})
+
+
+def test_one_reader_for_every_config():
+    """The pipeline's, the experiment's and the sample/SFT/pretrain configs go through the same reader as
+    Config: values typed from strings, tuples from "a,b", nested aha train keys checked."""
+    from aha.infra.reader import apply_values, from_args
+    from aha.stages.pipeline import PipelineConfig
+    from aha.stages.pretrain import PretrainConfig
+    cfg = apply_values(PipelineConfig(), {"rl_steps": "7", "rl": "{lr: 1e-5, algo: dapo}"}, "command line")
+    assert cfg.rl_steps == 7 and cfg.rl == {"lr": 1e-5, "algo": "dapo"}
+    with pytest.raises(AhaError, match="rl: unknown config key 'lrr'; did you mean 'lr'"):
+        apply_values(PipelineConfig(), {"rl": {"lrr": 1}}, "f.yaml")
+    args = argparse.Namespace(out="x", hidden=64, layers=None, steps=5, unrelated="y")
+    made = from_args(PretrainConfig, args, seed=3)
+    assert (made.out, made.hidden, made.layers, made.steps, made.seed) == ("x", 64, PretrainConfig.layers, 5, 3)

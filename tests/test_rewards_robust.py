@@ -173,7 +173,7 @@ def test_check_reward_cli_exit_codes_on_py_rewards(tmp_path, monkeypatch, capsys
     )
     assert main(["check-reward", "addition", "--reward-weights", "nope=1"]) == 2
     assert capsys.readouterr().err.startswith(
-        "aha check-reward: error: --reward-weights names nope, but task 'addition' gives"
+        "aha check-reward: error: reward_weights names nope, but task 'addition' gives the components"
     )
     assert main(["check-reward", "py:probe_rewards_i15:exact"]) == 2          # no --data
     assert "needs a data file" in capsys.readouterr().err

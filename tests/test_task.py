@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from aha.infra.errors import AhaError
 from aha.infra.tokenizer import build_char_tokenizer
 from aha.stages.pretrain import corpus_batches
 from aha.tasks import get_task
@@ -129,3 +130,29 @@ def test_asking_for_more_held_out_problems_than_exist_is_refused():
     assert len(task.eval_problems(available)) == available          # all of them, and it ends
     with pytest.raises(AhaError, match=f"only {available} held-out problems"):
         task.eval_problems(available + 1)                         # used to loop for ever
+
+
+def test_the_task_protocol_declares_its_optional_hooks():
+    """A task that defines only the required methods gets every optional hook from `Task` (the loop
+    calls them all unconditionally), and a template forwards the task's own."""
+    from aha.tasks.base import Problem, Task
+    from aha.tasks.templates import TemplatedTask
+
+    class Echo(Task):
+        name = "echo"
+
+        def score(self, completion, problem):
+            return {"accuracy": float(completion == problem.answer)}
+
+    task, problem = Echo(), Problem("q", "a")
+    assert task.score_batch(["a", "b"], [problem, problem]) == [{"accuracy": 1.0}, {"accuracy": 0.0}]
+    assert (task.components, task.adds_special_tokens, task.skipped_rows, task.writes_corpus) == ((), True, 0, False)
+    with pytest.raises(AhaError, match="writes no worked solutions"):
+        task.corpus_document(problem, think=True)
+    with pytest.raises(NotImplementedError):
+        task.prompt(problem)
+    addition = get_task("addition")
+    templated = TemplatedTask(addition, "r1_zero", tokenizer=None)
+    assert templated.name == "addition" and templated.writes_corpus and templated.components == ()
+    assert templated.score_batch(["<answer>5</answer>"], [Problem("2+3", "5")]) == addition.score_batch(
+        ["<answer>5</answer>"], [Problem("2+3", "5")])

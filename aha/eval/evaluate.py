@@ -209,3 +209,22 @@ def rich_table(results: list[dict], title: str):
     for r in results:
         table.add_row(str(r["model"]), *[_cell(r.get(c, "")) for c in columns])
     return table
+
+
+def evaluate_dir(model_dir, cfg, console=None, label: str = "eval", out=None) -> dict:
+    """R1's protocol on the model in `model_dir` (a model dir or a run folder), with `cfg`'s task, task
+    options, template, prefill and eval settings (an aha.infra.config.Config): prompted as `aha train`
+    on that config prompts. Written to out/eval.json when `out` is given."""
+    import json
+    from pathlib import Path
+
+    from aha.infra.model import detect_device, load_model, resolve_model_dir
+    from aha.tasks import get_task
+    from aha.tasks.templates import apply_template
+    model, tokenizer = load_model(resolve_model_dir(model_dir), detect_device())
+    task = apply_template(get_task(cfg.task, **cfg.task_options()), tokenizer, cfg.template, cfg.think_prefill)
+    result = evaluate(model, tokenizer, task, cfg.eval_spec(), console=console, label=label)
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "eval.json").write_text(json.dumps(result, indent=2))
+    return result

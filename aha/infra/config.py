@@ -298,6 +298,12 @@ def load_config(path: str | None = None, overrides: dict | None = None, base: di
     return cfg.validate()
 
 
+def stage_config(values: dict, steps: int, out, model="") -> Config:
+    """The aha train config of an RL stage inside a larger job (the pipeline, an experiment): `values`
+    on top of the defaults, no held-out evals inside the stage (the job evaluates after it)."""
+    return load_config(None, {**values, "steps": steps, "out": str(out), "model": str(model)}, base={"eval_every": 0})
+
+
 def with_task_options(values: dict, task: str) -> dict:
     """`values` with the keys that are no Config field but options of `task` moved into its
     `task_config` (`aha train digits=4` is `task_config={digits: 4}`; config files saved before

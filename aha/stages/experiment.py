@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from aha.eval.evaluate import evaluate_dir
 from aha.infra.errors import AhaError
 
 EXPERIMENTS = ("distill-vs-rl", "length-bias", "entropy", "tools")   # the last three: aha/stages/findings.py
@@ -143,21 +144,10 @@ class TokenCounter:
         self.handle.remove()
 
 
-def evaluate_dir(model_dir: Path, cfg: ExperimentConfig, seed: int, console=None, label: str = "eval") -> dict:
-    from aha.eval.evaluate import EvalSpec, evaluate
-    from aha.infra.model import detect_device, load_model
-    from aha.tasks import get_task
-    model, tokenizer = load_model(model_dir, detect_device())
-    result = evaluate(model, tokenizer, get_task("addition"), EvalSpec(cfg.eval_problems, cfg.eval_k, seed=seed),
-                      console=console, label=label)
-    return {key: value for key, value in result.items() if key != "samples"}
-
-
-def rl_config(cfg: ExperimentConfig, steps: int, seed: int, out: Path, model: Path | str = ""):
-    """`aha run`'s RL settings (aha/infra/config.py defaults), no evals inside the run."""
-    from aha.infra.config import load_config
-    return load_config(None, {"model": str(model), "steps": steps, "seed": seed, "out": str(out), "eval_every": 0,
-                              "eval_problems": cfg.eval_problems, "eval_k": cfg.eval_k})
+def rl_config(cfg: ExperimentConfig, steps: int, seed: int, out: Path | str = "", model: Path | str = ""):
+    """`aha run`'s RL settings (aha/infra/config.py defaults) with this experiment's seed and eval size."""
+    from aha.infra.config import stage_config
+    return stage_config({"seed": seed, "eval_problems": cfg.eval_problems, "eval_k": cfg.eval_k}, steps, out, model)
 
 
 def cached_models(cfg: ExperimentConfig, cache: Path, console=None) -> tuple[Path, Path]:
@@ -254,7 +244,8 @@ def run_seed(teacher: Path, student: Path, cfg: ExperimentConfig, seed: int, fol
         models[f"rl@{steps}"] = (folder / f"rl_{steps}" / "model", {**rl, "seconds": round(t1 - t0, 1)})
     record = {"seed": seed}
     for arm, (model_dir, extra) in models.items():
-        result = evaluate_dir(model_dir, cfg, seed, console, label=f"eval {arm} (seed {seed})")
+        result = evaluate_dir(model_dir, rl_config(cfg, 1, seed), console, label=f"eval {arm} (seed {seed})")
+        result.pop("samples")
         record[arm] = {**result, **extra, "model": str(model_dir)}
     say(f"experiment: seed {seed}: pass@1 " + ", ".join(f"{arm} {record[arm]['pass@1']:.3f}" for arm in models))
     return record

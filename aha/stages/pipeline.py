@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from aha.infra.config import Config, load_config
+from aha.infra.config import Config, stage_config
 from aha.infra.errors import AhaError
 from aha.infra.reader import apply_values, read_yaml_mapping
 
@@ -104,8 +104,7 @@ class PipelineConfig:
         after it), the pipeline's task/seed/sizes, then the `rl` keys."""
         owned = {"task": self.task, "task_config": self.task_config, "data": self.data, "seed": self.seed,
                  "max_new_tokens": self.max_new_tokens, "eval_problems": self.eval_problems, "eval_k": self.eval_k}
-        return load_config(None, {**self.rl, **owned, "steps": steps, "out": out, "model": model},
-                           base={"eval_every": 0})
+        return stage_config({**self.rl, **owned}, steps, out, model)
 
 
 # --quick: the four stages in ~5-8 minutes on 2 CPU cores (recipes/pipeline_quick.yaml writes it out)
@@ -141,27 +140,6 @@ def cold_start_rows(task, templated, cfg: PipelineConfig) -> list[dict]:
             response = response.strip()[len(prefill):]
         rows.append({"prompt": templated.prompt(problem), "response": response})
     return rows
-
-
-def eval_spec(cfg: PipelineConfig):
-    from aha.eval.evaluate import EvalSpec
-    return EvalSpec(cfg.eval_problems, cfg.eval_k, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-
-
-def evaluate_dir(
-    model_dir: Path, cfg: PipelineConfig, rl_cfg: Config, folder: Path, console=None, label="eval"
-) -> dict:
-    """pass@1 & co. of the model in `model_dir`, prompted as the RL stages prompt; saved to folder/eval.json."""
-    from aha.eval.evaluate import evaluate
-    from aha.infra.model import detect_device, load_model
-    from aha.tasks import get_task
-    from aha.tasks.templates import apply_template
-    model, tokenizer = load_model(model_dir, detect_device())
-    task = apply_template(get_task(cfg.task, **rl_cfg.task_options()), tokenizer, rl_cfg.template, rl_cfg.think_prefill)
-    result = evaluate(model, tokenizer, task, eval_spec(cfg), console=console, label=label)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "eval.json").write_text(json.dumps(result, indent=2))
-    return result
 
 
 def sft_stage(start_dir: Path, rows: list[dict], epochs: int, folder: Path, cfg: PipelineConfig, console=None) -> dict:
@@ -207,6 +185,7 @@ def rejection_stage(
 
 def run_stages(cfg: PipelineConfig, out: Path, console=None) -> list[dict]:
     """The base eval and the four stages, in order; one record per row of R1's table."""
+    from aha.eval.evaluate import evaluate_dir
     from aha.infra.base import ensure_base_model
     from aha.infra.model import load_tokenizer
     from aha.tasks import get_task
@@ -218,7 +197,7 @@ def run_stages(cfg: PipelineConfig, out: Path, console=None) -> list[dict]:
 
     def record(key: str, folder: Path, model_dir: Path, seconds: float, details: dict) -> Path:
         t0 = time.time()
-        result = evaluate_dir(model_dir, cfg, rl_cfg, folder, console, label=f"eval {key}")
+        result = evaluate_dir(model_dir, rl_cfg, console, label=f"eval {key}", out=folder)
         index = len(records)
         records.append({"stage": key, "name": dict(STAGES)[key], "pass@1": result["pass@1"],
                         "think_rate": result["think_rate"], "mean_response_tokens": result["mean_response_tokens"],

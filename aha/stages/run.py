@@ -11,7 +11,7 @@ import time
 
 from aha.core.tools import eval_sampler, tool_schemas
 from aha.core.train import check_prompt_lengths, run_plan, train
-from aha.eval.evaluate import EvalSpec, evaluate
+from aha.eval.evaluate import evaluate
 from aha.infra.base import ensure_base_model
 from aha.infra.card import rl_card, write_card
 from aha.infra.checkpoint import prepare_out_dir
@@ -33,8 +33,7 @@ def run(cfg: Config, force: bool = False, console=None) -> dict:
     check_prompt_lengths(cfg, eval_task, tokenizer, model)                         # before the run folder exists
     plan = run_plan(cfg, model, eval_task, tokenizer)              # refuses a run that cannot fit, before --out
     out = prepare_out_dir(cfg.out, force)
-    spec = EvalSpec(cfg.eval_problems, cfg.eval_k, cfg.eval_temperature, cfg.eval_top_p, cfg.max_new_tokens, cfg.seed,
-                    rows_per_pass=plan.eval_rows)
+    spec = cfg.eval_spec(plan.eval_rows)
     with open_trackers(cfg.report_to, out, dataclasses.asdict(cfg)) as trackers:
         before = evaluate(
             model, tokenizer, eval_task, spec, console=console, label="eval before RL", sampler=eval_sampler(cfg)

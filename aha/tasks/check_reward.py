@@ -31,11 +31,11 @@ import re
 import sys
 from dataclasses import dataclass
 
-from aha.infra.config import Config, parse_reward_weights
+from aha.infra.config import Config
 from aha.infra.errors import AhaError
 from aha.infra.reader import apply_values
 from aha.tasks.base import Problem
-from aha.tasks.rewards import SHAPING, Completion
+from aha.tasks.rewards import SHAPING, Completion, Reward
 
 CHECKED_SHAPING = ("format_strict", "format_soft", "tag_count")
 TOLERANCE = 1e-9
@@ -244,14 +244,9 @@ def check_task(name: str, args) -> int:
         {"task_config": args.task_config},
         "--task-config",
     )
-    weights = cfg.component_weights()
     task = get_task(cfg.task, **cfg.task_options())
-    first = (task.eval_problems(1) or [next(task.train_problems(0))])[0]
-    given = task.components or task.score("", first)
-    unknown = set(parse_reward_weights(args.reward_weights)) - set(SHAPING) - set(given)
-    if unknown:
-        raise AhaError(f"--reward-weights names {', '.join(sorted(unknown))}, but task {name!r} gives "
-                       f"{', '.join(k for k in given if k != 'skip')} and aha/tasks/rewards.py {', '.join(SHAPING)}")
+    reward = Reward.build(cfg, task)               # its component names checked as aha train checks them
+    weights, given = reward.weights, reward.given
     findings, notes, tried = check_reward(task, weights, args.problems)
     if notes:
         print(

@@ -227,6 +227,7 @@ class Reward:
     task: Task
     weights: dict[str, float]          # component name -> weight (Config.component_weights)
     shaping: tuple[str, ...]           # the SHAPING components this run computes, in SHAPING's order
+    given: tuple[str, ...] = ()        # the names of the task's own components
     max_length: int = 64               # the token budget that `cosine` and `overlong` measure against
     language: str = "en"
     overlong_cache: int = 16
@@ -248,7 +249,7 @@ class Reward:
             raise AhaError(f"dynamic_sampling_metric={metric!r} is neither 'reward' nor a component of task "
                            f"{cfg.task!r} ({listed}) or of reward_weights")
         shaping = tuple(name for name in SHAPING if named.get(name) or (name == "overlong" and cfg.overlong == "soft"))
-        return cls(task, weights, shaping, cfg.max_new_tokens, cfg.lang, cfg.overlong_cache)
+        return cls(task, weights, shaping, tuple(given), cfg.max_new_tokens, cfg.lang, cfg.overlong_cache)
 
     def score(self, texts: list[str], problems: list[Problem], lengths: list[int] | None = None,
               env: list[float] | None = None) -> tuple[list[dict], torch.Tensor]:
