@@ -195,3 +195,19 @@ def test_resume_with_lora_and_a_longer_run_continues_exactly(tmp_path):
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "parts" / "model").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_adapters_start_the_same_whatever_torch_drew_before():
+    """peft draws lora_A from torch's global generator, whose start is random per process: the run seeds
+    it first (aha/core/train.py `prepare_model`), so one seed gives one set of adapters in any process."""
+    pytest.importorskip("peft")
+    from aha.core.train import prepare_model
+    from aha.infra.base import SHIPPED
+    from aha.infra.config import Config
+    from aha.infra.model import load_model
+    adapters = []
+    for draw in (1, 1000):
+        torch.rand(draw)                                   # another history of the global generator
+        model, _ = prepare_model(Config(lora_rank=4), load_model(SHIPPED)[0], {})
+        adapters.append({k: v.clone() for k, v in model.state_dict().items() if "lora_A" in k})
+    assert adapters[0] and all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

@@ -231,3 +231,28 @@ def test_the_ready_decode_mask_samples_what_the_models_own_mask_does(arch, monke
     theirs = generate(model, prompts, 4, params, tok.pad_token_id, seed=3)
     assert torch.equal(ours.completion_ids, theirs.completion_ids)
     assert torch.equal(ours.logprobs, theirs.logprobs)
+
+
+def test_the_written_out_gpt2_step_is_transformers_forward_bit_for_bit(monkeypatch):
+    """aha/core/gpt2_decode.py against transformers' own forward on the built-in model's real weights:
+    the same tokens and bit-identical log-probs, rows leaving the batch at different steps included;
+    other architectures, and a model in training mode, keep transformers' forward."""
+    import aha.core.rollout as rollout_module
+    from aha.core.gpt2_decode import gpt2_decoder
+    from aha.core.rollout import stop_token_ids
+    from aha.infra.base import SHIPPED
+    from aha.infra.model import load_model
+    model, tok = load_model(SHIPPED)
+    model.eval()
+    assert gpt2_decoder(model) is not None
+    assert gpt2_decoder(tiny_model("llama", build_char_tokenizer(), seed=0)) is None
+    assert gpt2_decoder(model.train()) is None
+    model.eval()
+    prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("219+107", "5+5", "463+372")]   # unequal
+    params = SamplingParams(max_new_tokens=48, temperature=1.0, stop_token_ids=stop_token_ids(model, tok))
+    ours = generate(model, prompts, 8, params, tok.pad_token_id, seed=5)
+    monkeypatch.setattr(rollout_module, "gpt2_decoder", lambda model: None)
+    theirs = generate(model, prompts, 8, params, tok.pad_token_id, seed=5)
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert torch.equal(ours.logprobs, theirs.logprobs)
+    assert ours.lengths.min() < ours.lengths.max()                  # rows left the batch at different steps

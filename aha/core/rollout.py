@@ -28,6 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from aha.core.cpu_linear import onednn_linears
+from aha.core.gpt2_decode import gpt2_decoder
 from aha.core.sampling import SamplingParams, row_uniforms, sample_next
 from aha.infra.errors import AhaError
 from aha.infra.model import check_context, model_context
@@ -111,12 +112,20 @@ class PreallocatedLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.length:
-            self._set(self.key_buffer.repeat_interleave(repeats, dim=0),
-                      self.value_buffer.repeat_interleave(repeats, dim=0))
+            self._set(*(self._filled(buffer, buffer[:, :, :self.length].repeat_interleave(repeats, dim=0))
+                        for buffer in (self.key_buffer, self.value_buffer)))
 
     def batch_select_indices(self, indices: Tensor) -> None:
         if self.length:
-            self._set(self.key_buffer[indices], self.value_buffer[indices])
+            self._set(*(self._filled(buffer, buffer[indices, :, :self.length])
+                        for buffer in (self.key_buffer, self.value_buffer)))
+
+    def _filled(self, buffer: Tensor, columns: Tensor) -> Tensor:
+        """A new buffer of `buffer`'s capacity for the rows of `columns` (R, H, length, D), which fill its
+        first `length` positions: only what was written is copied, not the empty rest of the capacity."""
+        out = buffer.new_empty((columns.shape[0], *buffer.shape[1:]))
+        out[:, :, :self.length] = columns
+        return out
 
 
 class PreallocatedCache(DynamicCache):
@@ -264,6 +273,7 @@ def _generate_rows(model, prompts: list[list[int]], group_size: int, params: Sam
     attn[:, :prompt_len] = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, Lp + max_new), sliced per step
     next_pos = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
     additive = decode_mask(model, attn)                     # (N, 1, 1, Lp + max_new) or None
+    decoder = gpt2_decoder(model) if additive is not None else None   # the built-in model's step, written out
 
     tokens = torch.full((n, params.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n, params.max_new_tokens), device=device)
@@ -296,10 +306,13 @@ def _generate_rows(model, prompts: list[list[int]], group_size: int, params: Sam
             cache.batch_select_indices(keep)
             active, running, tok, attn, next_pos = active[keep], running[keep], tok[keep], attn[keep], next_pos[keep]
             additive = additive[keep] if additive is not None else None
-        mask = additive if additive is not None else attn
-        out = model(input_ids=tok[:, None], attention_mask=mask[..., :prompt_len + step + 1], position_ids=next_pos,
-                    use_cache=True, **{cache_kw: cache})
-        logits, next_pos = out.logits[:, -1], next_pos + 1
+        if decoder is not None:
+            logits = decoder(tok, next_pos, additive[..., :prompt_len + step + 1], cache)
+        else:
+            mask = additive if additive is not None else attn
+            logits = model(input_ids=tok[:, None], attention_mask=mask[..., :prompt_len + step + 1],
+                           position_ids=next_pos, use_cache=True, **{cache_kw: cache}).logits[:, -1]
+        next_pos = next_pos + 1
 
     width = int(lengths.max())
     mask = torch.arange(width, device=device)[None, :] < lengths[:, None]

@@ -160,6 +160,7 @@ def prepare_model(cfg: Config, model, saved: dict):
     activation recomputation, as the config asks."""
     peft_model = None
     if cfg.lora_rank:
+        torch.manual_seed(cfg.seed)        # peft draws lora_A from torch's generator, whose start is random per process
         peft_model, model = add_lora(model, cfg.lora_rank, cfg.lora_alpha)   # `model`: the same modules, adapters in
         if saved:
             from peft import set_peft_model_state_dict
