@@ -234,11 +234,11 @@ def test_the_ready_decode_mask_samples_what_the_models_own_mask_does(arch, monke
 
 
 def test_the_written_out_gpt2_step_is_transformers_forward_bit_for_bit(monkeypatch):
-    """aha/core/gpt2_decode.py against transformers' own forward on the built-in model's real weights:
+    """aha/core/decode_step.py against transformers' own forward on the built-in model's real weights:
     the same tokens and bit-identical log-probs, rows leaving the batch at different steps included;
     other architectures, and a model in training mode, keep transformers' forward."""
     import aha.core.rollout as rollout_module
-    from aha.core.gpt2_decode import gpt2_decoder
+    from aha.core.decode_step import gpt2_decoder
     from aha.core.rollout import stop_token_ids
     from aha.infra.base import SHIPPED
     from aha.infra.model import load_model
@@ -248,11 +248,37 @@ def test_the_written_out_gpt2_step_is_transformers_forward_bit_for_bit(monkeypat
     assert gpt2_decoder(tiny_model("llama", build_char_tokenizer(), seed=0)) is None
     assert gpt2_decoder(model.train()) is None
     model.eval()
+    from aha.core.decode_step import written_out_decoder
+    hook = model.transformer.h[1].register_forward_pre_hook(lambda module, args: None)   # e.g. a token counter
+    assert written_out_decoder(model) is None                       # hooks must see their calls: transformers'
+    hook.remove()
+    assert written_out_decoder(model) is not None
     prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("219+107", "5+5", "463+372")]   # unequal
     params = SamplingParams(max_new_tokens=48, temperature=1.0, stop_token_ids=stop_token_ids(model, tok))
     ours = generate(model, prompts, 8, params, tok.pad_token_id, seed=5)
-    monkeypatch.setattr(rollout_module, "gpt2_decoder", lambda model: None)
+    monkeypatch.setattr(rollout_module, "written_out_decoder", lambda model: None)
     theirs = generate(model, prompts, 8, params, tok.pad_token_id, seed=5)
     assert torch.equal(ours.completion_ids, theirs.completion_ids)
     assert torch.equal(ours.logprobs, theirs.logprobs)
     assert ours.lengths.min() < ours.lengths.max()                  # rows left the batch at different steps
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_the_written_out_llama_family_step_is_transformers_forward_bit_for_bit(arch, monkeypatch):
+    """aha/core/decode_step.py's Llama/Qwen2 step (grouped-query heads: 4 query, 2 key/value) against
+    transformers' own forward: the same tokens and bit-identical log-probs, rows leaving the batch
+    included; Qwen3 (per-head norms) keeps transformers' forward."""
+    import aha.core.rollout as rollout_module
+    from aha.core.decode_step import written_out_decoder
+    tok = build_char_tokenizer()
+    model = tiny_model(arch, tok, seed=7)
+    assert written_out_decoder(model) is not None and written_out_decoder(tiny_model("qwen3", tok, seed=0)) is None
+    prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("3+4", "12+345", "60+7")]      # unequal lengths
+    params = SamplingParams(max_new_tokens=24, temperature=1.0,
+                            stop_token_ids=tuple(tok.convert_tokens_to_ids(list(STOP_CHARS))))
+    ours = generate(model, prompts, 4, params, tok.pad_token_id, seed=2)
+    monkeypatch.setattr(rollout_module, "written_out_decoder", lambda model: None)
+    theirs = generate(model, prompts, 4, params, tok.pad_token_id, seed=2)
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert torch.equal(ours.logprobs, theirs.logprobs)
+    assert ours.lengths.min() < ours.lengths.max()

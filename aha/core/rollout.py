@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from aha.core.cpu_linear import onednn_linears
-from aha.core.gpt2_decode import gpt2_decoder
+from aha.core.decode_step import written_out_decoder
 from aha.core.sampling import SamplingParams, row_uniforms, sample_next
 from aha.infra.errors import AhaError
 from aha.infra.model import check_context, model_context
@@ -273,7 +273,7 @@ def _generate_rows(model, prompts: list[list[int]], group_size: int, params: Sam
     attn[:, :prompt_len] = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, Lp + max_new), sliced per step
     next_pos = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
     additive = decode_mask(model, attn)                     # (N, 1, 1, Lp + max_new) or None
-    decoder = gpt2_decoder(model) if additive is not None else None   # the built-in model's step, written out
+    decoder = written_out_decoder(model) if additive is not None else None   # aha/core/decode_step.py
 
     tokens = torch.full((n, params.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n, params.max_new_tokens), device=device)
