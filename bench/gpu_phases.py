@@ -161,18 +161,16 @@ def update_flops(body_params: int, layers: int, attention_width: int, hidden: in
 def rollout_flops(model, rollout, rows: torch.Tensor) -> float:
     """`update_flops` of `rows` of `rollout` for `model`."""
     config = model.config
-    body = sum(
-        p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name and "lm_head" not in name
-    )
+    body = sum(p.numel() for name, p in model.named_parameters()
+               if not ("embed_tokens" in name or "lm_head" in name))
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     width = config.num_attention_heads * head_dim
     prompt_lens, lengths = rollout.prompt_mask.sum(dim=1).tolist(), rollout.lengths.tolist()
     groups: dict[int, tuple[int, list[int]]] = {}
     for row in rows.tolist():
         groups.setdefault(row // rollout.group_size, (prompt_lens[row], []))[1].append(lengths[row])
-    return update_flops(
-        body, config.num_hidden_layers, width, config.hidden_size, config.vocab_size, list(groups.values())
-    )
+    return update_flops(body, config.num_hidden_layers, width, config.hidden_size, config.vocab_size,
+                        list(groups.values()))
 
 
 # ---- phases ----
@@ -180,19 +178,11 @@ def rollout_flops(model, rollout, rows: torch.Tensor) -> float:
 def phase_device(ctx: Ctx) -> None:
     """Versions and device facts, and whether the optional parts are here."""
     import transformers
-    facts = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cuda": torch.version.cuda,
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "optional": {
-            name: version_of(name)
-            for name in ("vllm", "trl", "datasets", "accelerate", "peft", "flash-attn", "psutil", "rich")
-        },
-        "aha_plan": importlib.util.find_spec("aha.core.plan") is not None,
-    }
+    optional = ("vllm", "trl", "datasets", "accelerate", "peft", "flash-attn", "psutil", "rich")
+    facts = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+             "cuda": torch.version.cuda, "platform": platform.platform(), "cpus": os.cpu_count(),
+             "optional": {name: version_of(name) for name in optional},
+             "aha_plan": importlib.util.find_spec("aha.core.plan") is not None}
     if ctx.device == "cuda":
         props = torch.cuda.get_device_properties(0)
         facts.update(gpu=props.name, capability=f"{props.major}.{props.minor}", memory_bytes=props.total_memory,
@@ -201,25 +191,16 @@ def phase_device(ctx: Ctx) -> None:
                      sdpa={name: getattr(torch.backends.cuda, f"{name}_sdp_enabled", lambda: None)()
                            for name in ("flash", "mem_efficient", "cudnn", "math")})
         try:
-            smi = subprocess.run(
-                [
-                    "nvidia-smi",
-                    "--query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm",
-                    "--format=csv,noheader",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            )
+            query = "--query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm"
+            smi = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True,
+                                 timeout=20)
             facts["nvidia_smi"] = smi.stdout.strip()
         except (OSError, subprocess.TimeoutExpired) as exc:
             facts["nvidia_smi"] = f"unavailable: {exc}"
     ctx.part.put("facts", facts)
-    ctx.part.put(
-        "summary",
-        f"{facts.get('gpu', 'cpu')}, torch {facts['torch']} (CUDA {facts['cuda']}), "
-        f"transformers {facts['transformers']}, vllm {facts['optional']['vllm']}, trl {facts['optional']['trl']}",
-    )
+    versions = facts["optional"]
+    ctx.part.put("summary", f"{facts.get('gpu', 'cpu')}, torch {facts['torch']} (CUDA {facts['cuda']}), transformers "
+                            f"{facts['transformers']}, vllm {versions['vllm']}, trl {versions['trl']}")
 
 
 def phase_matmul(ctx: Ctx) -> None:
