@@ -175,6 +175,10 @@ TRAIN_CASES = {
         ["--task", "py:bad_input_rewards:nope", "--data", "{root}/prompts.jsonl"],
         ["has no function 'nope'"],
     ),
+    # task options: typed by the task's own signature, YAML that does not parse named
+    "task_option_not_a_number": (["digits=abc"], ["task option digits expects int", "'abc'"]),
+    "task_option_in_the_mapping": (["task_config={{digits: abc}}"], ["task option digits expects int"]),
+    "task_config_not_yaml": (["digits=4", "task_config={{x:"], ["task_config expects dict", "'{x:'"]),
 }
 REWARD_CASES = {
     "reward_raises": ("boom", ["bad_input_rewards:boom raised KeyError", "no such column"]),

@@ -15,7 +15,7 @@ from typing import ClassVar
 import yaml
 
 from aha.infra.errors import AhaError
-from aha.infra.reader import apply_values, read_yaml_mapping
+from aha.infra.reader import apply_values, coerce, read_yaml_mapping
 
 OVERLONG = ("none", "mask", "soft")
 
@@ -304,19 +304,24 @@ def stage_config(values: dict, steps: int, out, model="") -> Config:
     return load_config(None, {**values, "steps": steps, "out": str(out), "model": str(model)}, base={"eval_every": 0})
 
 
+def yaml_value(raw):
+    """A command-line value as YAML reads it ("4" → 4), or the text itself where YAML cannot."""
+    try:
+        return yaml.safe_load(raw) if isinstance(raw, str) else raw
+    except yaml.YAMLError:
+        return raw
+
+
 def with_task_options(values: dict, task: str) -> dict:
     """`values` with the keys that are no Config field but options of `task` moved into its
     `task_config` (`aha train digits=4` is `task_config={digits: 4}`; config files saved before
     task_config held them read as they did)."""
     from aha.tasks import task_option_names
     names = {f.name for f in fields(Config)}
-    loose = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in values.items()
-             if k not in names and k in task_option_names(task)}
+    loose = {k: yaml_value(v) for k, v in values.items() if k not in names and k in task_option_names(task)}
     if not loose:
         return values
-    given = values.get("task_config") or {}
-    if isinstance(given, str):
-        given = yaml.safe_load(given) or {}
+    given = coerce("task_config", values.get("task_config") or {}, dict)
     rest = {k: v for k, v in values.items() if k not in loose}
     return rest | {"task_config": {**given, **loose}}
 

@@ -15,7 +15,7 @@ import yaml
 from aha.infra.errors import AhaError
 
 
-def _coerce(key: str, raw, kind):
+def coerce(key: str, raw, kind):
     """Parse a YAML/CLI value into the field's type, or a one-line error naming key and type. A string
     field keeps the text as given: `autocast=off` stays "off" (YAML 1.1 would read it as False)."""
     if kind is str and isinstance(raw, str):
@@ -73,9 +73,9 @@ def apply_values(obj, values: dict, source: str):
             items = raw.split(",") if isinstance(raw, str) else raw
             if not isinstance(items, (list, tuple)) or not items:
                 raise AhaError(f"{source}: {key} expects a list, e.g. 25,100; got {raw!r}")
-            setattr(obj, key, tuple(_coerce(key, item, typing.get_args(kind)[0]) for item in items))
+            setattr(obj, key, tuple(coerce(key, item, typing.get_args(kind)[0]) for item in items))
         else:
-            setattr(obj, key, _coerce(key, raw, kind))
+            setattr(obj, key, coerce(key, raw, kind))
     return obj
 
 

@@ -40,13 +40,10 @@ def add_sft_args(p: argparse.ArgumentParser) -> None:
 
 def sample_config(args, model: str, out: str):
     """The rejection-sampling config of the flags: the task's options from --task-config and --data."""
-    import yaml
-
     from aha.infra.model import resolve_model_dir
+    from aha.infra.reader import coerce
     from aha.stages.rejection import SampleConfig
-    options = yaml.safe_load(args.task_config) if args.task_config else {}
-    if not isinstance(options, dict):
-        raise AhaError(f"--task-config {args.task_config!r}: give a mapping, e.g. '{{digits: 2}}'")
+    options = coerce("--task-config", args.task_config, dict) if args.task_config else {}
     options |= {"data": args.data} if args.data else {}
     return from_args(SampleConfig, args, model=str(resolve_model_dir(model)), out=out, task_options=options)
 

@@ -25,6 +25,7 @@ sandbox that code rewards run in.
 
 import importlib
 import inspect
+import typing
 
 from aha.infra.errors import AhaError
 from aha.tasks.base import Problem, Task
@@ -86,12 +87,24 @@ def _accepted(cls) -> set[str]:
     return names
 
 
+def _typed(cls, options: dict) -> dict:
+    """`options` coerced to the plain types (int, float, str, bool) the task's constructors annotate
+    (aha/infra/reader.py's rules): `digits="abc"` is one line naming the option, not a TypeError later."""
+    from aha.infra.reader import coerce
+    hints = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            hints |= {k: v for k, v in typing.get_type_hints(klass.__init__).items() if v in (int, float, str, bool)}
+    return {key: coerce(f"task option {key}", value, hints[key]) if key in hints else value
+            for key, value in options.items()}
+
+
 def get_task(name: str, **options) -> Task:
     cls, from_name = _task_class(name)
     unknown = (set(options) - _accepted(cls)) | (set(options) & set(from_name))
     if unknown:
         raise AhaError(f"task {name!r} does not take option(s) {', '.join(sorted(unknown))}")
-    return cls(**from_name, **options)
+    return cls(**from_name, **_typed(cls, options))
 
 
 __all__ = ["Problem", "Task", "get_task"]
