@@ -83,9 +83,9 @@ def test_each_prompt_runs_once_per_group():
 
 
 def test_bf16_autocast_loss_and_gradient_stay_close_to_fp32():
-    """Documented tolerance of `autocast=bf16` (aha/infra/model.py): on this batch the GRPO loss within
-    1e-3, per-token log-probs within 0.02, gradient cosine > 0.999 against fp32 (measured on the
-    2-core CI machine: 1e-5, 0.0028 and 1.00000)."""
+    """Documented tolerance of `autocast=bf16` (aha/infra/model.py), as the update runs it (attention in
+    fp32, `fp32_attention`): on this batch the GRPO loss within 1e-3, per-token log-probs within 0.02,
+    gradient cosine > 0.999 against fp32 (measured on the 2-core CI machine: 1e-5, 0.0028 and 1.00000)."""
     from aha.core.algos import LossSpec, Normaliser, policy_loss
     from aha.infra.model import autocast, cpu_has_fast_bf16
     model, tokenizer = build("qwen2")
@@ -95,7 +95,7 @@ def test_bf16_autocast_loss_and_gradient_stay_close_to_fp32():
     spec, results = LossSpec("token", 0.2, 0.2, "seq_mean", "k3", 0.0), {}
     for mode in ("off", "bf16"):
         model.zero_grad()
-        with autocast(mode, "cpu"):
+        with autocast(mode, "cpu", model):
             logp, _, mask = completion_logprobs(model.train(), rollout, rows, 1.0)
         old = rollout.logprobs[rows][:, :logp.shape[1]]
         loss, _ = policy_loss(logp, old, advantages, mask, spec, None, Normaliser(12, int(mask.sum()), 12))
@@ -110,6 +110,36 @@ def test_bf16_autocast_loss_and_gradient_stay_close_to_fp32():
     assert torch.nn.functional.cosine_similarity(g16, g32, dim=0) > 0.999
     with autocast("auto", "cpu"):
         assert torch.is_autocast_enabled("cpu") == cpu_has_fast_bf16()      # auto: only where bf16 is fast
+
+
+def test_fp32_attention_under_autocast():
+    """`autocast(…, model)` on a CPU runs the model's SDPA attention on fp32 q, k, v: the attention
+    output equals SDPA's on the upcast inputs bit for bit, every attention call of the update's forward
+    goes through it, and the model's own implementation is back to "sdpa" afterwards, an exception
+    included."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from aha.infra.model import FP32_SDPA, _fp32_sdpa, autocast
+    model, tokenizer = build("qwen2")
+    layer = model.model.layers[0].self_attn
+    q, k, v = (torch.randn(3, 4, 5, 8).bfloat16() for _ in range(3))
+    k, v = k[:, :2], v[:, :2]                                          # grouped-query: 4 query, 2 key-value heads
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()[None, None].expand(3, 1, 5, 5)
+    out, _ = _fp32_sdpa(layer, q, k, v, mask, dropout=0.0, scaling=layer.scaling)
+    expected, _ = sdpa_attention_forward(layer, q.float(), k.float(), v.float(), mask, dropout=0.0,
+                                         scaling=layer.scaling)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected.to(torch.bfloat16))
+    rollout, seen = rollout_of(model, tokenizer), []
+    hook = layer.register_forward_hook(lambda *_: seen.append(model.config._attn_implementation))
+    with autocast("bf16", "cpu", model):
+        completion_logprobs(model.eval(), rollout, torch.arange(4), 1.0)
+    hook.remove()
+    assert seen and set(seen) == {FP32_SDPA} and model.config._attn_implementation == "sdpa"
+    with pytest.raises(RuntimeError), autocast("bf16", "cpu", model):
+        raise RuntimeError("inside")
+    assert model.config._attn_implementation == "sdpa"
+    with autocast("off", "cpu", model):                                  # no autocast: nothing changes
+        assert model.config._attn_implementation == "sdpa"
 
 
 def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:

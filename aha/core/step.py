@@ -198,7 +198,7 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
         total_loss, entropy_sum, tokens, metric_sums = 0.0, 0.0, 0.0, {}
         for index, (piece, piece_weight) in enumerate(pieces):
             with world.gradient_sync(model, sync=index == len(pieces) - 1):
-                with autocast(cfg.autocast, device):
+                with autocast(cfg.autocast, device, model):
                     logp, token_entropy, mask = completion_logprobs(model, rollout, piece, cfg.temperature)
                 if index not in old:                      # the trainer before this step's updates
                     old_logp, sampler_logp = logp.detach(), rollout.logprobs[piece][:, :logp.shape[1]]
@@ -211,7 +211,7 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
                 old_logp, is_weight = old[index]
                 ref_logp = None
                 if ref_model is not None:
-                    with torch.no_grad(), autocast(cfg.autocast, device):
+                    with torch.no_grad(), autocast(cfg.autocast, device, ref_model):
                         ref_logp = completion_logprobs(ref_model, rollout, piece, cfg.temperature)[0]
                 loss, metrics = policy_loss(logp, old_logp, advantages[piece], mask, spec, ref_logp, norm,
                                             entropy=token_entropy, rollout_weight=is_weight)
