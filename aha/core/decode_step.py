@@ -5,20 +5,100 @@ transformers' forward pays, at every decode step, for what a fixed one-token ste
 its decorators, output records, mask building and the dispatch of each block and attention — on the built-in
 1.6M-parameter model most of a step's time (the matmuls themselves run near the CPU's fp32 peak).
 `written_out_decoder(model)` returns the same computation without that machinery: the same ops on the
-same shapes in the same order as transformers' forward with SDPA attention and a ready 4-D mask (for
-the Llama family through transformers' own rotary and SDPA functions), so the logits are bitwise
-those of `model(...)` (tests/test_rollout.py). Any other model, or one this does not write out
+same shapes in the same order as transformers' forward (for the Llama family through transformers' own
+rotary function), but for the attention, which reads each prompt's keys and values once for its whole
+group (`SharedPromptKV`): the logits equal those of `model(...)` to float rounding (~1e-6) and the
+sampled tokens are the same (tests/test_rollout.py). Any other model, or one this does not write out
 (cross-attention, sliding windows, other attention implementations, training mode), gets None and
 keeps transformers' forward.
 """
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+class SharedPromptKV:
+    """The keys and values of a group-sampled decode, each prompt's stored once for its G rows.
+
+    transformers' cache repeats a prompt's keys and values for each of its G samples, and a decode
+    step's attention then reads them G times: on a CPU that step is bound by reading the cache
+    (the built-in model's attention ran at ~10 GB/s, a third of the memory's bandwidth, and took a
+    third of a step), and in `aha run` the prompt is most of what each row attends to. Here the
+    prompt part stays (P, Hkv, Lp, D) from the prefill and is read once per step as a matmul of all
+    G × (query heads per key head) queries of a group; each row's generated keys and values are
+    written in place to (A, Hkv, capacity, D). One softmax runs over both parts, with −inf on the
+    prompts' left padding. `rows`: the slot in the (P × G) grid of each row still in the batch."""
+
+    def __init__(self, prefilled, prompt_mask: Tensor, group_size: int, capacity: int):
+        self.prompt = [(layer.keys, layer.values) for layer in prefilled.layers]   # (P, Hkv, Lp, D) each
+        dtype = self.prompt[0][0].dtype
+        self.bias = torch.zeros(prompt_mask.shape, dtype=dtype, device=prompt_mask.device).masked_fill(
+            prompt_mask == 0, float("-inf"))                                           # (P, Lp)
+        self.group_size, self.capacity, self.length = group_size, capacity, 0
+        self.generated: list[tuple[Tensor, Tensor] | None] = [None] * len(self.prompt)
+        self.select(torch.arange(prompt_mask.shape[0] * group_size, device=prompt_mask.device))
+
+    def select(self, keep: Tensor) -> None:
+        """Keep only the rows at these positions of the batch (the others finished)."""
+        self.rows = keep if not hasattr(self, "rows") else self.rows[keep]
+        self.whole = self.rows.numel() == self.bias.shape[0] * self.group_size        # no row has left
+        self.row_bias = self.bias[torch.div(self.rows, self.group_size, rounding_mode="floor")][:, None, None, :]
+        self.generated = [None if kv is None else tuple(_kept(buffer, keep, self.length) for buffer in kv)
+                          for kv in self.generated]
+
+    def _grid(self, x: Tensor) -> Tensor:
+        """(A, Hkv, R, ·) per row → (P, Hkv, G·R, ·) per prompt; rows that left are zeros."""
+        if not self.whole:
+            full = x.new_zeros((self.bias.shape[0] * self.group_size, *x.shape[1:]))
+            full[self.rows] = x
+            x = full
+        p, g = self.bias.shape[0], self.group_size
+        return x.view(p, g, *x.shape[1:]).transpose(1, 2).reshape(p, x.shape[1], g * x.shape[2], x.shape[3])
+
+    def _rows(self, x: Tensor) -> Tensor:
+        """The inverse of `_grid`: (P, Hkv, G·R, ·) → (A, Hkv, R, ·)."""
+        p, heads, g = x.shape[0], x.shape[1], self.group_size
+        x = x.view(p, heads, g, -1, x.shape[-1]).transpose(1, 2).reshape(p * g, heads, -1, x.shape[-1])
+        return x if self.whole else x[self.rows]
+
+    def attend(self, index: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        """Attention output (A, Hq, 1, D) of layer `index` for this step's query (A, Hq, 1, D) after
+        writing its key and value (A, Hkv, 1, D); query head h reads key head h // (Hq / Hkv), as
+        transformers' `repeat_kv` pairs them."""
+        prompt_keys, prompt_values = self.prompt[index]
+        rows, heads = query.shape[0], key.shape[1]
+        if self.generated[index] is None:
+            self.generated[index] = tuple(x.new_empty((rows, heads, self.capacity, x.shape[-1])) for x in (key, value))
+        keys, values = self.generated[index]
+        keys[:, :, self.length] = key[:, :, 0]
+        values[:, :, self.length] = value[:, :, 0]
+        keys, values = keys[:, :, :self.length + 1], values[:, :, :self.length + 1]
+        q = query.reshape(rows, heads, -1, query.shape[-1])                                   # (A, Hkv, R, D)
+        prompt_scores = self._rows(torch.matmul(self._grid(q), prompt_keys.transpose(-1, -2)))   # (A, Hkv, R, Lp)
+        scores = torch.cat([prompt_scores * scale + self.row_bias, torch.matmul(q, keys.transpose(-1, -2)) * scale],
+                           dim=-1)
+        probs = scores.softmax(dim=-1)
+        width = prompt_keys.shape[2]
+        out = self._rows(torch.matmul(self._grid(probs[..., :width]), prompt_values)) + torch.matmul(
+            probs[..., width:], values)                                                          # (A, Hkv, R, D)
+        return out.reshape(query.shape)
+
+    def advance(self) -> None:
+        """One more generated position written in every layer."""
+        self.length += 1
+
+
+def _kept(buffer: Tensor, keep: Tensor, length: int) -> Tensor:
+    """A buffer of `buffer`'s capacity for the rows `keep`, holding their first `length` positions."""
+    out = buffer.new_empty((keep.numel(), *buffer.shape[1:]))
+    out[:, :, :length] = buffer[keep, :, :length]
+    return out
+
+
 def gpt2_decoder(model):
-    """`step(tokens (A,), positions (A, 1), mask (A, 1, 1, L), cache) -> logits (A, V)` for a GPT-2
-    LM head model in eval mode with SDPA attention; None for any other model."""
+    """`step(tokens (A,), positions (A, 1), kv: SharedPromptKV) -> logits (A, V)` for a GPT-2 LM head
+    model in eval mode with SDPA attention; None for any other model."""
     config = model.config
     if (getattr(config, "model_type", None) != "gpt2" or getattr(config, "_attn_implementation", None) != "sdpa"
             or config.add_cross_attention or model.training or not hasattr(model, "transformer")):
@@ -29,21 +109,20 @@ def gpt2_decoder(model):
     def layer_norm(norm, x: Tensor) -> Tensor:
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
-    def step(tokens: Tensor, positions: Tensor, mask: Tensor, cache) -> Tensor:
+    def step(tokens: Tensor, positions: Tensor, kv: SharedPromptKV) -> Tensor:
         hidden = F.embedding(tokens[:, None], body.wte.weight) + F.embedding(positions, body.wpe.weight)   # (A,1,C)
         for index, block in enumerate(blocks):
             attn = block.attn
             residual = hidden
             query, key, value = attn.c_attn(layer_norm(block.ln_1, hidden)).split(attn.split_size, dim=2)
             shape = (*key.shape[:-1], -1, attn.head_dim)                                            # (A,1,H,D)
-            key, value = cache.update(key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2), index)
-            out = F.scaled_dot_product_attention(query.view(shape).transpose(1, 2), key, value, attn_mask=mask,
-                                                 dropout_p=0.0, scale=attn.scaling, is_causal=False)  # (A,H,1,D)
-            out = out.reshape(out.shape[0], -1, 1, value.shape[-1]).transpose(1, 2).contiguous()
-            hidden = attn.c_proj(out.reshape(*out.shape[:-2], -1).contiguous()) + residual
+            out = kv.attend(index, query.view(shape).transpose(1, 2), key.view(shape).transpose(1, 2),
+                            value.view(shape).transpose(1, 2), attn.scaling)                      # (A,H,1,D)
+            hidden = attn.c_proj(out.transpose(1, 2).reshape(residual.shape)) + residual
             residual = hidden
             mlp = block.mlp
             hidden = residual + mlp.c_proj(mlp.act(mlp.c_fc(layer_norm(block.ln_2, hidden))))
+        kv.advance()
         return model.lm_head(layer_norm(body.ln_f, hidden))[:, -1]                               # (A, V)
 
     return step
@@ -52,11 +131,10 @@ def gpt2_decoder(model):
 def llama_decoder(model):
     """The same written-out step for the Llama family without per-head norms (Llama, Qwen2: SmolLM2 and
     the bench's random Qwen2), with every full-attention layer on SDPA; transformers' own
-    `apply_rotary_pos_emb` and `sdpa_attention_forward` do the rotation and the attention (grouped-query
-    heads included), so only the call machinery around them is left out. None for any other model."""
+    `apply_rotary_pos_emb` does the rotation, `SharedPromptKV` the attention (grouped-query heads
+    included). None for any other model."""
     import sys
 
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     config = model.config
     body = getattr(model, "model", None)
     if (getattr(config, "model_type", None) not in ("llama", "qwen2") or model.training or body is None
@@ -66,7 +144,7 @@ def llama_decoder(model):
     layers = list(body.layers[: config.num_hidden_layers])
     rotate = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
 
-    def step(tokens: Tensor, positions: Tensor, mask: Tensor, cache) -> Tensor:
+    def step(tokens: Tensor, positions: Tensor, kv: SharedPromptKV) -> Tensor:
         hidden = body.embed_tokens(tokens[:, None])                                               # (A, 1, C)
         cos, sin = body.rotary_emb(hidden, positions)
         for index, layer in enumerate(layers):
@@ -75,19 +153,18 @@ def llama_decoder(model):
             shape = (*x.shape[:-1], -1, attn.head_dim)
             query, key = rotate(attn.q_proj(x).view(shape).transpose(1, 2), attn.k_proj(x).view(shape).transpose(1, 2),
                                 cos, sin)
-            key, value = cache.update(key, attn.v_proj(x).view(shape).transpose(1, 2), index)
-            out = sdpa_attention_forward(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling,
-                                         sliding_window=None)[0]
-            hidden = residual + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
+            out = kv.attend(index, query, key, attn.v_proj(x).view(shape).transpose(1, 2), attn.scaling)
+            hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(residual.shape))       # (A, 1, C)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        kv.advance()
         return model.lm_head(body.norm(hidden))[:, -1]                                            # (A, V)
 
     return step
 
 
 def written_out_decoder(model):
-    """The written-out decode step of `model` (`step(tokens (A,), positions (A, 1), mask (A, 1, 1, L),
-    cache) -> logits (A, V)`), or None where transformers' forward stays — also wherever a forward
+    """The written-out decode step of `model` (`step(tokens (A,), positions (A, 1), kv: SharedPromptKV)
+    -> logits (A, V)`), or None where transformers' forward stays — also wherever a forward
     hook watches the model or one of its modules (the step skips their calls: e.g. the experiment's
     token counter, aha/stages/experiment.py, or a profiler's hooks)."""
     from torch.nn.modules import module as torch_module

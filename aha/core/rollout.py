@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from aha.core.cpu_linear import onednn_linears
-from aha.core.decode_step import written_out_decoder
+from aha.core.decode_step import SharedPromptKV, written_out_decoder
 from aha.core.sampling import SamplingParams, row_uniforms, sample_next
 from aha.infra.errors import AhaError
 from aha.infra.model import check_context, model_context
@@ -232,14 +232,19 @@ def generate(model, prompts: list[list[int]], group_size: int, params: SamplingP
     return concat_rollouts(parts, pad_id)
 
 
+def ready_mask(model) -> bool:
+    """Does `model` take a ready 4-D additive mask at a decoding step: SDPA attention, no sliding window."""
+    config = model.config
+    return getattr(config, "_attn_implementation", None) == "sdpa" and getattr(config, "sliding_window", None) is None
+
+
 def decode_mask(model, attention: Tensor) -> Tensor | None:
     """The attention mask of a one-token decoding step as SDPA takes it, (N, 1, 1, L): 0 where a row
-    attends, −inf on its padding; None where the model's own mask must be built (not SDPA, or a
-    sliding window). transformers passes a ready 4-D mask through unchanged and would otherwise build
-    a boolean one at every step, which SDPA on CPU also converts at every layer; the same numbers, as
-    SDPA turns a boolean mask into exactly these values (bench/decode_probes.py)."""
-    config = model.config
-    if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "sliding_window", None) is not None:
+    attends, −inf on its padding; None where the model's own mask must be built (`ready_mask`: not
+    SDPA, or a sliding window). transformers passes a ready 4-D mask through unchanged and would
+    otherwise build a boolean one at every step, which SDPA on CPU also converts at every layer; the
+    same numbers, as SDPA turns a boolean mask into exactly these values (bench/decode_probes.py)."""
+    if not ready_mask(model):
         return None
     dtype = next(model.parameters()).dtype
     return torch.zeros(attention.shape, dtype=dtype, device=attention.device).masked_fill(
@@ -261,19 +266,22 @@ def _generate_rows(model, prompts: list[list[int]], group_size: int, params: Sam
     tail = 4 * max((len(s) for s in params.stop_strings), default=0) + 16
 
     prompt_len = prompt_ids.shape[1]
-    cache = PreallocatedCache(prompt_len + params.max_new_tokens)
+    # the written-out decode step (aha/core/decode_step.py) keeps each prompt's keys and values once
+    # (`SharedPromptKV`); transformers' forward gets them repeated for each row of the group
+    decoder = written_out_decoder(model) if ready_mask(model) else None
+    cache = PreallocatedCache(prompt_len + (0 if decoder is not None else params.max_new_tokens))
     cache_kw = cache_kwarg(model)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
                 use_cache=True, logits_to_keep=1, **{cache_kw: cache})
-    if group_size > 1:
+    kv = SharedPromptKV(cache, prompt_mask, group_size, params.max_new_tokens) if decoder is not None else None
+    if group_size > 1 and kv is None:
         cache.batch_repeat_interleave(group_size)
     logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)   # (N, V)
     attn = torch.ones((n, prompt_len + params.max_new_tokens), dtype=torch.long, device=device)
     attn[:, :prompt_len] = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, Lp + max_new), sliced per step
     next_pos = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
-    additive = decode_mask(model, attn)                     # (N, 1, 1, Lp + max_new) or None
-    decoder = written_out_decoder(model) if additive is not None else None   # aha/core/decode_step.py
+    additive = decode_mask(model, attn) if kv is None else None   # (N, 1, 1, Lp + max_new) or None
 
     tokens = torch.full((n, params.max_new_tokens), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((n, params.max_new_tokens), device=device)
@@ -303,11 +311,14 @@ def _generate_rows(model, prompts: list[list[int]], group_size: int, params: Sam
             break
         if 8 * (active.numel() - alive) >= active.numel():
             keep = running.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
+            if kv is not None:
+                kv.select(keep)
+            else:
+                cache.batch_select_indices(keep)
             active, running, tok, attn, next_pos = active[keep], running[keep], tok[keep], attn[keep], next_pos[keep]
             additive = additive[keep] if additive is not None else None
         if decoder is not None:
-            logits = decoder(tok, next_pos, additive[..., :prompt_len + step + 1], cache)
+            logits = decoder(tok, next_pos, kv)
         else:
             mask = additive if additive is not None else attn
             logits = model(input_ids=tok[:, None], attention_mask=mask[..., :prompt_len + step + 1],
