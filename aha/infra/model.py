@@ -197,7 +197,7 @@ def _fp32_sdpa(module, query, key, value, attention_mask, **kwargs):
 def fp32_attention(model):
     """While inside, `model`'s SDPA attention takes fp32 q, k, v where autocast hands it bf16 ones: on
     the CPU this was measured on (AMD EPYC family 25 model 17, AVX512-BF16), torch's flash-attention
-    kernel runs its forward + backward 2.2x faster in fp32 than in bf16 at 48 rows x 62 positions and
+    kernel runs its forward + backward ~2x faster in fp32 than in bf16 at 48 rows x 62 positions and
     1.5x at 64 x 150 (`bench/speed_probes_2026_12_06.py`), and the whole update of `aha run` ~25%
     faster; attention is a small share of a step's FLOPs and fp32 is the more exact. Every other
     matmul stays bf16. Models on another attention implementation are left as they are."""
