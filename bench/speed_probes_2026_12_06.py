@@ -72,7 +72,7 @@ def decode_probe() -> str:
     written_out, found = rollout.written_out_decoder, {"shared": [], "repeated": []}
     for _ in range(5):
         for name in found:
-            rollout.written_out_decoder = written_out if name == "shared" else (lambda model: None)
+            rollout.written_out_decoder = written_out if name == "shared" else (lambda model, bf16=False: None)
             start = time.perf_counter()
             rollout.generate(model, prompts, 8, params, tokenizer.pad_token_id, 0)
             found[name].append(time.perf_counter() - start)

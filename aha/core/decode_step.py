@@ -65,11 +65,13 @@ class SharedPromptKV:
     def attend(self, index: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
         """Attention output (A, Hq, 1, D) of layer `index` for this step's query (A, Hq, 1, D) after
         writing its key and value (A, Hkv, 1, D); query head h reads key head h // (Hq / Hkv), as
-        transformers' `repeat_kv` pairs them."""
+        transformers' `repeat_kv` pairs them. In the dtype of the prompt's keys, whatever the query's."""
         prompt_keys, prompt_values = self.prompt[index]
-        rows, heads = query.shape[0], key.shape[1]
+        rows, heads, dtype = query.shape[0], key.shape[1], prompt_keys.dtype       # the prefill's dtype (bf16
+        query = query.to(dtype)                                                    # linears: fp32 attention)
         if self.generated[index] is None:
-            self.generated[index] = tuple(x.new_empty((rows, heads, self.capacity, x.shape[-1])) for x in (key, value))
+            self.generated[index] = tuple(x.new_empty((rows, heads, self.capacity, x.shape[-1]), dtype=dtype)
+                                          for x in (key, value))
         keys, values = self.generated[index]
         keys[:, :, self.length] = key[:, :, 0]
         values[:, :, self.length] = value[:, :, 0]
@@ -96,15 +98,39 @@ def _kept(buffer: Tensor, keep: Tensor, length: int) -> Tensor:
     return out
 
 
-def gpt2_decoder(model):
+def linears(model, bf16: bool):
+    """`apply(layer, x)`: a linear layer of `model` on `x`: its own forward, or with `bf16` its matmul on
+    a bf16 copy of its weight and bias, made here once per decoder (once per `generate`), the input
+    cast to bf16 and the output left in bf16 (torch.nn.Linear, and GPT-2's Conv1D as transformers
+    computes it: bias + x @ weight). On a CPU with fast bf16 (AVX512-BF16, AMX) the decode step's
+    matmuls then run ~2x faster; attention, the KV cache, norms and the residual stream stay fp32, and
+    the log-probs are taken in fp32 from the bf16 logits (aha/core/sampling.py)."""
+    if not bf16:
+        return lambda layer, x: layer(x)
+    copies = {module: (module.weight.detach().to(torch.bfloat16),
+                       None if module.bias is None else module.bias.detach().to(torch.bfloat16))
+              for module in model.modules() if type(module) is torch.nn.Linear or type(module).__name__ == "Conv1D"}
+
+    def apply(layer, x: Tensor) -> Tensor:
+        weight, bias = copies[layer]
+        x = x.to(torch.bfloat16)
+        if type(layer) is torch.nn.Linear:
+            return F.linear(x, weight, bias)
+        return torch.addmm(bias, x.reshape(-1, x.shape[-1]), weight).view(*x.shape[:-1], -1)      # Conv1D
+    return apply
+
+
+def gpt2_decoder(model, bf16: bool = False):
     """`step(tokens (A,), positions (A, 1), kv: SharedPromptKV) -> logits (A, V)` for a GPT-2 LM head
-    model in eval mode with SDPA attention; None for any other model."""
+    model in eval mode with SDPA attention (`bf16`: its matmuls on bf16 weights, `linears`); None for
+    any other model."""
     config = model.config
     if (getattr(config, "model_type", None) != "gpt2" or getattr(config, "_attn_implementation", None) != "sdpa"
             or config.add_cross_attention or model.training or not hasattr(model, "transformer")):
         return None
     body = model.transformer
     blocks = list(body.h)
+    linear = linears(model, bf16)
 
     def layer_norm(norm, x: Tensor) -> Tensor:
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
@@ -114,21 +140,21 @@ def gpt2_decoder(model):
         for index, block in enumerate(blocks):
             attn = block.attn
             residual = hidden
-            query, key, value = attn.c_attn(layer_norm(block.ln_1, hidden)).split(attn.split_size, dim=2)
+            query, key, value = linear(attn.c_attn, layer_norm(block.ln_1, hidden)).split(attn.split_size, dim=2)
             shape = (*key.shape[:-1], -1, attn.head_dim)                                            # (A,1,H,D)
             out = kv.attend(index, query.view(shape).transpose(1, 2), key.view(shape).transpose(1, 2),
                             value.view(shape).transpose(1, 2), attn.scaling)                      # (A,H,1,D)
-            hidden = attn.c_proj(out.transpose(1, 2).reshape(residual.shape)) + residual
+            hidden = linear(attn.c_proj, out.transpose(1, 2).reshape(residual.shape)) + residual
             residual = hidden
             mlp = block.mlp
-            hidden = residual + mlp.c_proj(mlp.act(mlp.c_fc(layer_norm(block.ln_2, hidden))))
+            hidden = residual + linear(mlp.c_proj, mlp.act(linear(mlp.c_fc, layer_norm(block.ln_2, hidden))))
         kv.advance()
-        return model.lm_head(layer_norm(body.ln_f, hidden))[:, -1]                               # (A, V)
+        return linear(model.lm_head, layer_norm(body.ln_f, hidden))[:, -1]                       # (A, V)
 
     return step
 
 
-def llama_decoder(model):
+def llama_decoder(model, bf16: bool = False):
     """The same written-out step for the Llama family without per-head norms (Llama, Qwen2: SmolLM2 and
     the bench's random Qwen2), with every full-attention layer on SDPA; transformers' own
     `apply_rotary_pos_emb` does the rotation, `SharedPromptKV` the attention (grouped-query heads
@@ -143,6 +169,7 @@ def llama_decoder(model):
         return None
     layers = list(body.layers[: config.num_hidden_layers])
     rotate = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
+    linear = linears(model, bf16)
 
     def step(tokens: Tensor, positions: Tensor, kv: SharedPromptKV) -> Tensor:
         hidden = body.embed_tokens(tokens[:, None])                                               # (A, 1, C)
@@ -151,18 +178,19 @@ def llama_decoder(model):
             attn = layer.self_attn
             residual, x = hidden, layer.input_layernorm(hidden)
             shape = (*x.shape[:-1], -1, attn.head_dim)
-            query, key = rotate(attn.q_proj(x).view(shape).transpose(1, 2), attn.k_proj(x).view(shape).transpose(1, 2),
-                                cos, sin)
-            out = kv.attend(index, query, key, attn.v_proj(x).view(shape).transpose(1, 2), attn.scaling)
-            hidden = residual + attn.o_proj(out.transpose(1, 2).reshape(residual.shape))       # (A, 1, C)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            query, key = rotate(linear(attn.q_proj, x).view(shape).transpose(1, 2),
+                                linear(attn.k_proj, x).view(shape).transpose(1, 2), cos, sin)
+            out = kv.attend(index, query, key, linear(attn.v_proj, x).view(shape).transpose(1, 2), attn.scaling)
+            hidden = residual + linear(attn.o_proj, out.transpose(1, 2).reshape(residual.shape))  # (A, 1, C)
+            mlp, x = layer.mlp, layer.post_attention_layernorm(hidden)
+            hidden = hidden + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
         kv.advance()
-        return model.lm_head(body.norm(hidden))[:, -1]                                            # (A, V)
+        return linear(model.lm_head, body.norm(hidden))[:, -1]                                            # (A, V)
 
     return step
 
 
-def written_out_decoder(model):
+def written_out_decoder(model, bf16: bool = False):
     """The written-out decode step of `model` (`step(tokens (A,), positions (A, 1), kv: SharedPromptKV)
     -> logits (A, V)`), or None where transformers' forward stays — also wherever a forward
     hook watches the model or one of its modules (the step skips their calls: e.g. the experiment's
@@ -170,4 +198,6 @@ def written_out_decoder(model):
     from torch.nn.modules import module as torch_module
     hooked = torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or any(
         part._forward_hooks or part._forward_pre_hooks for part in model.modules())
-    return None if hooked else gpt2_decoder(model) or llama_decoder(model)
+    parameter = next(model.parameters())
+    bf16 = bf16 and parameter.dtype == torch.float32 and parameter.device.type == "cpu"   # `linears`
+    return None if hooked else gpt2_decoder(model, bf16) or llama_decoder(model, bf16)

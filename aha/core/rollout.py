@@ -268,7 +268,7 @@ def _generate_rows(model, prompts: list[list[int]], group_size: int, params: Sam
     prompt_len = prompt_ids.shape[1]
     # the written-out decode step (aha/core/decode_step.py) keeps each prompt's keys and values once
     # (`SharedPromptKV`); transformers' forward gets them repeated for each row of the group
-    decoder = written_out_decoder(model) if ready_mask(model) else None
+    decoder = written_out_decoder(model, params.bf16) if ready_mask(model) else None
     cache = PreallocatedCache(prompt_len + (0 if decoder is not None else params.max_new_tokens))
     cache_kw = cache_kwarg(model)
     positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)

@@ -18,6 +18,7 @@ class SamplingParams:
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()   # matched on each row's decoded tail (needs `tokenizer` in generate)
+    bf16: bool = False   # the written-out decode step's matmuls on bf16 weights (aha/core/decode_step.py `linears`)
 
 
 def _mix32(x):

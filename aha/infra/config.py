@@ -152,10 +152,13 @@ class Config:
         return LossSpec(**{f.name: getattr(self, f.name) for f in fields(LossSpec)})
 
     def sampling_params(self, stop_token_ids: tuple[int, ...] = (), stop_strings: tuple[str, ...] = ()):
-        """The rollout's sampling settings (aha/core/rollout.py `SamplingParams`), with the model's stops."""
+        """The rollout's sampling settings (aha/core/rollout.py `SamplingParams`), with the model's stops;
+        the decode step's matmuls in bf16 where the update's autocast is on (not `off`) and the CPU has
+        fast bf16 (aha/core/decode_step.py `linears`)."""
         from aha.core.sampling import SamplingParams
+        from aha.infra.model import cpu_has_fast_bf16
         return SamplingParams(self.max_new_tokens, self.temperature, self.top_p, self.top_k, tuple(stop_token_ids),
-                              tuple(stop_strings))
+                              tuple(stop_strings), bf16=self.autocast != "off" and cpu_has_fast_bf16())
 
     def eval_spec(self, rows_per_pass: int = 256):
         """R1's evaluation protocol as this config sets it (aha/eval/evaluate.py `EvalSpec`); `rows_per_pass`:
