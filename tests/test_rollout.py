@@ -360,3 +360,27 @@ def test_sampling_params_decode_in_bf16_only_where_the_update_does_on_a_fast_bf1
     assert Config(autocast="off").sampling_params().bf16 is False
     assert Config(autocast="auto").sampling_params().bf16 is cpu_has_fast_bf16()
     assert Config(autocast="bf16").sampling_params().bf16 is cpu_has_fast_bf16()    # never on a slow-bf16 CPU
+
+
+def test_bf16_decode_runs_lora_wrapped_layers_in_fp32():
+    """A LoRA-wrapped layer (peft) has no bf16 copy: it runs its own forward in fp32 inside the bf16
+    step (a bf16 input from the layer before it cast back), and the rollout stays within tolerance."""
+    pytest.importorskip("peft")
+    import dataclasses
+
+    from aha.infra.base import SHIPPED
+    from aha.infra.lora import add_lora
+    from aha.infra.model import load_model
+    model, tok = load_model(SHIPPED)
+    torch.manual_seed(0)
+    _, model = add_lora(model, 4, 8)
+    model.eval()
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            weight.data.normal_(0, 0.02)                           # adapters that change the output
+    prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("219+107", "5+5")]
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, stop_token_ids=(tok.eos_token_id,))
+    fp32 = generate(model, prompts, 4, params, tok.pad_token_id, seed=1)
+    bf16 = generate(model, prompts, 4, dataclasses.replace(params, bf16=True), tok.pad_token_id, seed=1)
+    assert not torch.equal(fp32.logprobs, bf16.logprobs)
+    assert (fp32.completion_ids == bf16.completion_ids).float().mean() >= 0.9

@@ -102,7 +102,7 @@ def linears(model, bf16: bool):
     """`apply(layer, x)`: a linear layer of `model` on `x`: its own forward, or with `bf16` its matmul on
     a bf16 copy of its weight and bias, made here once per decoder (once per `generate`), the input
     cast to bf16 and the output left in bf16 (torch.nn.Linear, and GPT-2's Conv1D as transformers
-    computes it: bias + x @ weight). On a CPU with fast bf16 (AVX512-BF16, AMX) the decode step's
+    computes it: bias + x @ weight; any other layer, e.g. LoRA's, runs its own forward in fp32). On a CPU with fast bf16 (AVX512-BF16, AMX) the decode step's
     matmuls then run ~2x faster; attention, the KV cache, norms and the residual stream stay fp32, and
     the log-probs are taken in fp32 from the bf16 logits (aha/core/sampling.py)."""
     if not bf16:
@@ -112,6 +112,8 @@ def linears(model, bf16: bool):
               for module in model.modules() if type(module) is torch.nn.Linear or type(module).__name__ == "Conv1D"}
 
     def apply(layer, x: Tensor) -> Tensor:
+        if layer not in copies:                        # e.g. a LoRA-wrapped layer (peft): its own fp32 forward
+            return layer(x.float())
         weight, bias = copies[layer]
         x = x.to(torch.bfloat16)
         if type(layer) is torch.nn.Linear:
