@@ -102,9 +102,10 @@ def linears(model, bf16: bool):
     """`apply(layer, x)`: a linear layer of `model` on `x`: its own forward, or with `bf16` its matmul on
     a bf16 copy of its weight and bias, made here once per decoder (once per `generate`), the input
     cast to bf16 and the output left in bf16 (torch.nn.Linear, and GPT-2's Conv1D as transformers
-    computes it: bias + x @ weight; any other layer, e.g. LoRA's, runs its own forward in fp32). On a CPU with fast bf16 (AVX512-BF16, AMX) the decode step's
-    matmuls then run ~2x faster; attention, the KV cache, norms and the residual stream stay fp32, and
-    the log-probs are taken in fp32 from the bf16 logits (aha/core/sampling.py)."""
+    computes it: bias + x @ weight; any other layer, e.g. LoRA's, runs its own forward in fp32). On a
+    CPU with fast bf16 (AVX512-BF16, AMX) the decode step's matmuls then run ~2x faster; attention,
+    the KV cache, norms and the residual stream stay fp32, and the log-probs are taken in fp32 from
+    the bf16 logits (aha/core/sampling.py)."""
     if not bf16:
         return lambda layer, x: layer(x)
     copies = {module: (module.weight.detach().to(torch.bfloat16),

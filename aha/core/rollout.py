@@ -251,6 +251,22 @@ def decode_mask(model, attention: Tensor) -> Tensor | None:
         attention == 0, float("-inf"))[:, None, None, :]
 
 
+def _prefill(model, prompt_ids: Tensor, prompt_mask: Tensor, group_size: int, params: SamplingParams):
+    """The prompts' forward: (decoder, cache, kv, logits (N, V) of each row's first token, positions).
+    The written-out decode step (aha/core/decode_step.py, `decoder`) keeps each prompt's keys and values
+    once (`kv`, a SharedPromptKV); for transformers' forward (`decoder` None) the cache repeats them
+    for each row of the group."""
+    decoder = written_out_decoder(model, params.bf16) if ready_mask(model) else None
+    cache = PreallocatedCache(prompt_ids.shape[1] + (0 if decoder is not None else params.max_new_tokens))
+    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
+    kv = SharedPromptKV(cache, prompt_mask, group_size, params.max_new_tokens) if decoder is not None else None
+    if group_size > 1 and kv is None:
+        cache.batch_repeat_interleave(group_size)
+    return decoder, cache, kv, out.logits[:, -1].repeat_interleave(group_size, dim=0), positions
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all: the decode step's ~400 ops run ~7% faster than under no_grad
 def _generate_rows(model, prompts: list[list[int]], group_size: int, params: SamplingParams, pad_id: int, seed: int,
                    row_offset: int, prompt_width: int, tokenizer) -> Rollout:
@@ -266,18 +282,8 @@ def _generate_rows(model, prompts: list[list[int]], group_size: int, params: Sam
     tail = 4 * max((len(s) for s in params.stop_strings), default=0) + 16
 
     prompt_len = prompt_ids.shape[1]
-    # the written-out decode step (aha/core/decode_step.py) keeps each prompt's keys and values once
-    # (`SharedPromptKV`); transformers' forward gets them repeated for each row of the group
-    decoder = written_out_decoder(model, params.bf16) if ready_mask(model) else None
-    cache = PreallocatedCache(prompt_len + (0 if decoder is not None else params.max_new_tokens))
+    decoder, cache, kv, logits, positions = _prefill(model, prompt_ids, prompt_mask, group_size, params)
     cache_kw = cache_kwarg(model)
-    positions = (prompt_mask.cumsum(dim=1) - 1).clamp(min=0)
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions,
-                use_cache=True, logits_to_keep=1, **{cache_kw: cache})
-    kv = SharedPromptKV(cache, prompt_mask, group_size, params.max_new_tokens) if decoder is not None else None
-    if group_size > 1 and kv is None:
-        cache.batch_repeat_interleave(group_size)
-    logits = out.logits[:, -1].repeat_interleave(group_size, dim=0)   # (N, V)
     attn = torch.ones((n, prompt_len + params.max_new_tokens), dtype=torch.long, device=device)
     attn[:, :prompt_len] = prompt_mask.repeat_interleave(group_size, dim=0)  # (N, Lp + max_new), sliced per step
     next_pos = positions[:, -1:].repeat_interleave(group_size, dim=0) + 1
