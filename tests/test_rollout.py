@@ -287,10 +287,12 @@ def test_the_written_out_llama_family_step_is_transformers_forward(arch, monkeyp
     assert ours.lengths.min() < ours.lengths.max()
 
 
-def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache():
+@pytest.mark.parametrize("leave_at", [(2, 4), (0, 3)])
+def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache(leave_at):
     """`SharedPromptKV.attend` against SDPA on the cache transformers would hold (each prompt's keys
     and values repeated for its G rows, then the generated ones), with left-padded prompts, 4 query
-    heads on 2 key-value heads, and rows leaving the batch between steps."""
+    heads on 2 key-value heads, and rows leaving the batch between steps (the cache then turns into
+    one per row: after some steps, or before the first)."""
     from types import SimpleNamespace
 
     from aha.core.decode_step import SharedPromptKV
@@ -305,7 +307,7 @@ def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache():
     values = layer.values.repeat_interleave(group, 0)
     bias = torch.zeros(prompt_mask.shape).masked_fill(prompt_mask == 0, float("-inf")).repeat_interleave(group, 0)
     for step in range(5):
-        if step in (2, 4):                                                 # rows finish and leave
+        if step in leave_at:                                               # rows finish and leave
             keep = torch.tensor([i for i in range(rows.numel()) if (i + step) % 3])
             kv.select(keep)
             rows, keys, values, bias = rows[keep], keys[keep], values[keep], bias[keep]
@@ -319,6 +321,7 @@ def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache():
         out = kv.attend(0, query, key, value, 0.3)
         kv.advance()
         assert out.shape == expected.shape and torch.allclose(out, expected, rtol=0, atol=1e-5), step
+        assert kv.shared == (step < leave_at[0])
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
