@@ -8,6 +8,7 @@ equations (advantages, KL, ratios, surrogates, aggregation), chosen by name; dyn
 sampling; rollout_correction.py TIS/MIS; vllm_rollout.py the vLLM sampler; tools/ multi-turn rollouts
 with tool calls; health.py the run's warnings; schedule.py the learning rate; presets.py the named
 recipes; plan.py and plan_command.py the memory plan (`aha plan`); cpu_linear.py oneDNN for decoding;
-decode_step.py the decode step written out (GPT-2, Llama, Qwen2);
+decode_step.py the decode step written out (GPT-2, Llama, Qwen2; each prompt's keys read once per
+group, bf16 matmuls on fast-bf16 CPUs);
 cli.py `aha train` and `aha plan`.
 """

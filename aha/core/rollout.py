@@ -1,6 +1,7 @@
 """The rollout engine: batched sampling with a KV cache, for RL, evaluation and chat.
 
-- Each prompt is prefilled once; its cache is then repeated for the G samples of its group.
+- Each prompt is prefilled once; the written-out decode step (aha/core/decode_step.py) then reads
+  its keys and values once for the G samples of its group, transformers' forward gets them repeated.
 - The KV cache is preallocated for the whole rollout and written in place (`PreallocatedCache`),
   not grown by `torch.cat`, which copies the whole cache at every step.
 - Finished rows (EOS or a stop token such as `</answer>`) leave the batch and the cache once an
