@@ -233,12 +233,24 @@ def test_the_ready_decode_mask_samples_what_the_models_own_mask_does(arch, monke
     assert torch.equal(ours.logprobs, theirs.logprobs)
 
 
+def assert_written_out_samples_as_transformers(model, tok, prompts, group, params, seed, monkeypatch):
+    """The written-out step against transformers' forward: the same tokens, log-probs within 2e-5
+    (not equal: the shared-prompt attention sums in another order), rows leaving at different steps."""
+    import aha.core.rollout as rollout_module
+    ours = generate(model, prompts, group, params, tok.pad_token_id, seed=seed)
+    monkeypatch.setattr(rollout_module, "written_out_decoder", lambda model, bf16=False: None)
+    theirs = generate(model, prompts, group, params, tok.pad_token_id, seed=seed)
+    assert torch.equal(ours.completion_ids, theirs.completion_ids)
+    assert torch.allclose(ours.logprobs, theirs.logprobs, rtol=0, atol=2e-5)
+    assert not torch.equal(ours.logprobs, theirs.logprobs)
+    assert ours.lengths.min() < ours.lengths.max()
+
+
 def test_the_written_out_gpt2_step_is_transformers_forward(monkeypatch):
     """aha/core/decode_step.py against transformers' own forward on the built-in model's real weights:
     the same tokens and log-probs within 2e-5 (the prompt's keys read once per group, `SharedPromptKV`,
     sum in another order), rows leaving the batch at different steps included; other architectures,
     and a model in training mode, keep transformers' forward."""
-    import aha.core.rollout as rollout_module
     from aha.core.decode_step import gpt2_decoder
     from aha.core.rollout import stop_token_ids
     from aha.infra.base import SHIPPED
@@ -256,13 +268,7 @@ def test_the_written_out_gpt2_step_is_transformers_forward(monkeypatch):
     assert written_out_decoder(model) is not None
     prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("219+107", "5+5", "463+372")]   # unequal
     params = SamplingParams(max_new_tokens=48, temperature=1.0, stop_token_ids=stop_token_ids(model, tok))
-    ours = generate(model, prompts, 8, params, tok.pad_token_id, seed=5)
-    monkeypatch.setattr(rollout_module, "written_out_decoder", lambda model, bf16=False: None)
-    theirs = generate(model, prompts, 8, params, tok.pad_token_id, seed=5)
-    assert torch.equal(ours.completion_ids, theirs.completion_ids)
-    assert torch.allclose(ours.logprobs, theirs.logprobs, rtol=0, atol=2e-5)
-    assert not torch.equal(ours.logprobs, theirs.logprobs)                 # the shared-prompt path really ran
-    assert ours.lengths.min() < ours.lengths.max()                  # rows left the batch at different steps
+    assert_written_out_samples_as_transformers(model, tok, prompts, 8, params, 5, monkeypatch)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
@@ -270,7 +276,6 @@ def test_the_written_out_llama_family_step_is_transformers_forward(arch, monkeyp
     """aha/core/decode_step.py's Llama/Qwen2 step (grouped-query heads: 4 query, 2 key/value) against
     transformers' own forward: the same tokens and log-probs within 2e-5, rows leaving the batch
     included; Qwen3 (per-head norms) keeps transformers' forward."""
-    import aha.core.rollout as rollout_module
     from aha.core.decode_step import written_out_decoder
     tok = build_char_tokenizer()
     model = tiny_model(arch, tok, seed=7)
@@ -278,13 +283,7 @@ def test_the_written_out_llama_family_step_is_transformers_forward(arch, monkeyp
     prompts = [tok(f"User: {q}\nAssistant:")["input_ids"] for q in ("3+4", "12+345", "60+7")]      # unequal lengths
     params = SamplingParams(max_new_tokens=24, temperature=1.0,
                             stop_token_ids=tuple(tok.convert_tokens_to_ids(list(STOP_CHARS))))
-    ours = generate(model, prompts, 4, params, tok.pad_token_id, seed=2)
-    monkeypatch.setattr(rollout_module, "written_out_decoder", lambda model, bf16=False: None)
-    theirs = generate(model, prompts, 4, params, tok.pad_token_id, seed=2)
-    assert torch.equal(ours.completion_ids, theirs.completion_ids)
-    assert torch.allclose(ours.logprobs, theirs.logprobs, rtol=0, atol=2e-5)
-    assert not torch.equal(ours.logprobs, theirs.logprobs)                 # the shared-prompt path really ran
-    assert ours.lengths.min() < ours.lengths.max()
+    assert_written_out_samples_as_transformers(model, tok, prompts, 4, params, 2, monkeypatch)
 
 
 @pytest.mark.parametrize("leave_at", [(2, 4), (0, 3)])

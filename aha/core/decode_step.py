@@ -76,21 +76,29 @@ class SharedPromptKV:
         """Attention output (A, Hq, 1, D) of layer `index` for this step's query (A, Hq, 1, D) after
         writing its key and value (A, Hkv, 1, D); query head h reads key head h // (Hq / Hkv), as
         transformers' `repeat_kv` pairs them. In the dtype of the prompt's keys, whatever the query's."""
+        query = query.to(self.prompt[index][0].dtype)      # the prefill's dtype (bf16 linears: fp32 attention)
+        return self._attend_rows(index, query, key, value, scale) if not self.shared else self._attend_shared(
+            index, query, key, value, scale)
+
+    def _attend_rows(self, index: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        """Once rows have left: SDPA over each row's own cache (its prompt, then its generated columns)."""
         prompt_keys, prompt_values = self.prompt[index]
-        rows, heads, dtype = query.shape[0], key.shape[1], prompt_keys.dtype       # the prefill's dtype (bf16
-        query = query.to(dtype)                                                    # linears: fp32 attention)
-        if not self.shared:
-            if self.generated[index] is None:
-                empty = prompt_keys.new_empty((rows, heads, 0, prompt_keys.shape[3]))
-                self.generated[index] = (self._per_row(prompt_keys, empty), self._per_row(prompt_values, empty))
-            keys, values = self.generated[index]
-            column = prompt_keys.shape[2] + self.length
-            keys[:, :, column], values[:, :, column] = key[:, :, 0], value[:, :, 0]
-            return F.scaled_dot_product_attention(
-                query, keys[:, :, :column + 1], values[:, :, :column + 1], attn_mask=self.row_bias[..., :column + 1],
-                scale=scale, enable_gqa=query.shape[1] != heads)
+        if self.generated[index] is None:                    # rows left before this layer's first step
+            empty = prompt_keys.new_empty((query.shape[0], key.shape[1], 0, prompt_keys.shape[3]))
+            self.generated[index] = (self._per_row(prompt_keys, empty), self._per_row(prompt_values, empty))
+        keys, values = self.generated[index]
+        column = prompt_keys.shape[2] + self.length
+        keys[:, :, column], values[:, :, column] = key[:, :, 0], value[:, :, 0]
+        return F.scaled_dot_product_attention(
+            query, keys[:, :, :column + 1], values[:, :, :column + 1], attn_mask=self.row_bias[..., :column + 1],
+            scale=scale, enable_gqa=query.shape[1] != key.shape[1])
+
+    def _attend_shared(self, index: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        """Every row in the batch: the prompt part per group, the generated part per row, one softmax."""
+        prompt_keys, prompt_values = self.prompt[index]
+        rows, heads = query.shape[0], key.shape[1]
         if self.generated[index] is None:
-            self.generated[index] = tuple(x.new_empty((rows, heads, self.capacity, x.shape[-1]), dtype=dtype)
+            self.generated[index] = tuple(x.new_empty((rows, heads, self.capacity, x.shape[-1]), dtype=query.dtype)
                                           for x in (key, value))
         keys, values = self.generated[index]
         keys[:, :, self.length] = key[:, :, 0]
