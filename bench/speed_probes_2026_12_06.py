@@ -16,6 +16,7 @@
 """
 
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +103,7 @@ def update_probe() -> str:
     fp32_attention, found = model_module.fp32_attention, {"fp32": [], "bf16": []}
     for _ in range(5):
         for name in found:
-            model_module.fp32_attention = fp32_attention if name == "fp32" else _unchanged
+            model_module.fp32_attention = fp32_attention if name == "fp32" else (lambda model: nullcontext())
             model.train()
             start = time.perf_counter()
             policy_update(model, None, learner.optimizer, batch.rollout, rows, advantages, learner.spec, norm, cfg)
@@ -110,17 +111,6 @@ def update_probe() -> str:
     model_module.fp32_attention = fp32_attention
     return (f"update step (autocast {cfg.autocast}, fast bf16: {model_module.cpu_has_fast_bf16()}), attention in "
             + ", ".join(f"{name} {min(t) * 1e3:.0f} ms" for name, t in found.items()))
-
-
-class _unchanged:
-    def __init__(self, model):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ class SharedPromptKV:
         if not self.shared:
             self.row_bias = self.row_bias[keep]
             filled = self.bias.shape[1] + self.length
-            self.generated = [None if kv is None else tuple(_kept(x, keep, filled) for x in kv)
+            self.generated = [None if kv is None else tuple(in_buffer(x, x[keep, :, :filled]) for x in kv)
                               for kv in self.generated]
             return
         self.shared = False
@@ -129,10 +129,11 @@ class SharedPromptKV:
         self.length += 1
 
 
-def _kept(buffer: Tensor, keep: Tensor, length: int) -> Tensor:
-    """A buffer of `buffer`'s capacity for the rows `keep`, holding their first `length` positions."""
-    out = buffer.new_empty((keep.numel(), *buffer.shape[1:]))
-    out[:, :, :length] = buffer[keep, :, :length]
+def in_buffer(buffer: Tensor, columns: Tensor) -> Tensor:
+    """A new buffer of `buffer`'s capacity for the rows of `columns` (R, H, length, D), which fill its
+    first `length` positions: only what was written is copied, not the empty rest of the capacity."""
+    out = buffer.new_empty((columns.shape[0], *buffer.shape[1:]))
+    out[:, :, :columns.shape[2]] = columns
     return out
 
 

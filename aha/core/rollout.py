@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from aha.core.cpu_linear import onednn_linears
-from aha.core.decode_step import SharedPromptKV, written_out_decoder
+from aha.core.decode_step import SharedPromptKV, in_buffer, written_out_decoder
 from aha.core.sampling import SamplingParams, row_uniforms, sample_next
 from aha.infra.errors import AhaError
 from aha.infra.model import check_context, model_context
@@ -113,20 +113,13 @@ class PreallocatedLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.length:
-            self._set(*(self._filled(buffer, buffer[:, :, :self.length].repeat_interleave(repeats, dim=0))
+            self._set(*(in_buffer(buffer, buffer[:, :, :self.length].repeat_interleave(repeats, dim=0))
                         for buffer in (self.key_buffer, self.value_buffer)))
 
     def batch_select_indices(self, indices: Tensor) -> None:
         if self.length:
-            self._set(*(self._filled(buffer, buffer[indices, :, :self.length])
+            self._set(*(in_buffer(buffer, buffer[indices, :, :self.length])
                         for buffer in (self.key_buffer, self.value_buffer)))
-
-    def _filled(self, buffer: Tensor, columns: Tensor) -> Tensor:
-        """A new buffer of `buffer`'s capacity for the rows of `columns` (R, H, length, D), which fill its
-        first `length` positions: only what was written is copied, not the empty rest of the capacity."""
-        out = buffer.new_empty((columns.shape[0], *buffer.shape[1:]))
-        out[:, :, :self.length] = columns
-        return out
 
 
 class PreallocatedCache(DynamicCache):
