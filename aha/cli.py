@@ -49,7 +49,8 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from aha.infra.model import return_freed_memory_to_the_os
+    from aha.infra.model import bound_onednn_caches, return_freed_memory_to_the_os
+    bound_onednn_caches()
     return_freed_memory_to_the_os()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)

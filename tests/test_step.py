@@ -13,7 +13,7 @@ import torch
 from aha.core.algos import LossSpec, Normaliser
 from aha.core.rollout import generate
 from aha.core.sampling import SamplingParams
-from aha.core.step import micro_batch_size, micro_batches, policy_update
+from aha.core.step import micro_batch_pieces, micro_batches, policy_update
 from aha.infra.config import Config
 from aha.infra.model import build_model
 from aha.infra.tokenizer import build_char_tokenizer
@@ -79,17 +79,61 @@ def test_accumulated_micro_batches_equal_the_one_shot_step(setup, aggregation, b
         assert whole[4]["clip_frac"] >= 0
 
 
-def test_micro_batches_cut_in_order_and_pad_with_weightless_stand_ins():
-    pieces = micro_batches(torch.arange(7), 3, 4, 1.0)
-    assert [(p.tolist(), w) for p, w in pieces] == [([0, 1, 2], 1.0), ([3, 4, 5], 1.0), ([6], 1.0), ([0], 0.0)]
+def brute_force_cuts(lengths, prompt_width, max_rows, budget, overhead):
+    """The cheapest cut of the rows into micro-batches, by trying every set partition (small R only)."""
+    def partitions(items):
+        if not items:
+            yield []
+            return
+        first, rest = items[0], items[1:]
+        for part in partitions(rest):
+            for i in range(len(part)):
+                yield part[:i] + [[first] + part[i]] + part[i + 1:]
+            yield [[first]] + part
+
+    def cost(part):
+        total = 0
+        for batch in part:
+            rows, width = len(batch), prompt_width + max(lengths[i] for i in batch)
+            if rows > max_rows or (rows > 1 and rows * width > budget):
+                return float("inf")
+            total += rows * width + overhead
+        return total
+    return min(cost(part) for part in partitions(list(range(len(lengths)))))
 
 
-def test_auto_micro_batch_fills_the_token_budget(setup):
+@pytest.mark.parametrize("seed", range(6))
+def test_micro_batches_cost_no_more_than_any_partition_of_the_rows(seed):
+    """The dynamic programme over rows sorted by length finds the cheapest of ALL set partitions (a
+    brute force over every one, not just contiguous cuts of the sorted order), within the row and
+    token caps, and every row is in exactly one micro-batch."""
+    import random
+    rng = random.Random(seed)
+    lengths = [rng.choice([1, 3, 8, 20, 64]) for _ in range(7)]
+    prompt_width, max_rows = rng.choice([0, 5]), rng.choice([2, 3, 7])
+    budget, overhead = rng.choice([60, 200, 10**9]), rng.choice([0, 10, 100])
+    cuts = micro_batches(lengths, prompt_width, max_rows, budget, overhead)
+    assert sorted(i for cut in cuts for i in cut) == list(range(7))
+    widths = [prompt_width + max(lengths[i] for i in cut) for cut in cuts]
+    assert all(len(cut) <= max_rows and (len(cut) == 1 or len(cut) * w <= budget) for cut, w in zip(cuts, widths))
+    found = sum(len(cut) * w + overhead for cut, w in zip(cuts, widths))
+    assert found == brute_force_cuts(lengths, prompt_width, max_rows, budget, overhead)
+
+
+def test_micro_batch_pieces_cap_rows_or_tokens_and_pad_with_weightless_stand_ins(setup):
     _, rollout = setup
     rows = torch.arange(12)
-    width = int(rollout.prompt_mask.any(dim=0).sum()) + int(rollout.completion_mask.sum(dim=1).max())
+    lengths = rollout.completion_mask.sum(dim=1)
+    width = int(rollout.prompt_mask.any(dim=0).sum()) + int(lengths.max())
     cfg = Config()
-    assert micro_batch_size(cfg, 5 * width + 3, rollout, rows) == 5
-    assert micro_batch_size(cfg, 1, rollout, rows) == 1                  # at least one row
+    one = micro_batch_pieces(cfg, 12 * width, rollout, rows, 1.0, lambda n: n)   # every row fits: one pass
+    assert [(sorted(p.tolist()), w) for p, w in one] == [(list(range(12)), 1.0)]
+    tight = micro_batch_pieces(cfg, 5 * width, rollout, rows, 1.0, lambda n: n + 2)
+    assert all(len(p) * (width - int(lengths.max()) + int(lengths[p].max())) <= 5 * width for p, w in tight if w)
+    assert [w for _, w in tight[-2:]] == [0.0, 0.0] and all(len(p) == 1 for p, _ in tight[-2:])   # stand-ins
+    assert sorted(i for p, w in tight if w for i in p.tolist()) == list(range(12))
+    assert all(len(p) == 1 for p, _ in micro_batch_pieces(cfg, 1, rollout, rows, 1.0, lambda n: n))   # ≥ 1 row
     cfg.micro_batch_size = "7"
-    assert micro_batch_size(cfg, 1, rollout, rows) == 7
+    assert max(len(p) for p, _ in micro_batch_pieces(cfg, 1, rollout, rows, 1.0, lambda n: n)) <= 7
+
+

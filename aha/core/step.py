@@ -152,25 +152,59 @@ def loss_rows(cfg: Config, batch_rows: torch.Tensor, advantages: torch.Tensor,
     return in_loss.nonzero().squeeze(1), norm
 
 
-def micro_batches(rows: torch.Tensor, size: int, count: int, weight: float) -> list[tuple[torch.Tensor, float]]:
-    """`rows` (R,) cut into `count` micro-batches of at most `size` rows, in order (a group may span
-    two), each with its weight; micro-batches past this rank's rows are stand-ins (one row, weight 0)
-    so that every rank runs `count` of them.
+BATCH_OVERHEAD_TOKENS = 384   # one more forward/backward costs about this many tokens' work (measured: below)
 
-    >>> [(m.tolist(), w) for m, w in micro_batches(torch.arange(5), 2, 4, 1.0)]
-    [([0, 1], 1.0), ([2, 3], 1.0), ([4], 1.0), ([0], 0.0)]
+
+def micro_batches(lengths: list[int], prompt_width: int, max_rows: int, budget: int,
+                  overhead: int = BATCH_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Positions in `lengths` (R,), the completion lengths of the rows that train, cut into
+    micro-batches of rows of similar length, longest first. Each micro-batch's forward/backward is
+    padded to its own longest row only (`completion_logprobs` trims it), so the cut minimises
+
+        Σ over micro-batches  rows × (prompt_width + its longest completion) + overhead
+
+    with at most `max_rows` rows and `budget` padded tokens in each (one row always fits): an exact
+    dynamic programme over the rows sorted by length. `overhead` prices one more forward/backward
+    in tokens: a micro-batch of one row costs what ~380 tokens of the batch cost, on the built-in model
+    and on the bench's Qwen2 alike (AMD EPYC, `bench/speed_probes_2026_12_06.py`). With a reward
+    that ends some completions early and lets others run to max_new_tokens, a third of a padded
+    batch can be padding.
+
+    >>> micro_batches([5, 100, 7, 98, 6], prompt_width=10, max_rows=8, budget=10_000, overhead=50)
+    [[1, 3], [2, 4, 0]]
+    >>> micro_batches([5, 100, 7, 98, 6], prompt_width=10, max_rows=2, budget=10_000, overhead=50)
+    [[1, 3], [2, 4], [0]]
     """
-    pieces = [(piece, weight) for piece in rows.split(size)]
-    return pieces + [(rows[:1], 0.0)] * (count - len(pieces))
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    best, start_of = [0.0] + [float("inf")] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end - 1, -1, -1):            # micro-batch order[start:end]: its longest is order[start]
+            rows, width = end - start, prompt_width + lengths[order[start]]
+            if rows > max_rows or (rows > 1 and rows * width > budget):
+                break                                   # an earlier start only adds rows and width
+            cost = best[start] + rows * width + overhead
+            if cost < best[end]:
+                best[end], start_of[end] = cost, start
+    cuts, end = [], len(order)
+    while end:
+        cuts.append(order[start_of[end]:end])
+        end = start_of[end]
+    return cuts[::-1]
 
 
-def micro_batch_size(cfg: Config, token_budget: int, rollout: Rollout, rows: torch.Tensor) -> int:
-    """Rows per forward/backward: `micro_batch_size` when it is a number, else as many rows of this
-    step's padded width (prompt + completion) as fit in `token_budget` tokens, at least one."""
-    if cfg.micro_batch_size != "auto":
-        return int(cfg.micro_batch_size)
-    width = int(rollout.prompt_mask[rows].any(dim=0).sum()) + int(rollout.completion_mask[rows].sum(dim=1).max())
-    return max(1, token_budget // max(width, 1))
+def micro_batch_pieces(cfg: Config, token_budget: int, rollout: Rollout, rows: torch.Tensor, weight: float,
+                       count) -> list[tuple[torch.Tensor, float]]:
+    """`rows` (R,) in micro-batches (`micro_batches`): at most `micro_batch_size` rows each when it
+    is a number, else at most `token_budget` padded tokens each; each with its weight. `count(n)`
+    gives how many micro-batches to run (under torchrun: the most of any rank); those past this
+    rank's are stand-ins (one row, weight 0), so that every rank runs as many."""
+    lengths = rollout.completion_mask[rows].sum(dim=1).tolist()
+    prompt_width = int(rollout.prompt_mask[rows].any(dim=0).sum())
+    auto = cfg.micro_batch_size == "auto"
+    cuts = micro_batches(lengths, prompt_width, rows.numel() if auto else int(cfg.micro_batch_size),
+                         token_budget if auto else 1 << 62)
+    pieces = [(rows[torch.tensor(cut, device=rows.device)], weight) for cut in cuts]
+    return pieces + [(rows[:1], 0.0)] * (count(len(pieces)) - len(pieces))
 
 
 def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Tensor, advantages: torch.Tensor,
@@ -188,8 +222,7 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
     rows, weight = world.local_rows(rows, cfg.prompts_per_step * cfg.group_size)   # weight 0: a stand-in row
     if not rows.numel():
         return result
-    size = micro_batch_size(cfg, token_budget, rollout, rows)
-    pieces = micro_batches(rows, size, world.most(-(-rows.numel() // size)), weight)
+    pieces = micro_batch_pieces(cfg, token_budget, rollout, rows, weight, world.most)
     device = rollout.prompt_ids.device.type
     old = {}                                             # micro-batch index -> (old log-probs, IS weight)
     mismatches = []
