@@ -356,6 +356,35 @@ def test_bf16_decode_stays_within_tolerance_of_fp32(arch):
     assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
 
 
+def test_bf16_linears_stack_layers_and_pack_weights_without_changing_the_numbers():
+    """`linears(model, bf16=True)`: a tuple of layers (a Llama layer's q/k/v, its gate/up) is one
+    matmul on their stacked bf16 weights, the outputs split back; `bf16_matmul` runs oneDNN's linear
+    on a packed weight where this torch has it. Both against torch's own bf16 linear per layer: the
+    stacked matmul within one bf16 rounding of the output, the packed one equal to it."""
+    from aha.core.decode_step import bf16_matmul, linears
+    tok = build_char_tokenizer()
+    model = tiny_model("qwen2", tok, seed=3).eval()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    apply = linears(model, bf16=True)
+    x = torch.randn(5, 1, model.config.hidden_size)
+    with torch.inference_mode():
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            outs = apply(group, x)
+            assert len(outs) == len(group)
+            for layer, out in zip(group, outs):
+                bias = None if layer.bias is None else layer.bias.to(torch.bfloat16)
+                expected = torch.nn.functional.linear(x.to(torch.bfloat16), layer.weight.to(torch.bfloat16), bias)
+                assert out.dtype == torch.bfloat16 and out.shape == expected.shape
+                assert torch.allclose(out.float(), expected.float(), rtol=2 ** -7, atol=1e-3)
+        for shape, bias in (((3, 16), True), ((4, 1, 16), False)):
+            w, v = torch.randn(8, 16).bfloat16(), torch.randn(shape).bfloat16()
+            b = torch.randn(8).bfloat16() if bias else None
+            assert torch.equal(bf16_matmul(w, b)(v), torch.nn.functional.linear(v, w, b))
+        fp32 = linears(model, bf16=False)
+        assert all(torch.equal(o, layer(x)) for o, layer in zip(fp32((attn.q_proj, attn.k_proj), x),
+                                                                 (attn.q_proj, attn.k_proj)))
+
+
 def test_sampling_params_decode_in_bf16_only_where_the_update_does_on_a_fast_bf16_cpu():
     from aha.infra.config import Config
     from aha.infra.model import cpu_has_fast_bf16

@@ -141,28 +141,44 @@ def in_buffer(buffer: Tensor, columns: Tensor) -> Tensor:
 
 
 def linears(model, bf16: bool):
-    """`apply(layer, x)`: a linear layer of `model` on `x`: its own forward, or with `bf16` its matmul on
-    a bf16 copy of its weight and bias, made here once per decoder (once per `generate`), the input
-    cast to bf16 and the output left in bf16 (torch.nn.Linear, and GPT-2's Conv1D as transformers
-    computes it: bias + x @ weight; any other layer, e.g. LoRA's, runs its own forward in fp32). On a
-    CPU with fast bf16 (AVX512-BF16, AMX) the decode step's matmuls then run ~2x faster; attention,
-    the KV cache, norms and the residual stream stay fp32, and the log-probs are taken in fp32 from
-    the bf16 logits (aha/core/sampling.py). Each copy is laid out once in oneDNN's blocked format
-    where this torch has it (`bf16_matmul`)."""
+    """`apply(layers, x)`: a linear layer of `model` on `x` (or a tuple of layers that read the same
+    `x`, giving a tuple of outputs): its own forward, or with `bf16` its matmul on a bf16 copy of its
+    weight and bias, made here once per decoder (once per `generate`), the input cast to bf16 and
+    the output left in bf16 (torch.nn.Linear, and GPT-2's Conv1D as transformers computes it: bias +
+    x @ weight; any other layer, e.g. LoRA's, runs its own forward in fp32). On a CPU with fast bf16
+    (AVX512-BF16, AMX) the decode step's matmuls then run ~2x faster; attention, the KV cache, norms
+    and the residual stream stay fp32, and the log-probs are taken in fp32 from the bf16 logits
+    (aha/core/sampling.py). In bf16 a tuple of layers is one matmul on their weights stacked (a
+    Llama layer's query, key and value projections; its gate and up projections): one call and one
+    cast of `x` instead of three or two. Each matmul's weight is laid out once in oneDNN's blocked
+    format where this torch has it (`bf16_matmul`)."""
     if not bf16:
-        return lambda layer, x: layer(x)
-    copies = {}
+        return lambda layers, x: tuple(layer(x) for layer in layers) if isinstance(layers, tuple) else layers(x)
+    weights = {}                                                                         # layer -> (out, in), bias
     for module in model.modules():
         if type(module) is torch.nn.Linear or type(module).__name__ == "Conv1D":
-            weight = module.weight.detach().to(torch.bfloat16)                          # (out, in)
-            weight = weight if type(module) is torch.nn.Linear else weight.t().contiguous()  # Conv1D: (in, out)
-            copies[module] = bf16_matmul(weight, None if module.bias is None else module.bias.detach().to(
-                torch.bfloat16))
+            weight = module.weight.detach().to(torch.bfloat16)
+            weight = weight if type(module) is torch.nn.Linear else weight.t().contiguous()    # Conv1D: (in, out)
+            weights[module] = (weight, None if module.bias is None else module.bias.detach().to(torch.bfloat16))
+    matmuls = {}
 
-    def apply(layer, x: Tensor) -> Tensor:
-        if layer not in copies:                        # e.g. a LoRA-wrapped layer (peft): its own fp32 forward
-            return layer(x.float())
-        return copies[layer](x.to(torch.bfloat16))
+    def matmul(group: tuple):
+        if group not in matmuls:
+            stacked = [weights[layer] for layer in group]
+            bias = None if all(b is None for _, b in stacked) else torch.cat(
+                [b if b is not None else w.new_zeros(w.shape[0]) for w, b in stacked])
+            matmuls[group] = bf16_matmul(torch.cat([w for w, _ in stacked]), bias), [w.shape[0] for w, _ in stacked]
+        return matmuls[group]
+
+    def apply(layers, x: Tensor):
+        group = layers if isinstance(layers, tuple) else (layers,)
+        if any(layer not in weights for layer in group):    # e.g. a LoRA-wrapped layer (peft): its own fp32 forward
+            outs = tuple(layer(x.float()) for layer in group)
+        else:
+            run, sizes = matmul(group)
+            out = run(x.to(torch.bfloat16))
+            outs = out.split(sizes, dim=-1) if len(group) > 1 else (out,)
+        return outs if isinstance(layers, tuple) else outs[0]
     return apply
 
 
@@ -249,12 +265,13 @@ def llama_decoder(model, bf16: bool = False):
             attn = layer.self_attn
             residual, x = hidden, layer.input_layernorm(hidden)
             shape = (*x.shape[:-1], -1, attn.head_dim)
-            query, key = rotate(linear(attn.q_proj, x).view(shape).transpose(1, 2),
-                                linear(attn.k_proj, x).view(shape).transpose(1, 2), cos, sin)
-            out = kv.attend(index, query, key, linear(attn.v_proj, x).view(shape).transpose(1, 2), attn.scaling)
+            query, key, value = linear((attn.q_proj, attn.k_proj, attn.v_proj), x)
+            query, key = rotate(query.view(shape).transpose(1, 2), key.view(shape).transpose(1, 2), cos, sin)
+            out = kv.attend(index, query, key, value.view(shape).transpose(1, 2), attn.scaling)
             hidden = residual + linear(attn.o_proj, out.transpose(1, 2).reshape(residual.shape))  # (A, 1, C)
             mlp, x = layer.mlp, layer.post_attention_layernorm(hidden)
-            hidden = hidden + linear(mlp.down_proj, mlp.act_fn(linear(mlp.gate_proj, x)) * linear(mlp.up_proj, x))
+            gate, up = linear((mlp.gate_proj, mlp.up_proj), x)
+            hidden = hidden + linear(mlp.down_proj, mlp.act_fn(gate) * up)
         kv.advance()
         return linear(model.lm_head, body.norm(hidden))[:, -1]                                            # (A, V)
 
