@@ -290,8 +290,10 @@ def _generate_rows(model, prompts: list[list[int]], group_size: int, params: Sam
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
     active = torch.arange(n, device=device)                 # (A,) the row in each batch slot
     running = torch.ones(n, dtype=torch.bool, device=device)  # (A,) False once the slot's row finished
+    uniforms = row_uniforms(seed, torch.arange(params.max_new_tokens, device=device)[:, None],
+                            row_offset + active)             # (max_new, N): each step's draws, hashed at once
     for step in range(params.max_new_tokens):
-        tok, lp = sample_next(logits[:, :vocab], row_uniforms(seed, step, row_offset + active), params)
+        tok, lp = sample_next(logits[:, :vocab], uniforms[step, active], params)
         # finished rows still in the batch write what they already hold: pad, log-prob 0
         tokens[active, step] = torch.where(running, tok, pad_id)
         logprobs[active, step] = torch.where(running, lp, 0.0)

@@ -31,13 +31,16 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def row_uniforms(seed: int, step: int, rows: Tensor) -> Tensor:
+def row_uniforms(seed: int, step: int | Tensor, rows: Tensor) -> Tensor:
     """U[0, 1) (A,) float64 for the global row indices `rows` (A,) at decode step `step`: a hash of
     (seed, step, row) with 2^-32 resolution, the same on any device, batch or chunk. (seed, step) are
-    hashed once in Python; each row then costs two rounds of the hash.
+    hashed once; each row then costs two rounds of the hash. `step` may be a column of steps (T, 1):
+    then (T, A), row t the uniforms of step t, equal to T calls (a whole rollout's in one go).
 
     >>> u = row_uniforms(0, 3, torch.arange(4)); bool(((u >= 0) & (u < 1)).all()), u.unique().numel()
     (True, 4)
+    >>> torch.equal(row_uniforms(0, torch.arange(5)[:, None], torch.arange(4))[3], u)
+    True
     """
     key = _mix32(_mix32(_mix32(step & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF)) ^ ((seed >> 32) & 0xFFFFFFFF))
     x = _mix32((rows.to(torch.int64) & 0xFFFFFFFF) ^ key)
