@@ -359,8 +359,9 @@ def test_bf16_decode_stays_within_tolerance_of_fp32(arch):
 def test_bf16_linears_stack_layers_and_pack_weights_without_changing_the_numbers():
     """`linears(model, bf16=True)`: a tuple of layers (a Llama layer's q/k/v, its gate/up) is one
     matmul on their stacked bf16 weights, the outputs split back; `bf16_matmul` runs oneDNN's linear
-    on a packed weight where this torch has it. Both against torch's own bf16 linear per layer: the
-    stacked matmul within one bf16 rounding of the output, the packed one equal to it."""
+    on a packed weight where this torch has it, GELU fused. Against torch's own bf16 linear per
+    layer: the stacked matmul within one bf16 rounding of the output, the packed one equal to it;
+    the fused GELU within one bf16 rounding of fp32's GELU of the same bf16 inputs."""
     from aha.core.decode_step import bf16_matmul, linears
     tok = build_char_tokenizer()
     model = tiny_model("qwen2", tok, seed=3).eval()
@@ -380,6 +381,11 @@ def test_bf16_linears_stack_layers_and_pack_weights_without_changing_the_numbers
             w, v = torch.randn(8, 16).bfloat16(), torch.randn(shape).bfloat16()
             b = torch.randn(8).bfloat16() if bias else None
             assert torch.equal(bf16_matmul(w, b)(v), torch.nn.functional.linear(v, w, b))
+            for approximation in ("tanh", "none"):                    # GELU fused into the matmul
+                exact = torch.nn.functional.gelu(torch.nn.functional.linear(
+                    v.float(), w.float(), None if b is None else b.float()), approximate=approximation)
+                found = bf16_matmul(w, b, approximation)(v)
+                assert found.dtype == torch.bfloat16 and torch.allclose(found.float(), exact, rtol=2 ** -7, atol=2e-3)
         fp32 = linears(model, bf16=False)
         assert all(torch.equal(o, layer(x)) for o, layer in zip(fp32((attn.q_proj, attn.k_proj), x),
                                                                  (attn.q_proj, attn.k_proj)))

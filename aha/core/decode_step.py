@@ -141,19 +141,25 @@ def in_buffer(buffer: Tensor, columns: Tensor) -> Tensor:
 
 
 def linears(model, bf16: bool):
-    """`apply(layers, x)`: a linear layer of `model` on `x` (or a tuple of layers that read the same
-    `x`, giving a tuple of outputs): its own forward, or with `bf16` its matmul on a bf16 copy of its
-    weight and bias, made here once per decoder (once per `generate`), the input cast to bf16 and
-    the output left in bf16 (torch.nn.Linear, and GPT-2's Conv1D as transformers computes it: bias +
-    x @ weight; any other layer, e.g. LoRA's, runs its own forward in fp32). On a CPU with fast bf16
-    (AVX512-BF16, AMX) the decode step's matmuls then run ~2x faster; attention, the KV cache, norms
-    and the residual stream stay fp32, and the log-probs are taken in fp32 from the bf16 logits
+    """`apply(layers, x, act=None, gelu=None)`: a linear layer of `model` on `x` (or a tuple of layers
+    that read the same `x`, giving a tuple of outputs), then `act` on its output if given. Its own
+    forward, or with `bf16` its matmul on a bf16 copy of its weight and bias, made here once per
+    decoder (once per `generate`), the input cast to bf16 and the output left in bf16
+    (torch.nn.Linear, and GPT-2's Conv1D as transformers computes it: bias + x @ weight; any other
+    layer, e.g. LoRA's, runs its own forward in fp32). On a CPU with fast bf16 (AVX512-BF16, AMX)
+    the decode step's matmuls then run ~2x faster; attention, the KV cache, norms and the residual
+    stream stay fp32, and the log-probs are taken in fp32 from the bf16 logits
     (aha/core/sampling.py). In bf16 a tuple of layers is one matmul on their weights stacked (a
     Llama layer's query, key and value projections; its gate and up projections): one call and one
     cast of `x` instead of three or two. Each matmul's weight is laid out once in oneDNN's blocked
-    format where this torch has it (`bf16_matmul`)."""
+    format where this torch has it, and a GELU `act` whose approximation `gelu` names is fused into
+    it (`bf16_matmul`)."""
     if not bf16:
-        return lambda layers, x: tuple(layer(x) for layer in layers) if isinstance(layers, tuple) else layers(x)
+        def own(layers, x: Tensor, act=None, gelu: str | None = None):
+            outs = tuple(layer(x) if act is None else act(layer(x)) for layer in (
+                layers if isinstance(layers, tuple) else (layers,)))
+            return outs if isinstance(layers, tuple) else outs[0]
+        return own
     weights = {}                                                                         # layer -> (out, in), bias
     for module in model.modules():
         if type(module) is torch.nn.Linear or type(module).__name__ == "Conv1D":
@@ -162,21 +168,23 @@ def linears(model, bf16: bool):
             weights[module] = (weight, None if module.bias is None else module.bias.detach().to(torch.bfloat16))
     matmuls = {}
 
-    def matmul(group: tuple):
-        if group not in matmuls:
+    def matmul(group: tuple, gelu: str | None):
+        if (group, gelu) not in matmuls:
             stacked = [weights[layer] for layer in group]
             bias = None if all(b is None for _, b in stacked) else torch.cat(
                 [b if b is not None else w.new_zeros(w.shape[0]) for w, b in stacked])
-            matmuls[group] = bf16_matmul(torch.cat([w for w, _ in stacked]), bias), [w.shape[0] for w, _ in stacked]
-        return matmuls[group]
+            matmuls[group, gelu] = (bf16_matmul(torch.cat([w for w, _ in stacked]), bias, gelu),
+                                    [w.shape[0] for w, _ in stacked])
+        return matmuls[group, gelu]
 
-    def apply(layers, x: Tensor):
+    def apply(layers, x: Tensor, act=None, gelu: str | None = None):
         group = layers if isinstance(layers, tuple) else (layers,)
         if any(layer not in weights for layer in group):    # e.g. a LoRA-wrapped layer (peft): its own fp32 forward
-            outs = tuple(layer(x.float()) for layer in group)
+            outs = tuple(layer(x.float()) if act is None else act(layer(x.float())) for layer in group)
         else:
-            run, sizes = matmul(group)
+            run, sizes = matmul(group, gelu if act is not None else None)
             out = run(x.to(torch.bfloat16))
+            out = act(out) if act is not None and gelu is None else out
             outs = out.split(sizes, dim=-1) if len(group) > 1 else (out,)
         return outs if isinstance(layers, tuple) else outs[0]
     return apply
@@ -196,15 +204,24 @@ def packed_bf16_available() -> bool:
         return False
 
 
-def bf16_matmul(weight: Tensor, bias: Tensor | None):
-    """x (…, in) ↦ x @ weight.T + bias, all bf16 (weight (out, in)): through oneDNN's linear on the
-    weight packed once into its blocked layout where available — the same numbers as `F.linear`
-    (checked by `packed_bf16_available`), 15–35% faster per call at decoding's 1–64 rows on the
-    AMD EPYC with AVX512-BF16 this was measured on (`bench/speed_probes_2026_12_06.py`) — else `F.linear`."""
+def bf16_matmul(weight: Tensor, bias: Tensor | None, gelu: str | None = None):
+    """x (…, in) ↦ x @ weight.T + bias, all bf16 (weight (out, in)), then GELU where `gelu` names its
+    approximation ("tanh", "none"; as `F.gelu` takes it): through oneDNN's linear on the weight
+    packed once into its blocked layout where available — the same numbers as `F.linear` (checked
+    by `packed_bf16_available`), 15–35% faster per call at decoding's 1–64 rows, and the GELU fused
+    into it (computed before the bf16 rounding; torch's bf16 GELU alone took 55 us at 64 × 576,
+    the fused call 66 against 110 us for both) on the AMD EPYC with AVX512-BF16 this was measured on
+    (`bench/speed_probes_2026_12_06.py`) — else `F.linear` and `F.gelu`."""
     if not packed_bf16_available():
-        return lambda x: F.linear(x, weight, bias)
+        if gelu is None:
+            return lambda x: F.linear(x, weight, bias)
+        return lambda x: F.gelu(F.linear(x, weight, bias), approximate=gelu)
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)           # the layout does not depend on the rows
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    post, algorithm = ("none", "") if gelu is None else ("gelu", gelu)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, post, [], algorithm)
+
+
+GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}   # GPT-2's, as F.gelu names them
 
 
 def gpt2_decoder(model, bf16: bool = False):
@@ -218,6 +235,7 @@ def gpt2_decoder(model, bf16: bool = False):
     body = model.transformer
     blocks = list(body.h)
     linear = linears(model, bf16)
+    gelu = GELU_APPROXIMATION.get(config.activation_function)     # bf16: fused into the c_fc matmul
 
     def layer_norm(norm, x: Tensor) -> Tensor:
         return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
@@ -234,7 +252,8 @@ def gpt2_decoder(model, bf16: bool = False):
             hidden = linear(attn.c_proj, out.transpose(1, 2).reshape(residual.shape)) + residual
             residual = hidden
             mlp = block.mlp
-            hidden = residual + linear(mlp.c_proj, mlp.act(linear(mlp.c_fc, layer_norm(block.ln_2, hidden))))
+            inner = linear(mlp.c_fc, layer_norm(block.ln_2, hidden), act=mlp.act, gelu=gelu)
+            hidden = residual + linear(mlp.c_proj, inner)
         kv.advance()
         return linear(model.lm_head, layer_norm(body.ln_f, hidden))[:, -1]                       # (A, V)
 
