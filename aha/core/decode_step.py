@@ -193,13 +193,16 @@ def linears(model, bf16: bool):
 @functools.cache
 def packed_bf16_available() -> bool:
     """oneDNN's linear on a pre-packed bf16 weight exists in this torch (x86-64 CPU builds) and gives
-    exactly torch's own bf16 linear on a small check."""
+    exactly torch's own bf16 linear on a small check, and its fused GELU torch's GELU to bf16 rounding."""
     if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
         return False
     try:
         x, w, b = (torch.randn(shape).to(torch.bfloat16) for shape in ((3, 1, 16), (5, 16), (5,)))
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
-        return bool(torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""), F.linear(x, w, b)))
+        packed, linear = torch.ops.mkldnn._reorder_linear_weight(w, 3), F.linear(x, w, b)
+        gelu = torch.ops.mkldnn._linear_pointwise(x, packed, b, "gelu", [], "tanh")       # the fused GELU too
+        exact = F.gelu(linear.float(), approximate="tanh")
+        return bool(torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""), linear)
+                    and torch.allclose(gelu.float(), exact, rtol=2 ** -6, atol=1e-2))
     except (AttributeError, RuntimeError):
         return False
 
