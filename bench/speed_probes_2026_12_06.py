@@ -152,15 +152,15 @@ def packed_probe() -> str:
             + f"; 64x192->576 then GELU: apart {apart:.0f} us, fused {together:.0f} us")
 
 
-def bench_rollouts(count: int, max_new_tokens: int = 128):
-    """(the bench's random Qwen2, `count` rollouts of 8 prompts x 8 rows from it)."""
+def bench_rollouts(count: int, max_new_tokens: int = 128, model=None):
+    """(`model`, by default the bench's random Qwen2, and `count` rollouts of 8 prompts x 8 rows from it)."""
     from aha.bench.bench import bench_model
     from aha.core.rollout import generate
     from aha.core.sampling import SamplingParams
     from aha.infra.tokenizer import build_char_tokenizer
     from aha.tasks import get_task
     tokenizer = build_char_tokenizer()
-    model = bench_model(tokenizer).eval()
+    model = (bench_model(tokenizer) if model is None else model).eval()
     task = get_task("addition")
     problems = task.train_problems(0)
     params = SamplingParams(max_new_tokens, 1.0, stop_token_ids=(tokenizer.eos_token_id,))
@@ -172,25 +172,31 @@ def bench_rollouts(count: int, max_new_tokens: int = 128):
 
 
 def overhead_probe() -> str:
+    """What one more forward + backward costs, in padded tokens' worth, on the bench's Qwen2 (128 new
+    tokens) and on the built-in model (its base, 64 new tokens; random-init weights decode to the
+    length limit more often, which is what this fit needs)."""
     from aha.core.logprobs import completion_logprobs
-    from aha.infra.model import autocast
-    model, (rollout,) = bench_rollouts(1)
-    points = []
-    for count in (1, 4, 16, 64):
-        rows = torch.arange(count) * (64 // count)
+    from aha.infra.base import ensure_base_model
+    from aha.infra.model import autocast, load_model
+    parts = []
+    for name, model, new_tokens in (("bench Qwen2", None, 128), ("built-in", load_model(ensure_base_model())[0], 64)):
+        model, (rollout,) = bench_rollouts(1, new_tokens, model)
+        points = []
+        for count in (1, 4, 16, 64):
+            rows = torch.arange(count) * (64 // count)
 
-        def run(rows=rows):
-            with autocast("auto", "cpu", model):
-                logp, _, mask = completion_logprobs(model, rollout, rows, 1.0)
-            (logp * mask).sum().backward()
-        width = int(rollout.prompt_mask[rows].any(dim=0).sum()) + int(rollout.completion_mask[rows].sum(1).max())
-        tokens = count * width
-        points.append((tokens, best_of(run, 5)))
-    (t1, s1), (t2, s2) = points[-2], points[-1]
-    slope = (s2 - s1) / (t2 - t1)
-    overhead = (points[0][1] - slope * points[0][0]) / slope
-    return ("forward + backward, bench Qwen2: " + ", ".join(f"{t} padded tokens {s * 1e3:.0f} ms" for t, s in points)
-            + f"; {slope * 1e6:.0f} us a padded token, one more micro-batch ~{overhead:.0f} tokens' worth")
+            def run(rows=rows):
+                with autocast("auto", "cpu", model):
+                    logp, _, mask = completion_logprobs(model, rollout, rows, 1.0)
+                (logp * mask).sum().backward()
+            width = int(rollout.prompt_mask[rows].any(dim=0).sum()) + int(rollout.completion_mask[rows].sum(1).max())
+            points.append((count * width, best_of(run, 5)))
+        (t1, s1), (t2, s2) = points[-2], points[-1]
+        slope = (s2 - s1) / (t2 - t1)
+        overhead = (points[0][1] - slope * points[0][0]) / slope
+        parts.append(f"{name}: " + ", ".join(f"{t} padded tokens {s * 1e3:.0f} ms" for t, s in points)
+                     + f"; {slope * 1e6:.0f} us a padded token, one more micro-batch ~{overhead:.0f} tokens' worth")
+    return "forward + backward: " + "; ".join(parts)
 
 
 def micro_batch_probe() -> str:

@@ -165,8 +165,8 @@ def micro_batches(lengths: list[int], prompt_width: int, max_rows: int, budget: 
 
     with at most `max_rows` rows and `budget` padded tokens in each (one row always fits): an exact
     dynamic programme over the rows sorted by length. `overhead` prices one more forward/backward
-    in tokens: a micro-batch of one row costs what ~380 tokens of the batch cost, on the built-in model
-    and on the bench's Qwen2 alike (AMD EPYC, `bench/speed_probes_2026_12_06.py`). With a reward
+    in tokens: one more forward/backward costs what ~300-340 padded tokens do on the bench's Qwen2 and ~460
+    on the built-in model (AMD EPYC, `python bench/speed_probes_2026_12_06.py later`). With a reward
     that ends some completions early and lets others run to max_new_tokens, a third of a padded
     batch can be padding.
 
