@@ -211,10 +211,10 @@ def bf16_matmul(weight: Tensor, bias: Tensor | None, gelu: str | None = None):
     """x (…, in) ↦ x @ weight.T + bias, all bf16 (weight (out, in)), then GELU where `gelu` names its
     approximation ("tanh", "none"; as `F.gelu` takes it): through oneDNN's linear on the weight
     packed once into its blocked layout where available — the same numbers as `F.linear` (checked
-    by `packed_bf16_available`), 15–35% faster per call at decoding's 1–64 rows, and the GELU fused
-    into it (computed before the bf16 rounding; torch's bf16 GELU alone took 55 us at 64 × 576,
-    the fused call 66 against 110 us for both) on the AMD EPYC with AVX512-BF16 this was measured on
-    (`bench/speed_probes_2026_12_06.py`) — else `F.linear` and `F.gelu`."""
+    by `packed_bf16_available`), 12–50% faster per call at decoding's 1–64 rows, and the GELU fused
+    into it (computed before the bf16 rounding; torch's bf16 GELU alone took 55 us at 64 × 576:
+    the fused call 69–78 against 124 us for both) on the AMD EPYC with AVX512-BF16 this was measured
+    on (`python bench/speed_probes_2026_12_06.py later`) — else `F.linear` and `F.gelu`."""
     if not packed_bf16_available():
         if gelu is None:
             return lambda x: F.linear(x, weight, bias)

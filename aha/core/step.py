@@ -164,9 +164,9 @@ def micro_batches(lengths: list[int], prompt_width: int, max_rows: int, budget: 
         Σ over micro-batches  rows × (prompt_width + its longest completion) + overhead
 
     with at most `max_rows` rows and `budget` padded tokens in each (one row always fits): an exact
-    dynamic programme over the rows sorted by length. `overhead` prices one more forward/backward
-    in tokens: one more forward/backward costs what ~300-340 padded tokens do on the bench's Qwen2 and ~460
-    on the built-in model (AMD EPYC, `python bench/speed_probes_2026_12_06.py later`). With a reward
+    dynamic programme over the rows sorted by length. `overhead` is the price of one more
+    forward/backward in padded tokens: measured ~300-340 on the bench's Qwen2 and ~460-470 on the
+    built-in model (AMD EPYC, `python bench/speed_probes_2026_12_06.py later`). With a reward
     that ends some completions early and lets others run to max_new_tokens, a third of a padded
     batch can be padding.
 

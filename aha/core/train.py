@@ -236,9 +236,10 @@ def run_plan(cfg: Config, model, task, tokenizer, world: World = SINGLE) -> Memo
 def fused_adamw(params) -> bool | None:
     """True where every parameter is a plain tensor on CPU or CUDA: torch's fused AdamW then updates
     each in one kernel, the same step within fp32 rounding (1.5e-8 after 5 steps on the built-in
-    model) and ~4x faster on a CPU than the default per-op path (AMD EPYC, 2 cores: 0.67 against
-    2.77 ms at the built-in model's 1.8M parameters, 44 against 176 ms at 81M). None (torch's
-    default) for anything else, e.g. FSDP2's sharded DTensors."""
+    model) and ~4x faster on a CPU than the default per-op path (AMD EPYC, 2 cores: 0.62–0.75
+    against 2.36–3.81 ms at the built-in model's 1.8M parameters, 27–39 against 147–171 ms at 81M,
+    `python bench/speed_probes_2026_12_06.py later`). None (torch's default) for anything else,
+    e.g. FSDP2's sharded DTensors."""
     return True if params and all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda")
                                   for p in params) else None
 
