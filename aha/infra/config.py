@@ -95,7 +95,7 @@ class Config:
     lora_rank: int = 0               # 0 = train every weight; R > 0 = LoRA of rank R, merged into model/ on save
     lora_alpha: int = 0              # LoRA scale alpha / rank; 0 = 2 × lora_rank
     gradient_checkpointing: bool = False
-    micro_batch_size: str = "auto"   # completions per forward/backward: auto (from aha plan's estimate) | N
+    micro_batch_size: str = "auto"   # completions per forward/backward: auto (aha plan's estimate) | at most N
     micro_batch_tokens: int = 0      # micro_batch_size=auto: tokens per forward/backward; 0 = auto (aha/core/plan.py)
     rollout_batch_size: int = 0      # rows generated at once (whole groups); 0 = auto: a KV-cache + sampling budget
     # bf16 autocast of the update's forward: auto (CPUs with AMX/AVX512-BF16) | bf16 | off; the default
