@@ -250,7 +250,7 @@ def bound_onednn_caches(entries: int = ONEDNN_CACHE_ENTRIES) -> None:
     matmul shape, and each holds memory of its own. The update's shapes change with every micro-batch
     (rows × padded width), so under bf16 autocast, where matmuls go through oneDNN, a run's resident
     memory grew with each new shape: the built-in model's forward + backward at 300 random shapes
-    ended at ~1,950 MB resident, ~660 MB at one shape, and 750–773 MB with both caches at 64 entries
+    ended at ~1,950 MB resident, and at 750–773 MB with both caches at 64 entries
     (AMD EPYC, `python bench/speed_probes_2026_12_06.py later`). A decoding step's few shapes stay
     cached (at 0 entries decoding ran 2x slower). Read by oneDNN and ideep at their first use:
     called once by the `aha` command, before any matmul."""
