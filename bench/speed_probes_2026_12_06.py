@@ -16,7 +16,7 @@
 
 Added later the same day (`python bench/speed_probes_2026_12_06.py later`):
 - packed: us per bf16 decode matmul with torch's `F.linear` and with oneDNN's linear on a packed
-  weight (`aha/core/decode_step.py: bf16_matmul`), and with torch's bf16 GELU after it against the
+  weight (`aha/core/cpu_linear.py: bf16_matmul`), and with torch's bf16 GELU after it against the
   GELU fused into the call, at the decode shapes of the built-in model and of the bench's Qwen2;
 - overhead: ms of one forward + backward of the bench's Qwen2 on 1 … 64 rows of one rollout (128 new
   tokens): the slope per padded token and what one more micro-batch costs in tokens
@@ -134,7 +134,7 @@ def per_call_us(fn, calls: int = 2000) -> float:
 
 
 def packed_probe() -> str:
-    from aha.core.decode_step import bf16_matmul
+    from aha.core.cpu_linear import bf16_matmul
     parts = []
     with torch.inference_mode():
         for rows, inner, outer in ((64, 192, 576), (64, 576, 192), (64, 256, 768), (64, 768, 256), (1, 256, 768)):

@@ -364,7 +364,8 @@ def test_bf16_linears_stack_layers_and_pack_weights_without_changing_the_numbers
     on a packed weight where this torch has it, GELU fused. Against torch's own bf16 linear per
     layer: the stacked matmul within one bf16 rounding of the output, the packed one equal to it;
     the fused GELU within one bf16 rounding of fp32's GELU of the same bf16 inputs."""
-    from aha.core.decode_step import bf16_matmul, linears
+    from aha.core.cpu_linear import bf16_matmul
+    from aha.core.decode_step import linears
     tok = build_char_tokenizer()
     model = tiny_model("qwen2", tok, seed=3).eval()
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp

@@ -13,12 +13,11 @@ sampled tokens are the same (tests/test_rollout.py). Any other model, or one thi
 keeps transformers' forward.
 """
 
-import functools
-import platform
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from aha.core.cpu_linear import bf16_matmul
 
 
 class SharedPromptKV:
@@ -188,40 +187,6 @@ def linears(model, bf16: bool):
             outs = out.split(sizes, dim=-1) if len(group) > 1 else (out,)
         return outs if isinstance(layers, tuple) else outs[0]
     return apply
-
-
-@functools.cache
-def packed_bf16_available() -> bool:
-    """oneDNN's linear on a pre-packed bf16 weight exists in this torch (x86-64 CPU builds) and gives
-    exactly torch's own bf16 linear on a small check, and its fused GELU torch's GELU to bf16 rounding."""
-    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
-        return False
-    try:
-        x, w, b = (torch.randn(shape).to(torch.bfloat16) for shape in ((3, 1, 16), (5, 16), (5,)))
-        packed, linear = torch.ops.mkldnn._reorder_linear_weight(w, 3), F.linear(x, w, b)
-        gelu = torch.ops.mkldnn._linear_pointwise(x, packed, b, "gelu", [], "tanh")       # the fused GELU too
-        exact = F.gelu(linear.float(), approximate="tanh")
-        return bool(torch.equal(torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""), linear)
-                    and torch.allclose(gelu.float(), exact, rtol=2 ** -6, atol=1e-2))
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def bf16_matmul(weight: Tensor, bias: Tensor | None, gelu: str | None = None):
-    """x (…, in) ↦ x @ weight.T + bias, all bf16 (weight (out, in)), then GELU where `gelu` names its
-    approximation ("tanh", "none"; as `F.gelu` takes it): through oneDNN's linear on the weight
-    packed once into its blocked layout where available — the same numbers as `F.linear` (checked
-    by `packed_bf16_available`), 12–50% faster per call at decoding's 1–64 rows, and the GELU fused
-    into it (computed before the bf16 rounding; torch's bf16 GELU alone took 55 us at 64 × 576:
-    the fused call 69–78 against 124 us for both) on the AMD EPYC with AVX512-BF16 this was measured
-    on (`python bench/speed_probes_2026_12_06.py later`) — else `F.linear` and `F.gelu`."""
-    if not packed_bf16_available():
-        if gelu is None:
-            return lambda x: F.linear(x, weight, bias)
-        return lambda x: F.gelu(F.linear(x, weight, bias), approximate=gelu)
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, 64)           # the layout does not depend on the rows
-    post, algorithm = ("none", "") if gelu is None else ("gelu", gelu)
-    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, post, [], algorithm)
 
 
 GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}   # GPT-2's, as F.gelu names them
