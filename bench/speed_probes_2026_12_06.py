@@ -29,6 +29,12 @@ Added later the same day (`python bench/speed_probes_2026_12_06.py later`):
   (`aha/infra/model.py: bound_onednn_caches`), each in a fresh process;
 - adamw: ms of one AdamW step with torch's default and with the fused kernel at 1.8M and 81M
   parameters (`aha/core/train.py: fused_adamw`).
+
+Added at the end of the day (`python bench/speed_probes_2026_12_06.py final`):
+- kv: us of the decode step's batched matmul over the generated keys read from memory, with a gap
+  after each row's keys (a buffer sized for the whole generation, read up to the written position)
+  and unbroken (`aha/core/decode_step.py: SharedPromptKV`, buffers grown 16 positions at a time),
+  at the built-in model's shape and the bench's Qwen2's.
 """
 
 import time
@@ -270,6 +276,36 @@ def adamw_probe() -> str:
     return "AdamW step: " + "; ".join(parts)
 
 
+def kv_layout_probe() -> str:
+    """The decode step's batched matmul over the generated keys, read from memory (a 64 MB write
+    before each call evicts the caches): keys in a buffer sized for the whole generation, read up to
+    the written position (a gap after each row's), against the same bytes unbroken
+    (aha/core/decode_step.py `SharedPromptKV`: buffers grown `chunk` positions at a time)."""
+    evict = torch.empty(16 * 2**20)
+
+    def cold_us(fn, repeat: int = 40) -> float:
+        times = []
+        for _ in range(repeat):
+            evict.fill_(1.0)
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[repeat // 2] * 1e6
+
+    parts = []
+    with torch.inference_mode():
+        for rows, heads, queries, length, dim in ((64, 4, 1, 61, 48), (64, 2, 2, 100, 64)):
+            query = torch.randn(rows, heads, queries, dim)
+            found = {}
+            for capacity in (length, length + 4, 128):
+                keys = torch.randn(rows, heads, capacity, dim)[:, :, :length]
+                found[capacity] = cold_us(lambda keys=keys: torch.matmul(query, keys.transpose(-1, -2)))
+            parts.append(f"{rows}x{heads}x{queries} queries, {length} positions x {dim}: unbroken "
+                         f"{found[length]:.0f} us, gap of 4 positions {found[length + 4]:.0f} us, "
+                         f"buffer of 128 {found[128]:.0f} us")
+    return "generated keys, cold: " + "; ".join(parts)
+
+
 if __name__ == "__main__":
     import sys
 
@@ -277,7 +313,8 @@ if __name__ == "__main__":
     from aha.infra.model import bound_onednn_caches
     bound_onednn_caches()                                       # as the `aha` command does
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    probes = ((packed_probe, overhead_probe, micro_batch_probe, cache_probe, adamw_probe) if sys.argv[1:] == ["later"]
-              else (attention_probe, gelu_probe, decode_probe, update_probe))
+    groups = {"later": (packed_probe, overhead_probe, micro_batch_probe, cache_probe, adamw_probe),
+              "final": (kv_layout_probe,)}
+    probes = groups.get(sys.argv[1] if sys.argv[1:] else "", (attention_probe, gelu_probe, decode_probe, update_probe))
     for probe in probes:
         print(probe(), flush=True)

@@ -286,12 +286,14 @@ def test_the_written_out_llama_family_step_is_transformers_forward(arch, monkeyp
     assert_written_out_samples_as_transformers(model, tok, prompts, 4, params, 2, monkeypatch)
 
 
-@pytest.mark.parametrize("leave_at", [(2, 4), (0, 3)])
-def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache(leave_at):
+@pytest.mark.parametrize("leave_at", [(2, 4), (0, 3), (5, 6)])
+@pytest.mark.parametrize("chunk", [16, 2])
+def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache(leave_at, chunk):
     """`SharedPromptKV.attend` against SDPA on the cache transformers would hold (each prompt's keys
     and values repeated for its G rows, then the generated ones), with left-padded prompts, 4 query
     heads on 2 key-value heads, and rows leaving the batch between steps (the cache then turns into
-    one per row: after some steps, or before the first)."""
+    one per row: after some steps, or before the first); with `chunk` 2 the buffers grow every other
+    step, before and after rows leave."""
     from types import SimpleNamespace
 
     from aha.core.decode_step import SharedPromptKV
@@ -300,12 +302,12 @@ def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache(leave_at):
     prompt_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
     layer = SimpleNamespace(keys=torch.randn(prompts, kv_heads, width, dim),
                             values=torch.randn(prompts, kv_heads, width, dim))
-    kv = SharedPromptKV(SimpleNamespace(layers=[layer]), prompt_mask, group, capacity=6)
+    kv = SharedPromptKV(SimpleNamespace(layers=[layer]), prompt_mask, group, capacity=7, chunk=chunk)
     rows = torch.arange(prompts * group)                                   # the original row of each batch slot
     keys = layer.keys.repeat_interleave(group, 0)                          # what transformers' cache would hold
     values = layer.values.repeat_interleave(group, 0)
     bias = torch.zeros(prompt_mask.shape).masked_fill(prompt_mask == 0, float("-inf")).repeat_interleave(group, 0)
-    for step in range(5):
+    for step in range(7):
         if step in leave_at:                                               # rows finish and leave
             keep = torch.tensor([i for i in range(rows.numel()) if (i + step) % 3])
             kv.select(keep)
@@ -321,6 +323,7 @@ def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache(leave_at):
         kv.advance()
         assert out.shape == expected.shape and torch.allclose(out, expected, rtol=0, atol=1e-5), step
         assert kv.shared == (step < leave_at[0])
+        assert kv.generated[0][0].shape[2] == (0 if kv.shared else width) + min(7, -(-(step + 1) // chunk) * chunk)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
