@@ -246,11 +246,15 @@ def assert_written_out_samples_as_transformers(model, tok, prompts, group, param
     assert ours.lengths.min() < ours.lengths.max()
 
 
-def test_the_written_out_gpt2_step_is_transformers_forward(monkeypatch):
+@pytest.mark.parametrize("share_bytes", [0, 1 << 40])
+def test_the_written_out_gpt2_step_is_transformers_forward(share_bytes, monkeypatch):
     """aha/core/decode_step.py against transformers' own forward on the built-in model's real weights:
     the same tokens and log-probs within 2e-5 (the prompt's keys read once per group, `SharedPromptKV`,
-    sum in another order), rows leaving the batch at different steps included; other architectures,
-    and a model in training mode, keep transformers' forward."""
+    sum in another order), rows leaving the batch at different steps included, with the prompts' keys
+    shared by each group and with one cache per row from the start; other architectures, and a model
+    in training mode, keep transformers' forward."""
+    import aha.core.decode_step as decode_step
+    monkeypatch.setattr(decode_step, "SHARE_PROMPT_BYTES", share_bytes)
     from aha.core.decode_step import gpt2_decoder
     from aha.core.rollout import stop_token_ids
     from aha.infra.base import SHIPPED
@@ -272,10 +276,13 @@ def test_the_written_out_gpt2_step_is_transformers_forward(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
-def test_the_written_out_llama_family_step_is_transformers_forward(arch, monkeypatch):
+@pytest.mark.parametrize("share_bytes", [0, 1 << 40])
+def test_the_written_out_llama_family_step_is_transformers_forward(arch, share_bytes, monkeypatch):
     """aha/core/decode_step.py's Llama/Qwen2 step (grouped-query heads: 4 query, 2 key/value) against
     transformers' own forward: the same tokens and log-probs within 2e-5, rows leaving the batch
-    included; Qwen3 (per-head norms) keeps transformers' forward."""
+    included, prompts shared or one cache per row; Qwen3 (per-head norms) keeps transformers' forward."""
+    import aha.core.decode_step as decode_step
+    monkeypatch.setattr(decode_step, "SHARE_PROMPT_BYTES", share_bytes)
     from aha.core.decode_step import written_out_decoder
     tok = build_char_tokenizer()
     model = tiny_model(arch, tok, seed=7)
@@ -288,12 +295,14 @@ def test_the_written_out_llama_family_step_is_transformers_forward(arch, monkeyp
 
 @pytest.mark.parametrize("leave_at", [(2, 4), (0, 3), (5, 6)])
 @pytest.mark.parametrize("chunk", [16, 2])
-def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache(leave_at, chunk):
+@pytest.mark.parametrize("share_bytes", [0, 1 << 40])
+def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache(leave_at, chunk, share_bytes):
     """`SharedPromptKV.attend` against SDPA on the cache transformers would hold (each prompt's keys
     and values repeated for its G rows, then the generated ones), with left-padded prompts, 4 query
     heads on 2 key-value heads, and rows leaving the batch between steps (the cache then turns into
     one per row: after some steps, or before the first); with `chunk` 2 the buffers grow every other
-    step, before and after rows leave."""
+    step, before and after rows leave; with `share_bytes` above the prompts' size, one cache per row from
+    the start."""
     from types import SimpleNamespace
 
     from aha.core.decode_step import SharedPromptKV
@@ -302,7 +311,8 @@ def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache(leave_at, chunk
     prompt_mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
     layer = SimpleNamespace(keys=torch.randn(prompts, kv_heads, width, dim),
                             values=torch.randn(prompts, kv_heads, width, dim))
-    kv = SharedPromptKV(SimpleNamespace(layers=[layer]), prompt_mask, group, capacity=7, chunk=chunk)
+    kv = SharedPromptKV(SimpleNamespace(layers=[layer]), prompt_mask, group, capacity=7, chunk=chunk,
+                        share_bytes=share_bytes)
     rows = torch.arange(prompts * group)                                   # the original row of each batch slot
     keys = layer.keys.repeat_interleave(group, 0)                          # what transformers' cache would hold
     values = layer.values.repeat_interleave(group, 0)
@@ -322,7 +332,7 @@ def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache(leave_at, chunk
         out = kv.attend(0, query, key, value, 0.3)
         kv.advance()
         assert out.shape == expected.shape and torch.allclose(out, expected, rtol=0, atol=1e-5), step
-        assert kv.shared == (step < leave_at[0])
+        assert kv.shared == (step < leave_at[0] and not share_bytes)
         assert kv.generated[0][0].shape[2] == (0 if kv.shared else width) + min(7, -(-(step + 1) // chunk) * chunk)
 
 
