@@ -112,6 +112,26 @@ def test_bf16_autocast_loss_and_gradient_stay_close_to_fp32():
         assert torch.is_autocast_enabled("cpu") == cpu_has_fast_bf16()      # auto: only where bf16 is fast
 
 
+def test_fast_bf16_follows_the_cpu_flags_and_onednn_isa_limit(monkeypatch, tmp_path):
+    """`cpu_has_fast_bf16`: AMX or AVX512-BF16 in /proc/cpuinfo, unless ONEDNN_MAX_CPU_ISA holds oneDNN to
+    an instruction set without bf16 (AVX2: how a bench measures what an AVX2 machine would do)."""
+    import aha.infra.model as model_module
+    cpuinfo = tmp_path / "cpuinfo"
+    real_path = model_module.Path
+    monkeypatch.setattr(model_module, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    for flags, isa, expected in (("fpu avx2 avx512_bf16", None, True), ("fpu avx2 amx_bf16", "AVX512_CORE_AMX", True),
+                                 ("fpu avx2", None, False), ("fpu avx2 avx512_bf16", "AVX2", False),
+                                 ("fpu avx2 avx512_bf16", "avx512_core_vnni", False),
+                                 ("fpu avx2 avx512_bf16", "AVX512_CORE_BF16", True)):
+        cpuinfo.write_text(f"flags\t\t: {flags}\n")
+        if isa is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+        assert model_module.cpu_has_fast_bf16() is expected, (flags, isa)
+
+
 def test_fp32_attention_under_autocast():
     """`autocast(…, model)` on a CPU runs the model's SDPA attention on fp32 q, k, v: the attention
     output equals SDPA's on the upcast inputs bit for bit, every attention call of the update's forward

@@ -153,7 +153,12 @@ def detect_dtype(device: str) -> torch.dtype:
 
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16: a CPU whose bf16 matmuls beat fp32 (this project's 2-core AVX2 machine
-    runs them ~150× slower, see `aha bench`'s matmul line)."""
+    runs them ~150× slower, see `aha bench`'s matmul line) — unless oneDNN is held to an older
+    instruction set (`ONEDNN_MAX_CPU_ISA=AVX2`, e.g. to measure what an AVX2 machine would do):
+    then its bf16 matmuls are emulated and slow too."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    if not (isa in ("ALL", "DEFAULT") or "BF16" in isa or "AMX" in isa or "AVX10" in isa):
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
