@@ -54,6 +54,22 @@ def test_bench_smoke_one_step_each_side():
     assert "CPU: Test CPU" in table and "trl_bf16" in table and cpu_name()
 
 
+def test_cpu_name_names_the_kind_the_figures_belong_to(monkeypatch):
+    """`cpu_name` (the bench's output and JSON): model name, family and model, and the kind (AMX,
+    AVX512-BF16, AVX512, AVX2); a fast-bf16 CPU with oneDNN held to AVX2 says so."""
+    import aha.bench.bench as bench
+    info = "model name\t: {name}\ncpu family\t: 6\nmodel\t\t: 143\nflags\t\t: {flags}\n"
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert bench.cpu_name(info.format(name="Intel Xeon", flags="avx2 avx512f amx_bf16")) == \
+        "Intel Xeon (family 6 model 143, AMX)"
+    assert bench.cpu_name(info.format(name="AMD EPYC", flags="fpu avx2")) == "AMD EPYC (family 6 model 143, AVX2)"
+    assert bench.cpu_name("model name\t: Some CPU\n") == "Some CPU"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert bench.cpu_name(info.format(name="AMD EPYC", flags="avx2 avx512f avx512_bf16")) == \
+        "AMD EPYC (family 6 model 143, AVX512-BF16, held to AVX2)"
+
+
 def test_bench_without_trl_says_so(monkeypatch, capsys):
     import importlib.util
 

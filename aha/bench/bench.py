@@ -15,16 +15,18 @@ Two workloads: `spread` — a reward with a spread in every group, so neither si
 """
 
 import copy
+import os
 import threading
 import time
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from aha.core.step import Learner, train_step
 from aha.infra.config import Config
-from aha.infra.model import model_flops
+from aha.infra.model import cpu_has_fast_bf16, model_flops
 from aha.tasks.base import Problem, Task
 from aha.tasks.rewards import Reward
 
@@ -228,16 +230,34 @@ def run_pair(workload: str, max_new_tokens: int, warmup: int, steps: int, peak_f
     return result
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo; platform.processor() elsewhere)."""
+def cpu_name(cpuinfo: str | None = None) -> str:
+    r"""The CPU's model name, family and model, and its kind for this project's numbers: AMX,
+    AVX512-BF16 or AVX2 (fast bf16 or not; oneDNN held to AVX2 by ONEDNN_MAX_CPU_ISA says so), e.g.
+    "AMD EPYC (family 25 model 17, AVX512-BF16)". Linux /proc/cpuinfo; platform.processor() elsewhere.
+
+    >>> cpu_name("model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: avx2 avx512f avx512_bf16\n")
+    'AMD EPYC (family 25 model 17, AVX512-BF16)'
+    """
     import platform
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return platform.processor() or platform.machine()
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    kind = ("AMX" if "amx_bf16" in flags else "AVX512-BF16" if "avx512_bf16" in flags
+            else "AVX512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "")
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "")
+    if isa and kind in ("AMX", "AVX512-BF16") and not cpu_has_fast_bf16():
+        kind += f", held to {isa}"
+    parts = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields else []
+    parts += [kind] if kind else []
+    return f"{name} ({', '.join(parts)})" if parts else name
 
 
 def format_table(results: list[dict], peak: dict, cpu: str = "") -> str:
