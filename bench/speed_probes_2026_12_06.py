@@ -34,7 +34,11 @@ Added at the end of the day (`python bench/speed_probes_2026_12_06.py final`):
 - kv: us of the decode step's batched matmul over the generated keys read from memory, with a gap
   after each row's keys (a buffer sized for the whole generation, read up to the written position)
   and unbroken (`aha/core/decode_step.py: SharedPromptKV`, buffers grown 16 positions at a time),
-  at the built-in model's shape and the bench's Qwen2's.
+  at the built-in model's shape and the bench's Qwen2's;
+- serve: ms per token of the serving engine (`aha chat`, `aha serve`) at 1 and 8 rows with
+  transformers' forward, the written-out decode step in fp32 and in bf16 (`aha/serve/engine.py`),
+  on the built-in model, or on the model dir given after `final` (e.g. SmolLM2-135M-Instruct,
+  imported with `aha import-model smollm2-135m --out models/smollm2-135m-instruct`).
 """
 
 import time
@@ -306,6 +310,33 @@ def kv_layout_probe() -> str:
     return "generated keys, cold: " + "; ".join(parts)
 
 
+def serve_probe(model_dir: str | None = None) -> str:
+    """ms per decoded token of the serving engine (aha/serve/engine.py) at 1 and 8 rows, greedy, 48
+    tokens after the prompt (stops off): transformers' forward, the written-out step in fp32, and in
+    bf16, each twice (the faster kept)."""
+    from aha.infra.base import SHIPPED
+    from aha.infra.model import load_model
+    from aha.serve.engine import Engine, GenerationParams, encode_chat
+    model, tokenizer = load_model(model_dir or SHIPPED)
+    ids, _ = encode_chat(tokenizer, [{"role": "user", "content": "Tell me a long story about a cat and a dog."}])
+    parts = []
+    for rows in (1, 8):
+        found = {}
+        for name in ("transformers", "fp32", "bf16", "transformers", "fp32", "bf16"):
+            engine = Engine(model, tokenizer, max_batch=rows, bf16=name == "bf16")
+            engine._decoder = None if name == "transformers" else engine._decoder
+            engine.stop_ids, engine.end_strings = (), ()          # every row decodes all 48 tokens
+            engine.submit(ids, GenerationParams(max_tokens=49, temperature=0, n=rows))
+            engine.step()                                          # the prefill and the first token
+            start, steps = time.perf_counter(), 0
+            while engine.step():
+                steps += 1
+            found.setdefault(name, []).append((time.perf_counter() - start) / max(steps, 1) * 1e3)
+        parts.append(f"{rows} row(s), {steps} steps: " + ", ".join(f"{name} {min(times):.2f} ms"
+                                                                      for name, times in found.items()))
+    return f"serving engine, ms a token ({model_dir or 'built-in model'}): " + "; ".join(parts)
+
+
 if __name__ == "__main__":
     import sys
 
@@ -314,7 +345,7 @@ if __name__ == "__main__":
     bound_onednn_caches()                                       # as the `aha` command does
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     groups = {"later": (packed_probe, overhead_probe, micro_batch_probe, cache_probe, adamw_probe),
-              "final": (kv_layout_probe,)}
+              "final": (kv_layout_probe, serve_probe)}
     probes = groups.get(sys.argv[1] if sys.argv[1:] else "", (attention_probe, gelu_probe, decode_probe, update_probe))
     for probe in probes:
-        print(probe(), flush=True)
+        print(probe(*sys.argv[2:3]) if probe is serve_probe else probe(), flush=True)

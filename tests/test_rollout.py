@@ -336,6 +336,34 @@ def test_shared_prompt_attention_is_sdpa_over_the_repeated_cache(leave_at, chunk
         assert kv.generated[0][0].shape[2] == (0 if kv.shared else width) + min(7, -(-(step + 1) // chunk) * chunk)
 
 
+def test_padded_cache_attention_is_sdpa_over_the_cache():
+    """`PaddedCacheKV` (the serving engine's cache, aha/serve/engine.py) against SDPA over the same
+    left-padded cache with its mask, 4 query heads on 2 key-value heads: the step's key and value
+    appended to the cache, the padding (random keys here, not zeros) never read."""
+    from transformers import DynamicCache
+
+    from aha.core.decode_step import PaddedCacheKV
+    torch.manual_seed(0)
+    rows, heads, kv_heads, dim, width = 3, 4, 2, 8, 6
+    keys, values = torch.randn(rows, kv_heads, width, dim), torch.randn(rows, kv_heads, width, dim)
+    cache = DynamicCache(ddp_cache_data=[(keys.clone(), values.clone())])
+    attention = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 1]])
+    for step in range(3):
+        attention = torch.cat([attention, torch.ones(rows, 1, dtype=torch.long)], dim=1)
+        bias = torch.zeros(attention.shape).masked_fill(attention == 0, float("-inf"))[:, None, None, :]
+        query = torch.randn(rows, heads, 1, dim)
+        key, value = torch.randn(rows, kv_heads, 1, dim), torch.randn(rows, kv_heads, 1, dim)
+        keys, values = torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query, keys.repeat_interleave(heads // kv_heads, 1), values.repeat_interleave(heads // kv_heads, 1),
+            attn_mask=bias, scale=0.3)
+        kv = PaddedCacheKV(cache, bias)
+        out = kv.attend(0, query, key, value, 0.3)
+        kv.advance()
+        assert torch.allclose(out, expected, rtol=0, atol=1e-6), step
+        assert torch.equal(cache.layers[0].keys, keys)
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
 def test_bf16_decode_stays_within_tolerance_of_fp32(arch):
     """`SamplingParams.bf16` (aha/core/decode_step.py `linears`: the decode step's matmuls on bf16

@@ -172,6 +172,53 @@ def test_engine_seeded_sampling_is_independent_of_the_batch(loaded):
     assert drain(joined) == drain(request)
 
 
+def run_engine(engine, prompts: list[list[int]], params: list[GenerationParams]) -> list[dict[int, str]]:
+    """Each prompt joins a batch already decoding (cache merge + left padding); all texts at the end."""
+    requests = []
+    for ids, p in zip(prompts, params):
+        requests.append(engine.submit(ids, p))
+        for _ in range(3):
+            engine.step()
+    while engine.step():
+        pass
+    return [drain(r) for r in requests]
+
+
+def test_engine_written_out_step_is_transformers_forward(loaded):
+    """The engine's decode step (aha/core/decode_step.py through `PaddedCacheKV`) against transformers'
+    forward on the same cache: the same texts, greedy and seeded, with requests joining mid-batch."""
+    model, tokenizer = loaded
+    prompts = [encode_chat(tokenizer, [{"role": "user", "content": user}])[0] for user in PROMPTS]
+    params = [GenerationParams(max_tokens=40, temperature=t, seed=k, n=2 if k == 3 else 1)
+              for k, t in enumerate((0.0, 1.0, 0.0, 1.0, 1.0))]
+    written = Engine(model, tokenizer, max_batch=8, bf16=False)
+    assert written._decoder is not None
+    plain = Engine(model, tokenizer, max_batch=8, bf16=False)
+    plain._decoder = None
+    assert run_engine(written, prompts, params) == run_engine(plain, prompts, params)
+
+
+def test_engine_bf16_decoding(loaded, monkeypatch):
+    """`Engine(bf16=True)`: the decode step's matmuls on bf16 weights, the model's own weights untouched;
+    the memorised answers come out the same. `decode_bf16` picks bf16 only for a model of
+    ≥ BF16_MIN_PARAMETERS on a fast-bf16 CPU, never under AHA_AUTOCAST=off."""
+    import aha.serve.engine as engine_module
+    model, tokenizer = loaded
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    prompts = [encode_chat(tokenizer, [{"role": "user", "content": user}])[0] for user, _ in DOCS]
+    params = [GenerationParams(max_tokens=64, temperature=0)] * len(prompts)
+    fp32 = run_engine(Engine(model, tokenizer, bf16=False), prompts, params)
+    assert run_engine(Engine(model, tokenizer, bf16=True), prompts, params) == fp32 == [
+        {0: answer} for _, answer in DOCS]
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    assert not engine_module.decode_bf16(model)                         # 2 layers: far below the threshold
+    monkeypatch.setattr(engine_module, "BF16_MIN_PARAMETERS", 0)
+    monkeypatch.setattr("aha.infra.model.cpu_has_fast_bf16", lambda: True)
+    assert engine_module.decode_bf16(model)
+    monkeypatch.setenv("AHA_AUTOCAST", "off")
+    assert not engine_module.decode_bf16(model)
+
+
 def answer_model():
     """A tokenizer that spells `</answer>` in 9 tokens (one per character) and a 1-layer Llama that
     memorised `<answer>7</answer>` over and over: greedily it writes the tag and goes on past it."""

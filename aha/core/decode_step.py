@@ -199,6 +199,28 @@ class SharedPromptKV:
             self.row_bias[..., width + self.length] = 0.0
 
 
+class PaddedCacheKV:
+    """The written-out step's attention over the serving engine's cache (aha/serve/engine.py): a
+    transformers `DynamicCache` whose rows are left-padded to one width, and this step's additive
+    mask `bias` (A, 1, 1, L + 1): 0 where a row attends, −inf on its padding. Each layer appends
+    the step's key and value to the cache (in the cache's dtype), then runs one matmul, a softmax
+    and one matmul over it; query head h reads key head h // (Hq / Hkv), as transformers pairs them."""
+
+    def __init__(self, cache, bias: Tensor):
+        self.cache, self.bias = cache, bias
+
+    def attend(self, index: int, query: Tensor, key: Tensor, value: Tensor, scale: float) -> Tensor:
+        layer = self.cache.layers[index]
+        dtype = layer.keys.dtype
+        keys, values = layer.update(key.to(dtype), value.to(dtype))                     # (A, Hkv, L + 1, D)
+        q = query.to(dtype).reshape(*keys.shape[:2], -1, query.shape[-1])                # (A, Hkv, R, D)
+        probs = (torch.matmul(q, keys.transpose(-1, -2)) * scale + self.bias).softmax(dim=-1)
+        return torch.matmul(probs, values).reshape(query.shape)
+
+    def advance(self) -> None:
+        """Nothing to do: each layer's cache grew when it attended."""
+
+
 def in_buffer(buffer: Tensor, columns: Tensor) -> Tensor:
     """A new buffer of `buffer`'s capacity for the rows of `columns` (R, H, length, D), which fill its
     first `length` positions: only what was written is copied, not the empty rest of the capacity."""

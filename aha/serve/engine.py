@@ -44,7 +44,8 @@ import torch
 from transformers import DynamicCache
 
 from aha.core.cpu_linear import fast_layers, onednn_available, onednn_linears
-from aha.core.rollout import cache_kwarg, decode_mask, left_pad, stop_strings, stop_token_ids
+from aha.core.decode_step import PaddedCacheKV, written_out_decoder
+from aha.core.rollout import cache_kwarg, decode_mask, left_pad, ready_mask, stop_strings, stop_token_ids
 from aha.core.sampling import SamplingParams, sample_next
 from aha.infra.errors import AhaError
 
@@ -135,11 +136,35 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return max([k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])], default=0)
 
 
-class Engine:
-    """Serve `submit`ted prompts from one model; call `start()` for the background thread."""
+BF16_MIN_PARAMETERS = 16_000_000   # bf16 decoding pays from about here (measured: `decode_bf16`)
 
-    def __init__(self, model, tokenizer, max_batch: int = 64):
+
+def decode_bf16(model) -> bool:
+    """Whether the engine decodes with its matmuls in bf16: on a CPU with fast bf16 (AMX, AVX512-BF16;
+    `cpu_has_fast_bf16`), an fp32 model of ≥ `BF16_MIN_PARAMETERS`, unless `AHA_AUTOCAST=off` (the
+    switch that keeps training in fp32 keeps serving in fp32 too). Measured on an AMD EPYC with
+    AVX512-BF16, 2 cores (`python bench/speed_probes_2026_12_06.py final MODEL`): SmolLM2-135M
+    decodes one chat row ~1.5× faster in bf16 than in fp32, but the 1.6M built-in model slower
+    (its matmuls are too small for bf16 to pay for the call)."""
+    from aha.infra.model import count_parameters, cpu_has_fast_bf16
+    parameter = next(model.parameters())
+    return (os.environ.get("AHA_AUTOCAST", "auto") != "off" and parameter.device.type == "cpu"
+            and parameter.dtype == torch.float32 and cpu_has_fast_bf16()
+            and count_parameters(model) >= BF16_MIN_PARAMETERS)
+
+
+class Engine:
+    """Serve `submit`ted prompts from one model; call `start()` for the background thread.
+
+    Each decode step runs the written-out step of aha/core/decode_step.py where the model has one
+    (GPT-2, Llama, Qwen2 on SDPA; `PaddedCacheKV` over the engine's cache), else transformers'
+    forward; `bf16` (default: `decode_bf16(model)`) puts its matmuls on bf16 copies of the weights,
+    made once here, with attention, the cache and the sampling in fp32."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 64, bf16: bool | None = None):
         self.model, self.tokenizer, self.max_batch = model.eval(), tokenizer, max_batch
+        self.bf16 = decode_bf16(model) if bf16 is None else bf16
+        self._decoder = written_out_decoder(model, self.bf16) if ready_mask(model) else None
         self.device = next(model.parameters()).device
         self.vocab_size = model.config.vocab_size
         self.max_context = int(getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length)
@@ -221,10 +246,13 @@ class Engine:
             return True
         self._attn = torch.cat([self._attn, torch.ones_like(self._attn[:, :1])], dim=1)
         additive = decode_mask(self.model, self._attn)      # as aha/core/rollout.py decodes: SDPA's mask, ready
-        out = self.model(input_ids=tokens[:, None], attention_mask=self._attn if additive is None else additive,
-                         position_ids=self._next_pos,
-                         use_cache=True, **{self._cache_kw: self._cache})
-        self._logits, self._next_pos = out.logits[:, -1, :self.vocab_size].float(), self._next_pos + 1
+        if self._decoder is not None:
+            logits = self._decoder(tokens, self._next_pos, PaddedCacheKV(self._cache, additive))
+        else:
+            logits = self.model(input_ids=tokens[:, None], attention_mask=self._attn if additive is None else additive,
+                                position_ids=self._next_pos, use_cache=True,
+                                **{self._cache_kw: self._cache}).logits[:, -1]
+        self._logits, self._next_pos = logits[:, :self.vocab_size].float(), self._next_pos + 1
         return True
 
     def _admit(self) -> None:
