@@ -40,10 +40,12 @@ class SharedPromptKV:
     not-yet-written tail zeros under −inf: each row's keys are then one unbroken run of memory.
     Read up to the written position out of a buffer sized for the whole generation, they leave a
     gap after each row's, and the CPU's prefetcher starts over at each: the batched matmul over the
-    generated keys, from memory, took 188–256 µs against 87–117 µs unbroken at the built-in model's
-    shape (64 rows × 4 heads × 61 positions × 48), 184–240 against 121–148 µs at the bench's Qwen2's
-    (AMD EPYC, `python bench/speed_probes_2026_12_06.py final`, three runs). A growth lays the
-    written part out anew once (`_lay_out`, into memory allocated once).
+    generated keys, from memory, took 1.9–2.5× as long with the gap as unbroken at the built-in
+    model's shape (64 rows × 4 heads × 61 positions × 48; 188–409 against 87–198 µs) and 1.5–2.3× at
+    the bench's Qwen2's (0.94× in one run of eight) (AMD EPYC, `python
+    bench/speed_probes_2026_12_06.py final`, eight runs; the absolute times move with the memory's
+    speed at the time, the ratio within a run much less). A growth lays the written part out anew
+    once (`_lay_out`, into memory allocated once).
 
     Once rows leave the batch the groups are ragged: the cache then becomes one per row (each
     prompt's keys and values copied to its remaining rows, once, then the generated ones), and a
