@@ -24,6 +24,16 @@ from aha.core.cpu_linear import bf16_matmul
 SHARE_PROMPT_BYTES = 4 * 2**20   # a layer's prompt keys + values repeated per row below this: one cache per row
 
 
+def row_attention(query: Tensor, keys: Tensor, values: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """One decoding step's attention (A, Hq, 1, D) of each row over its own cache, keys and values
+    (A, Hkv, L, D), with the additive mask `bias` (A, 1, 1, L): one matmul of the Hq / Hkv query heads
+    that share a key head (head h reads key head h // (Hq / Hkv), as transformers' `repeat_kv` pairs
+    them), a softmax and one matmul."""
+    q = query.reshape(*keys.shape[:2], -1, query.shape[-1])                                  # (A, Hkv, R, D)
+    probs = (torch.matmul(q, keys.transpose(-1, -2)) * scale + bias).softmax(dim=-1)
+    return torch.matmul(probs, values).reshape(query.shape)
+
+
 class SharedPromptKV:
     """The keys and values of a group-sampled decode, each prompt's stored once for its G rows.
 
@@ -155,9 +165,7 @@ class SharedPromptKV:
         keys[:, :, offset + self.length] = key[:, :, 0]
         values[:, :, offset + self.length] = value[:, :, 0]
         if not self.shared:                                  # ragged groups: each row's own cache
-            q = query.reshape(*keys.shape[:2], -1, query.shape[-1])                          # (A, Hkv, R, D)
-            probs = (torch.matmul(q, keys.transpose(-1, -2)) * scale + self.row_bias).softmax(dim=-1)
-            return torch.matmul(probs, values).reshape(query.shape)
+            return row_attention(query, keys, values, self.row_bias, scale)
         return self._attend_shared(index, query, keys, values, scale)
 
     def _attend_shared(self, index: int, query: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
@@ -205,8 +213,8 @@ class PaddedCacheKV:
     """The written-out step's attention over the serving engine's cache (aha/serve/engine.py): a
     transformers `DynamicCache` whose rows are left-padded to one width, and this step's additive
     mask `bias` (A, 1, 1, L + 1): 0 where a row attends, −inf on its padding. Each layer appends
-    the step's key and value to the cache (in the cache's dtype), then runs one matmul, a softmax
-    and one matmul over it; query head h reads key head h // (Hq / Hkv), as transformers pairs them."""
+    the step's key and value to the cache (in the cache's dtype), then attends over it
+    (`row_attention`)."""
 
     def __init__(self, cache, bias: Tensor):
         self.cache, self.bias = cache, bias
@@ -215,9 +223,7 @@ class PaddedCacheKV:
         layer = self.cache.layers[index]
         dtype = layer.keys.dtype
         keys, values = layer.update(key.to(dtype), value.to(dtype))                     # (A, Hkv, L + 1, D)
-        q = query.to(dtype).reshape(*keys.shape[:2], -1, query.shape[-1])                # (A, Hkv, R, D)
-        probs = (torch.matmul(q, keys.transpose(-1, -2)) * scale + self.bias).softmax(dim=-1)
-        return torch.matmul(probs, values).reshape(query.shape)
+        return row_attention(query.to(dtype), keys, values, self.bias, scale)
 
     def advance(self) -> None:
         """Nothing to do: each layer's cache grew when it attended."""
