@@ -235,8 +235,8 @@ def cpu_name(cpuinfo: str | None = None) -> str:
     AVX512-BF16 or AVX2 (fast bf16 or not; oneDNN held to AVX2 by ONEDNN_MAX_CPU_ISA says so), e.g.
     "AMD EPYC (family 25 model 17, AVX512-BF16)". Linux /proc/cpuinfo; platform.processor() elsewhere.
 
-    >>> cpu_name("model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: avx2 avx512f avx512_bf16\n")
-    'AMD EPYC (family 25 model 17, AVX512-BF16)'
+    >>> cpu_name("model name\t: AMD EPYC\ncpu family\t: 23\nmodel\t\t: 49\nflags\t\t: fpu avx avx2\n")
+    'AMD EPYC (family 23 model 49, AVX2)'
     """
     import platform
     if cpuinfo is None:
