@@ -235,11 +235,13 @@ def shared_prompt_logits(model, prompt_ids, prompt_mask, completion_ids, complet
     cache = DynamicCache()
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(dim=1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1, **{cache_kwarg(model): cache})
-    first_logits = out.logits[:, -1][inverse]                                          # (R, V)
+    first_logits = out.logits[:, -1].index_select(0, inverse)                          # (R, V)
     width = completion_ids.shape[1]
     if width == 1:
         return first_logits[:, None]
-    cache.batch_select_indices(inverse)                                                 # (U, …) → (R, …), with grad
+    for layer in cache.layers:          # (U, …) → (R, …), with grad: index_select, whose backward sums the rows of
+        layer.keys = layer.keys.index_select(0, inverse)      # a prompt in order (`x[inverse]`'s backward adds them
+        layer.values = layer.values.index_select(0, inverse)  # with atomics, in any order: not the same twice)
     attention = torch.cat([mask[inverse], completion_mask[:, :-1]], dim=1)              # (R, Lp + T − 1)
     positions = mask.sum(dim=1)[inverse][:, None] + torch.arange(width - 1, device=ids.device)
     rest = model(input_ids=completion_ids[:, :-1], attention_mask=attention, position_ids=positions,
