@@ -229,14 +229,6 @@ class PaddedCacheKV:
         """Nothing to do: each layer's cache grew when it attended."""
 
 
-def in_buffer(buffer: Tensor, columns: Tensor) -> Tensor:
-    """A new buffer of `buffer`'s capacity for the rows of `columns` (R, H, length, D), which fill its
-    first `length` positions: only what was written is copied, not the empty rest of the capacity."""
-    out = buffer.new_empty((columns.shape[0], *buffer.shape[1:]))
-    out[:, :, :columns.shape[2]] = columns
-    return out
-
-
 def linears(model, bf16: bool):
     """`apply(layers, x, act=None, gelu=None)`: a linear layer of `model` on `x` (or a tuple of layers
     that read the same `x`, giving a tuple of outputs), then `act` on its output if given. Its own

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
 
 from aha.core.cpu_linear import onednn_linears
-from aha.core.decode_step import SharedPromptKV, in_buffer, written_out_decoder
+from aha.core.decode_step import SharedPromptKV, written_out_decoder
 from aha.core.sampling import SamplingParams, row_uniforms, sample_next
 from aha.infra.errors import AhaError
 from aha.infra.model import check_context, model_context
@@ -79,6 +79,14 @@ class ToolRecord:
         return ToolRecord(calls=torch.cat([r.calls if r is not None else z for r, z in zip(records, zeros)]),
                           errors=torch.cat([r.errors if r is not None else z for r, z in zip(records, zeros)]),
                           rewards=rewards)
+
+
+def in_buffer(buffer: Tensor, columns: Tensor) -> Tensor:
+    """A new buffer of `buffer`'s capacity for the rows of `columns` (R, H, length, D), which fill its
+    first `length` positions: only what was written is copied, not the empty rest of the capacity."""
+    out = buffer.new_empty((columns.shape[0], *buffer.shape[1:]))
+    out[:, :, :columns.shape[2]] = columns
+    return out
 
 
 class PreallocatedLayer(DynamicLayer):
