@@ -134,7 +134,8 @@ def test_fast_bf16_follows_the_cpu_flags_and_onednn_isa_limit(monkeypatch, tmp_p
 
 def test_fp32_attention_under_autocast():
     """`autocast(…, model)` on a CPU runs the model's SDPA attention on fp32 q, k, v: the attention
-    output equals SDPA's on the upcast inputs bit for bit, every attention call of the update's forward
+    output equals SDPA's on the upcast inputs bit for bit (fp32 inputs under autocast included: they
+    ran SDPA's bf16 kernel until 2026-12-06), every attention call of the update's forward
     goes through it, and the model's own implementation is back to "sdpa" afterwards, an exception
     included."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -149,6 +150,11 @@ def test_fp32_attention_under_autocast():
     expected, _ = sdpa_attention_forward(layer, q.float(), k.float(), v.float(), mask, dropout=0.0,
                                          scaling=layer.scaling)
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected.to(torch.bfloat16))
+    query = torch.randn(3, 4, 5, 8)       # Qwen2's query and key leave the rotary embedding in fp32, its value is bf16:
+    with torch.autocast("cpu", dtype=torch.bfloat16):              # the kernel still runs in fp32 under autocast
+        out, _ = _fp32_sdpa(layer, query, k.float(), v, mask, dropout=0.0, scaling=layer.scaling)
+    expected, _ = sdpa_attention_forward(layer, query, k.float(), v.float(), mask, dropout=0.0, scaling=layer.scaling)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
     rollout, seen = rollout_of(model, tokenizer), []
     hook = layer.register_forward_hook(lambda *_: seen.append(model.config._attn_implementation))
     with autocast("bf16", "cpu", model):

@@ -196,6 +196,22 @@ def test_nan_stop_is_exit_2_through_the_cli(tiny_model_dir, tmp_path, scripted, 
     assert "aha train: error: the loss or gradient was NaN/inf for 2 steps in a row" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("which", ["built-in", "qwen2"])
+def test_gradient_checkpointing_trains_under_bf16_autocast(which, tiny_model_dir, tmp_path, capsys):
+    """Activation checkpointing recomputes the forward in the backward pass: under bf16 autocast that
+    recomputation must see the same (fp32) attention as the forward, or torch stops with
+    "Recomputed values ... have different metadata" (the built-in GPT-2 did until 2026-12-06;
+    Qwen2's query and key, fp32 after the rotary embedding, began to once its attention really ran in
+    fp32). `aha/core/step.py: policy_update` holds `fp32_attention` over the backward too."""
+    out = tmp_path / "run"
+    model = [] if which == "built-in" else ["--model", str(tiny_model_dir)]
+    code = main(["train", *model, "--steps", "2", "--out", str(out), "prompts_per_step=2", "group_size=4",
+                 "max_new_tokens=12", "eval_every=0", "autocast=bf16", "gradient_checkpointing=true"])
+    assert code in (0, None), capsys.readouterr().err[-2000:]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+
 @pytest.mark.parametrize("algo", sorted(PRESETS))
 def test_every_preset_trains_on_the_built_in_model(algo, tmp_path, capsys):
     out = tmp_path / algo

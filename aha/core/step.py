@@ -9,6 +9,7 @@ ones, so no extra forward pass computes them.
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from aha.core.sampling import SamplingParams
 from aha.core.schedule import lr_factor
 from aha.infra.config import Config
 from aha.infra.distributed import SINGLE, World, loss_scale
-from aha.infra.model import autocast
+from aha.infra.model import autocast, autocast_enabled, fp32_attention
 from aha.tasks.base import Problem, Task
 from aha.tasks.rewards import Reward, fill_skipped
 
@@ -226,47 +227,51 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
     device = rollout.prompt_ids.device.type
     old = {}                                             # micro-batch index -> (old log-probs, IS weight)
     mismatches = []
-    for _ in range(cfg.mu):
-        optimizer.zero_grad(set_to_none=True)
-        total_loss, entropy_sum, tokens, metric_sums = 0.0, 0.0, 0.0, {}
-        for index, (piece, piece_weight) in enumerate(pieces):
-            with world.gradient_sync(model, sync=index == len(pieces) - 1):
-                with autocast(cfg.autocast, device, model):
-                    logp, token_entropy, mask = completion_logprobs(model, rollout, piece, cfg.temperature)
-                if index not in old:                      # the trainer before this step's updates
-                    old_logp, sampler_logp = logp.detach(), rollout.logprobs[piece][:, :logp.shape[1]]
-                    is_weight = rollout_weights(old_logp, sampler_logp, mask, cfg.rollout_correction,
-                                                cfg.rollout_is_low, cfg.rollout_is_high)
-                    old[index] = (old_logp, is_weight)
-                    if piece_weight:
-                        mismatch = rollout_mismatch(old_logp, sampler_logp, mask, is_weight)
-                        mismatches.append((float(mask.sum()), mismatch))
-                old_logp, is_weight = old[index]
-                ref_logp = None
-                if ref_model is not None:
-                    with torch.no_grad(), autocast(cfg.autocast, device, ref_model):
-                        ref_logp = completion_logprobs(ref_model, rollout, piece, cfg.temperature)[0]
-                loss, metrics = policy_loss(logp, old_logp, advantages[piece], mask, spec, ref_logp, norm,
-                                            entropy=token_entropy, rollout_weight=is_weight)
-                (loss * loss_scale(world.size, piece_weight)).backward()
-            count = float(mask.sum()) * piece_weight                    # token-weighted means over the pieces
-            total_loss += loss.item() * piece_weight
-            entropy_sum += float((token_entropy * mask).sum()) * piece_weight
-            tokens += count
-            for name, value in metrics.items():
-                metric_sums[name] = metric_sums.get(name, 0.0) + value * count
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-        means = {name: total / tokens if tokens else 0.0 for name, total in metric_sums.items()}
-        means |= merge_mismatch(mismatches, cfg.rollout_correction != "none")
-        loss_value, step_entropy, loss_metrics = world.reduce_update(
-            total_loss, torch.tensor(entropy_sum), torch.tensor(tokens), means, 1.0)
-        result = Update(loss_value, grad_norm, loss_metrics, result.entropy,
-                        skipped=not (math.isfinite(loss_value) and math.isfinite(grad_norm)))
-        if result.skipped:
+    # under bf16 autocast on a CPU the attention runs in fp32 for the whole update, backward included:
+    # a backward that recomputes activations (gradient checkpointing) must see the forward's attention
+    fp32 = device == "cpu" and autocast_enabled(cfg.autocast, device)
+    with fp32_attention(model) if fp32 else nullcontext():
+        for _ in range(cfg.mu):
             optimizer.zero_grad(set_to_none=True)
-            break
-        optimizer.step()
-        result.entropy = step_entropy
+            total_loss, entropy_sum, tokens, metric_sums = 0.0, 0.0, 0.0, {}
+            for index, (piece, piece_weight) in enumerate(pieces):
+                with world.gradient_sync(model, sync=index == len(pieces) - 1):
+                    with autocast(cfg.autocast, device, model):
+                        logp, token_entropy, mask = completion_logprobs(model, rollout, piece, cfg.temperature)
+                    if index not in old:                      # the trainer before this step's updates
+                        old_logp, sampler_logp = logp.detach(), rollout.logprobs[piece][:, :logp.shape[1]]
+                        is_weight = rollout_weights(old_logp, sampler_logp, mask, cfg.rollout_correction,
+                                                    cfg.rollout_is_low, cfg.rollout_is_high)
+                        old[index] = (old_logp, is_weight)
+                        if piece_weight:
+                            mismatch = rollout_mismatch(old_logp, sampler_logp, mask, is_weight)
+                            mismatches.append((float(mask.sum()), mismatch))
+                    old_logp, is_weight = old[index]
+                    ref_logp = None
+                    if ref_model is not None:
+                        with torch.no_grad(), autocast(cfg.autocast, device, ref_model):
+                            ref_logp = completion_logprobs(ref_model, rollout, piece, cfg.temperature)[0]
+                    loss, metrics = policy_loss(logp, old_logp, advantages[piece], mask, spec, ref_logp, norm,
+                                                entropy=token_entropy, rollout_weight=is_weight)
+                    (loss * loss_scale(world.size, piece_weight)).backward()
+                count = float(mask.sum()) * piece_weight                    # token-weighted means over the pieces
+                total_loss += loss.item() * piece_weight
+                entropy_sum += float((token_entropy * mask).sum()) * piece_weight
+                tokens += count
+                for name, value in metrics.items():
+                    metric_sums[name] = metric_sums.get(name, 0.0) + value * count
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+            means = {name: total / tokens if tokens else 0.0 for name, total in metric_sums.items()}
+            means |= merge_mismatch(mismatches, cfg.rollout_correction != "none")
+            loss_value, step_entropy, loss_metrics = world.reduce_update(
+                total_loss, torch.tensor(entropy_sum), torch.tensor(tokens), means, 1.0)
+            result = Update(loss_value, grad_norm, loss_metrics, result.entropy,
+                            skipped=not (math.isfinite(loss_value) and math.isfinite(grad_norm)))
+            if result.skipped:
+                optimizer.zero_grad(set_to_none=True)
+                break
+            optimizer.step()
+            result.entropy = step_entropy
     return result
 
 

@@ -166,13 +166,18 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def autocast_enabled(mode: str, device: str) -> bool:
+    """Whether `autocast(mode, device)` turns bf16 autocast on."""
+    return mode == "bf16" or (mode == "auto" and device == "cpu" and cpu_has_fast_bf16())
+
+
 @contextmanager
 def autocast(mode: str, device: str, model=None):
     """bf16 autocast for the update's forward passes: `bf16` always, `auto` on a CPU with fast bf16
     only, `off` never. On CUDA the weights are bf16 already (`detect_dtype`), so `auto` adds nothing.
     Log-probs are still taken in fp32 from the bf16 logits (aha/core/logprobs.py). On a CPU, `model`'s
     SDPA attention then runs in fp32 (`fp32_attention`)."""
-    on = mode == "bf16" or (mode == "auto" and device == "cpu" and cpu_has_fast_bf16())
+    on = autocast_enabled(mode, device)
     with torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16, enabled=on):
         if on and device == "cpu" and model is not None:
             with fp32_attention(model):
@@ -185,12 +190,13 @@ FP32_SDPA = "aha_sdpa_fp32"     # the name `fp32_attention` registers with trans
 
 
 def _fp32_sdpa(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention on fp32 copies of bf16 q, k, v (autocast off inside), the output
-    cast back to their dtype; fp32 inputs pass straight through."""
+    """transformers' SDPA attention on fp32 q, k, v with autocast off inside, the output cast back to
+    the query's dtype. Off for fp32 inputs too: autocast casts SDPA's inputs to bf16 whatever they
+    are, and a Llama/Qwen2 query and key leave the rotary embedding in fp32 (its cos and sin are), so
+    until 2026-12-06 those models' attention ran the bf16 kernel (the bench's update at 128 new
+    tokens 0.78-0.87 s, now 0.64-0.73 s: `python bench/compile_probes.py attention`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     dtype = query.dtype
-    if dtype == torch.float32:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     with torch.autocast(device_type=query.device.type, enabled=False):
