@@ -207,12 +207,13 @@ def _fp32_sdpa(module, query, key, value, attention_mask, **kwargs):
 
 @contextmanager
 def fp32_attention(model):
-    """While inside, `model`'s SDPA attention takes fp32 q, k, v where autocast hands it bf16 ones: on
-    the CPU this was measured on (AMD EPYC family 25 model 17, AVX512-BF16), torch's flash-attention
-    kernel runs its forward + backward ~2x faster in fp32 than in bf16 at 48 rows x 62 positions and
-    1.5x at 64 x 150 (`bench/speed_probes_2026_12_06.py`), and the whole update of `aha run` ~25%
-    faster; attention is a small share of a step's FLOPs and fp32 is the more exact. Every other
-    matmul stays bf16. Models on another attention implementation are left as they are."""
+    """While inside, `model`'s SDPA attention runs on fp32 q, k, v with autocast off (`_fp32_sdpa`),
+    whatever dtypes autocast hands it: on the CPU this was measured on (AMD EPYC family 25 model 17,
+    AVX512-BF16), torch's flash-attention kernel runs its forward + backward ~2x faster in fp32 than
+    in bf16 at 48 rows x 62 positions and 1.5x at 64 x 150 (`bench/speed_probes_2026_12_06.py`), and
+    the whole update of `aha run` ~25% faster; attention is a small share of a step's FLOPs and fp32
+    is the more exact. Every other matmul stays bf16. Models on another attention implementation are
+    left as they are. The update holds it over its backward pass too (`aha/core/step.py`)."""
     from transformers import PreTrainedModel
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     from transformers.modeling_utils import AttentionInterface
