@@ -38,7 +38,8 @@ def median(values: list[float]) -> float:
 
 
 def replayed_learner(max_new_tokens: int = 128):
-    """(learner, problems) of the bench's spread workload, its rollout collected once and replayed."""
+    """(learner, problem stream, completion tokens) of the bench's spread workload: its rollout is
+    collected once, and every `train_step` after replays it."""
     import aha.core.step as step_module
     from aha.bench.bench import SpreadTask, addition_setup, aha_learner, bench_model
     from aha.infra.config import Config
@@ -52,16 +53,17 @@ def replayed_learner(max_new_tokens: int = 128):
     task = SpreadTask(task, 8)
     learner = aha_learner(copy.deepcopy(bench_model(tokenizer)), tokenizer, cfg, task, Reward.build(cfg, task),
                           "spread")
-    collect, kept = step_module.collect, {}
+    collect = getattr(step_module.collect, "replayed_from", step_module.collect)   # the real one
+    stream = iter(problems)
+    learner.model.eval()
+    batch = collect(learner, stream, 0)
 
     def replay(*args, **kwargs):
-        if "batch" not in kept:
-            kept["batch"] = collect(*args, **kwargs)
-        return kept["batch"]
+        return batch
+    replay.replayed_from = collect
     step_module.collect = replay
-    stream = iter(problems)
-    step_module.train_step(learner, stream, 0)
-    tokens = int(kept["batch"].rollout.completion_mask.sum())
+    step_module.train_step(learner, stream, 0)                                       # warm-up
+    tokens = int(batch.rollout.completion_mask.sum())
     return learner, stream, tokens
 
 
@@ -91,8 +93,6 @@ def update_probe(rounds: int = 5) -> str:
 
 
 def decode_probe(steps: int = 40, rounds: int = 5) -> str:
-    import sys as _sys
-
     import aha.core.rollout as rollout
     from aha.bench.bench import bench_model
     from aha.core.sampling import SamplingParams
@@ -105,7 +105,7 @@ def decode_probe(steps: int = 40, rounds: int = 5) -> str:
     prompts = [tokenizer(task.prompt(next(stream)))["input_ids"] for _ in range(8)]
     params = SamplingParams(128, 1.0, stop_token_ids=(tokenizer.eos_token_id,), bf16=True)
     body, layers = model.model, list(model.model.layers)
-    rotate = _sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
+    rotate = sys.modules[type(layers[0].self_attn).__module__].apply_rotary_pos_emb
     head_dim, eps = layers[0].self_attn.head_dim, layers[0].input_layernorm.variance_epsilon
     bf16 = lambda *ws: torch.cat([w.detach() for w in ws]).to(torch.bfloat16)   # noqa: E731
     weights = []

@@ -194,7 +194,7 @@ def _fp32_sdpa(module, query, key, value, attention_mask, **kwargs):
     the query's dtype. Off for fp32 inputs too: autocast casts SDPA's inputs to bf16 whatever they
     are, and a Llama/Qwen2 query and key leave the rotary embedding in fp32 (its cos and sin are), so
     until 2026-12-06 those models' attention ran the bf16 kernel (the bench's update at 128 new
-    tokens 0.78-0.87 s, now 0.64-0.73 s: `python bench/compile_probes.py attention`)."""
+    tokens on one replayed rollout: 798 ms, now 686 ms; `python bench/compile_probes.py attention`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     dtype = query.dtype
     if attention_mask is not None and attention_mask.is_floating_point():
