@@ -236,7 +236,7 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
             total_loss, entropy_sum, tokens, metric_sums = 0.0, 0.0, 0.0, {}
             for index, (piece, piece_weight) in enumerate(pieces):
                 with world.gradient_sync(model, sync=index == len(pieces) - 1):
-                    with autocast(cfg.autocast, device, model):
+                    with autocast(cfg.autocast, device):                 # the attention: fp32_attention above
                         logp, token_entropy, mask = completion_logprobs(model, rollout, piece, cfg.temperature)
                     if index not in old:                      # the trainer before this step's updates
                         old_logp, sampler_logp = logp.detach(), rollout.logprobs[piece][:, :logp.shape[1]]
