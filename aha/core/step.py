@@ -9,7 +9,6 @@ ones, so no extra forward pass computes them.
 
 import math
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ from aha.core.sampling import SamplingParams
 from aha.core.schedule import lr_factor
 from aha.infra.config import Config
 from aha.infra.distributed import SINGLE, World, loss_scale
-from aha.infra.model import autocast, autocast_enabled, fp32_attention
+from aha.infra.model import autocast, autocast_attention
 from aha.tasks.base import Problem, Task
 from aha.tasks.rewards import Reward, fill_skipped
 
@@ -229,14 +228,13 @@ def policy_update(model, ref_model, optimizer, rollout: Rollout, rows: torch.Ten
     mismatches = []
     # under bf16 autocast on a CPU the attention runs in fp32 for the whole update, backward included:
     # a backward that recomputes activations (gradient checkpointing) must see the forward's attention
-    fp32 = device == "cpu" and autocast_enabled(cfg.autocast, device)
-    with fp32_attention(model) if fp32 else nullcontext():
+    with autocast_attention(cfg.autocast, device, model):
         for _ in range(cfg.mu):
             optimizer.zero_grad(set_to_none=True)
             total_loss, entropy_sum, tokens, metric_sums = 0.0, 0.0, 0.0, {}
             for index, (piece, piece_weight) in enumerate(pieces):
                 with world.gradient_sync(model, sync=index == len(pieces) - 1):
-                    with autocast(cfg.autocast, device):                 # the attention: fp32_attention above
+                    with autocast(cfg.autocast, device):                 # the attention: autocast_attention above
                         logp, token_entropy, mask = completion_logprobs(model, rollout, piece, cfg.temperature)
                     if index not in old:                      # the trainer before this step's updates
                         old_logp, sampler_logp = logp.detach(), rollout.logprobs[piece][:, :logp.shape[1]]

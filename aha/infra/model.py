@@ -9,7 +9,7 @@ Two built-in architectures, both plain transformers classes saved with `save_pre
 
 import json
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -177,13 +177,17 @@ def autocast(mode: str, device: str, model=None):
     only, `off` never. On CUDA the weights are bf16 already (`detect_dtype`), so `auto` adds nothing.
     Log-probs are still taken in fp32 from the bf16 logits (aha/core/logprobs.py). On a CPU, `model`'s
     SDPA attention then runs in fp32 (`fp32_attention`)."""
-    on = autocast_enabled(mode, device)
-    with torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16, enabled=on):
-        if on and device == "cpu" and model is not None:
-            with fp32_attention(model):
-                yield
-        else:
+    with torch.autocast(device_type="cuda" if device == "cuda" else "cpu", dtype=torch.bfloat16,
+                        enabled=autocast_enabled(mode, device)):
+        with autocast_attention(mode, device, model):
             yield
+
+
+def autocast_attention(mode: str, device: str, model):
+    """`fp32_attention(model)` where `autocast(mode, device)` runs bf16 on a CPU; else a no-op context
+    (no model, CUDA, autocast off)."""
+    on = model is not None and device == "cpu" and autocast_enabled(mode, device)
+    return fp32_attention(model) if on else nullcontext()
 
 
 FP32_SDPA = "aha_sdpa_fp32"     # the name `fp32_attention` registers with transformers' attention interfaces
